@@ -1,0 +1,17 @@
+"""longctx_kernels: fused lm_head + selective log-softmax (log-probs, entropy) that never materializes logits.
+
+Two backends with one API: ``torch`` (chunked, any device, CPU included) and ``triton`` (CUDA).
+"""
+
+from longctx_kernels.chunking import default_chunk_size
+from longctx_kernels.functional import selective_logprobs
+from longctx_kernels.reference import selective_logprobs_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "default_chunk_size",
+    "selective_logprobs",
+    "selective_logprobs_reference",
+]

@@ -1,0 +1,1 @@
+"""Kernels by backend: ``ops.torch`` (chunked, any device) and ``ops.triton`` (CUDA)."""
