@@ -1,0 +1,113 @@
+"""Shared fixtures: a seed, a tiny random Qwen3 checkpoint with a local tokenizer, one in-process vLLM engine."""
+
+from __future__ import annotations
+
+import os
+import random
+
+# In-process engine: the tests reach the model and the KV cache directly. Set before vLLM is imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pytest
+import torch
+
+TINY_QWEN3 = {
+    "vocab_size": 96,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": None,
+}
+PROMPTS = [[5, 17, 9, 30, 12, 8], [40, 41, 42], [7, 7, 7, 7, 60, 3, 88, 20, 19]]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_qwen3(seed: int, initializer_range: float = 0.02):
+    """A random tiny Qwen3ForCausalLM (fp32, eval mode)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen3Config(**TINY_QWEN3, initializer_range=initializer_range)
+    return transformers.Qwen3ForCausalLM(config).eval()
+
+
+def _save_char_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for ch in "abcdefghijklmnopqrstuvwxyz .,!?":
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """Directory with a tiny random Qwen3 checkpoint (seed 0, fp32) and a character-level tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    tiny_qwen3(seed=0, initializer_range=0.1).save_pretrained(path)
+    _save_char_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_llm(tiny_qwen3_dir):
+    """One in-process vLLM engine on the tiny model, with the vllm_standby patches registered first."""
+    import vllm_standby
+
+    vllm_standby.register()
+    from vllm import LLM
+
+    llm = LLM(
+        str(tiny_qwen3_dir),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=128,
+        max_num_seqs=4,
+        kv_cache_memory_bytes=64 * 2**20,
+        seed=0,
+    )
+    yield llm
+    del llm
+
+
+def greedy_vllm(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS, **kwargs) -> list[list[int]]:
+    """Greedy token ids from vLLM; EOS masked so that every output has ``max_tokens`` tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, **kwargs)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+@torch.no_grad()
+def greedy_hf(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
+    """Greedy token ids from transformers ``generate``, EOS masked like :func:`greedy_vllm`."""
+    result = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+        )
+        result.append(out[0, len(p) :].tolist())
+    return result
