@@ -27,6 +27,7 @@ TINY_QWEN3 = {
 }
 PROMPTS = [[5, 17, 9, 30, 12, 8], [40, 41, 42], [7, 7, 7, 7, 60, 3, 88, 20, 19]]
 MAX_TOKENS = 8
+KV_CACHE_BYTES = 64 * 2**20
 
 
 @pytest.fixture(autouse=True)
@@ -68,19 +69,17 @@ def tiny_qwen3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_llm(tiny_qwen3_dir):
-    """One in-process vLLM engine on the tiny model, with the vllm_standby patches registered first."""
+    """One in-process ``StandbyLLM`` (a ``vllm.LLM``) on the tiny model, patches registered first; 64 MiB KV cache."""
     import vllm_standby
 
     vllm_standby.register()
-    from vllm import LLM
-
-    llm = LLM(
+    llm = vllm_standby.StandbyLLM(
         str(tiny_qwen3_dir),
         dtype="float32",
         enforce_eager=True,
         max_model_len=128,
         max_num_seqs=4,
-        kv_cache_memory_bytes=64 * 2**20,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
         seed=0,
     )
     yield llm

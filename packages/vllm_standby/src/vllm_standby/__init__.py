@@ -8,8 +8,21 @@ from vllm_standby._version import SUPPORTED_VLLM, UnsupportedVLLMVersionError, _
 from vllm_standby.patching import PatchError, applied_patches
 from vllm_standby.plugin import StandbyNotActiveError, enable, is_active, is_enabled, register
 
+_LAZY = {"StandbyLLM": "vllm_standby.standby"}
+
+
+def __getattr__(name: str):
+    # Names that import vLLM load on first use, so that `import vllm_standby` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vllm_standby' has no attribute {name!r}")
+
+
 __all__ = [
     "SUPPORTED_VLLM",
+    "StandbyLLM",
     "PatchError",
     "StandbyNotActiveError",
     "UnsupportedVLLMVersionError",

@@ -1,0 +1,106 @@
+"""``StandbyLLM``: a ``vllm.LLM`` whose KV cache can be released between rollouts, weights untouched."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm import LLM
+
+from vllm_standby import _worker
+from vllm_standby.plugin import enable
+
+logger = logging.getLogger(__name__)
+
+
+class StandbyLLM(LLM):
+    """A ``vllm.LLM`` with KV-cache-only standby, for colocating vLLM with a trainer.
+
+    :meth:`standby` releases only the KV cache (weights stay where they are: they may be the trainer's);
+    :meth:`resume` brings it back, and any generation resumes automatically. Prefix, multimodal and encoder caches
+    are reset on :meth:`standby`, since the cached blocks are gone (and weights or adapters usually change before
+    the next rollout). Creating a ``StandbyLLM`` calls :func:`vllm_standby.enable` in this process.
+
+    On vLLM's CPU platform the KV cache storages are freed for real (the memory goes back to the allocator) and
+    re-allocated zero-filled on resume. Other platforms are not implemented yet and raise ``NotImplementedError``.
+
+    Args:
+        *args: Passed to ``vllm.LLM``.
+        **kwargs: Passed to ``vllm.LLM``.
+
+    Example:
+        >>> llm = StandbyLLM("Qwen/Qwen3-0.6B", enforce_eager=True)  # doctest: +SKIP
+        >>> llm.standby()  # doctest: +SKIP
+        >>> # ... train ...
+        >>> llm.generate(prompts, params)  # resumes first  # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        enable()
+        self._standby = False
+        super().__init__(*args, **kwargs)
+
+    @property
+    def is_standby(self) -> bool:
+        """Whether the KV cache is released."""
+        return self._standby
+
+    def _check_platform(self) -> None:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise NotImplementedError(
+                "StandbyLLM.standby() is implemented for vLLM's CPU platform only in vllm-standby 0.1.0; "
+                "on CUDA use LLM(enable_sleep_mode=True) with sleep/wake_up for now"
+            )
+
+    def standby(self) -> int:
+        """Release the KV cache; weights, adapters and the engine stay. No-op when already in standby.
+
+        Returns:
+            Bytes released across workers (0 when already in standby).
+
+        Raises:
+            RuntimeError: requests are still unfinished.
+            NotImplementedError: not on the CPU platform.
+        """
+        if self._standby:
+            return 0
+        self._check_platform()
+        if self.llm_engine.has_unfinished_requests():
+            raise RuntimeError("StandbyLLM.standby(): requests are unfinished; finish or abort them first")
+        if not self.reset_prefix_cache():
+            raise RuntimeError("StandbyLLM.standby(): vLLM refused to reset the prefix cache")
+        self.reset_mm_cache()
+        self.llm_engine.reset_encoder_cache()
+        released = sum(self.collective_rpc(_worker.release_kv_cache))
+        self._standby = True
+        logger.info("vllm_standby: KV cache released (%d bytes)", released)
+        return released
+
+    def resume(self) -> int:
+        """Re-allocate the KV cache released by :meth:`standby`. No-op when not in standby.
+
+        Returns:
+            Bytes re-allocated across workers.
+        """
+        if not self._standby:
+            return 0
+        restored = sum(self.collective_rpc(_worker.restore_kv_cache))
+        self._standby = False
+        logger.info("vllm_standby: KV cache restored (%d bytes)", restored)
+        return restored
+
+    def kv_cache_nbytes(self) -> int:
+        """Bytes held by the KV cache across workers now (0 in standby)."""
+        return sum(self.collective_rpc(_worker.kv_cache_nbytes))
+
+    # Every offline request (generate, chat, encode, beam search, enqueue) enters through _add_request and runs
+    # through _run_engine (vllm/entrypoints/offline_utils.py, v0.31.0); resume before either touches the KV cache.
+    def _add_request(self, *args: Any, **kwargs: Any) -> str:
+        self.resume()
+        return super()._add_request(*args, **kwargs)
+
+    def _run_engine(self, *args: Any, **kwargs: Any) -> list[Any]:
+        self.resume()
+        return super()._run_engine(*args, **kwargs)

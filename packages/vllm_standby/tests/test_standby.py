@@ -1,0 +1,79 @@
+"""StandbyLLM: the KV cache is freed for real and comes back; generations do not change; no memory creeps."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from conftest import KV_CACHE_BYTES, PROMPTS, greedy_vllm
+
+pytestmark = pytest.mark.slow
+
+
+def _rss_bytes() -> int:
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("RSS read from /proc/self/statm (Linux only)")
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture
+def standby_llm(vllm_llm):
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("standby is implemented on the CPU platform only")
+    vllm_llm.resume()
+    yield vllm_llm
+    vllm_llm.resume()
+
+
+def test_standby_frees_kv_cache_for_real(standby_llm):
+    expected = greedy_vllm(standby_llm)
+    held = standby_llm.kv_cache_nbytes()
+    assert 0.9 * KV_CACHE_BYTES <= held <= KV_CACHE_BYTES
+    rss = _rss_bytes()
+    assert standby_llm.standby() == held
+    assert standby_llm.is_standby and standby_llm.kv_cache_nbytes() == 0
+    assert standby_llm.standby() == 0  # idempotent
+    assert rss - _rss_bytes() >= 0.9 * held, "releasing the KV cache did not lower the resident memory"
+    assert greedy_vllm(standby_llm) == expected  # generation resumes by itself
+    assert not standby_llm.is_standby and standby_llm.kv_cache_nbytes() == held
+
+
+def test_explicit_resume_restores_same_size(standby_llm):
+    held = standby_llm.kv_cache_nbytes()
+    standby_llm.standby()
+    assert standby_llm.resume() == held
+    assert standby_llm.resume() == 0
+    assert standby_llm.kv_cache_nbytes() == held
+
+
+def test_standby_refuses_unfinished_requests(standby_llm):
+    from vllm import SamplingParams
+
+    standby_llm.llm_engine.add_request("pending", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=2))
+    try:
+        with pytest.raises(RuntimeError, match="unfinished"):
+            standby_llm.standby()
+    finally:
+        standby_llm.llm_engine.abort_request(["pending"])
+    assert not standby_llm.is_standby
+
+
+def test_100_cycles_no_rss_growth_same_generations(standby_llm):
+    expected = greedy_vllm(standby_llm)
+    standby_llm.standby()
+    greedy_vllm(standby_llm)  # warm up allocator pools at the post-standby steady state
+    rss_start = _rss_bytes()
+    start = time.perf_counter()
+    for cycle in range(100):
+        standby_llm.standby()
+        assert standby_llm.is_standby
+        got = greedy_vllm(standby_llm, prompts=PROMPTS[:1], max_tokens=4)
+        assert got == [expected[0][:4]], f"cycle {cycle}: generation changed after standby/resume"
+    assert greedy_vllm(standby_llm) == expected
+    growth = (_rss_bytes() - rss_start) / rss_start
+    assert growth < 0.01, f"RSS grew {growth:.2%} over 100 standby/resume cycles"
+    print(f"100 cycles: {time.perf_counter() - start:.1f} s, RSS growth {growth:.3%}")
