@@ -113,7 +113,11 @@ class _Plan:
         t, g = LOGITS_CONFIGS[dtype], GEMM_CONFIGS[dtype]
         block_v = min(t.block_v, _pow2_at_least_16(v))
         tile = TileConfig(
-            min(t.block_n, _pow2_at_least_16(n)), block_v, min(t.block_k, _pow2_at_least_16(h)), t.num_warps, t.num_stages
+            min(t.block_n, _pow2_at_least_16(n)),
+            block_v,
+            min(t.block_k, _pow2_at_least_16(h)),
+            t.num_warps,
+            t.num_stages,
         )
         row_chunk = min(ROW_CHUNK, n)
         # The gemm's reduction step must divide the logits tile: one rescale factor per (row, tile).

@@ -1,0 +1,141 @@
+"""Shared helpers of the benchmark scripts: timing, peak memory, environment record, tables.
+
+Timing follows the usual GPU method: warm up, then time each call with CUDA events (wall clock on CPU), and
+report the median with the 20th and 80th percentiles. Memory is the peak allocated above what was allocated
+before the call (the inputs), from the caching allocator's statistics.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+GIB = 2**30
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """p20 / p50 / p80 of a list of samples."""
+    s = sorted(samples)
+    return {"p20": _percentile(s, 0.2), "p50": _percentile(s, 0.5), "p80": _percentile(s, 0.8), "n": len(s)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    min_iters: int = 3,
+    max_iters: int = 10,
+    target_s: float = 1.5,
+) -> dict[str, float]:
+    """Milliseconds per call of ``fn``: ``warmup`` calls, then enough timed calls to last about ``target_s``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples: list[float] = []
+    iters = max_iters
+    for i in range(max_iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if i == 0:
+            iters = max(min_iters, min(max_iters, int(target_s * 1e3 / max(samples[0], 1e-3))))
+        if len(samples) >= iters:
+            break
+    return summarize(samples)
+
+
+def peak_gib_above_current(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak allocated memory during ``fn()`` above what was allocated before it, in GiB (None off CUDA)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / GIB
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str:
+    """The checkout's commit, or $BENCH_COMMIT where the tree travelled without .git (the lent GPU)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device, extra_dists: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Device, date, versions and commit for the JSON header of a benchmark."""
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+    }
+    for dist in ("triton", *extra_dists):
+        info[dist] = _version(dist)
+    return info
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}"
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
