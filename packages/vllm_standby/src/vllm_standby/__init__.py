@@ -8,7 +8,7 @@ from vllm_standby._version import SUPPORTED_VLLM, UnsupportedVLLMVersionError, _
 from vllm_standby.patching import PatchError, applied_patches
 from vllm_standby.plugin import StandbyNotActiveError, enable, is_active, is_enabled, register
 
-_LAZY = {"StandbyLLM": "vllm_standby.standby"}
+_LAZY = {"StandbyLLM": "vllm_standby.standby", "shared_hf_model": "vllm_standby.shared"}
 
 
 def __getattr__(name: str):
@@ -33,4 +33,5 @@ __all__ = [
     "is_active",
     "is_enabled",
     "register",
+    "shared_hf_model",
 ]

@@ -1,0 +1,108 @@
+"""``shared_hf_model``: a transformers model whose frozen weights are views of vLLM's weight tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm_standby import _worker
+
+
+def _vllm_model(llm: Any) -> torch.nn.Module:
+    core = type(llm.llm_engine.engine_core).__name__
+    if core != "InprocClient":
+        raise RuntimeError(
+            f"shared_hf_model needs vLLM's engine in this process (engine client: {core}); set "
+            "VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating the LLM (TRL colocate mode does)"
+        )
+    models = llm.collective_rpc(_worker.model_of)
+    if len(models) != 1:
+        raise RuntimeError(f"shared_hf_model supports one worker (tensor parallel 1), got {len(models)}")
+    return models[0]
+
+
+def _split_packed(vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor in the checkpoint's naming: packed weights (qkv_proj, gate_up_proj) cut into row views."""
+    packed = getattr(vllm_model, "packed_modules_mapping", {}) or {}
+    modules = dict(vllm_model.named_modules())
+    views: dict[str, torch.Tensor] = {}
+    for name, tensor in vllm_params.items():
+        module_name, _, leaf = name.rpartition(".")
+        packed_name = module_name.rpartition(".")[2]
+        parts = packed.get(packed_name)
+        if not parts:
+            views[name] = tensor
+            continue
+        sizes = list(modules[module_name].output_partition_sizes)
+        if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
+            raise RuntimeError(f"cannot split {name} {tuple(tensor.shape)} into {parts} of sizes {sizes}")
+        prefix = module_name[: -len(packed_name)]
+        for part, view in zip(parts, torch.split(tensor, sizes, dim=0), strict=True):
+            views[f"{prefix}{part}.{leaf}"] = view
+    return views
+
+
+def _materialize_meta_buffers(model: torch.nn.Module, config: Any, device: torch.device) -> None:
+    # Rotary embeddings compute their buffers in __init__; re-create those modules on the real device.
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device(device):
+                setattr(parent, child, type(module)(config=config))
+
+
+@torch.no_grad()
+def shared_hf_model(llm: Any, model_cls: Any = None) -> torch.nn.Module:
+    """Build the transformers model of ``llm`` whose weights are views of vLLM's tensors: one copy in memory.
+
+    q/k/v are row slices of vLLM's ``qkv_proj``, gate/up of ``gate_up_proj``; embeddings and ``lm_head`` are cut to
+    the real vocabulary (vLLM pads it). The weights are frozen (``requires_grad=False``): put PEFT LoRA on top.
+    Writing to them in place changes vLLM's weights too (call ``llm.reset_prefix_cache()`` afterwards).
+
+    Args:
+        llm: A ``vllm.LLM`` (or :class:`vllm_standby.StandbyLLM`) running in this process, tensor parallel 1,
+            unquantized, created with the vllm_standby patches live (so CPU weights stay plain).
+        model_cls: transformers class to build; default ``AutoModelForCausalLM`` from vLLM's HF config.
+
+    Returns:
+        The transformers model in eval mode, on vLLM's device and dtype.
+
+    Raises:
+        RuntimeError: the engine runs in another process, several workers, or a weight has no vLLM counterpart.
+
+    Example:
+        >>> llm = vllm_standby.StandbyLLM("Qwen/Qwen3-0.6B")  # doctest: +SKIP
+        >>> hf = vllm_standby.shared_hf_model(llm)  # doctest: +SKIP
+        >>> peft_model = peft.get_peft_model(hf, lora_config)  # doctest: +SKIP
+    """
+    import transformers
+
+    vllm_model = _vllm_model(llm)
+    config = llm.llm_engine.model_config.hf_config
+    # detach(): plain tensors sharing storage (vLLM parameters are subclasses that Parameter() refuses to wrap).
+    vllm_params = {n: p.detach() for n, p in vllm_model.named_parameters(remove_duplicate=False)}
+    sample = next(iter(vllm_params.values()))
+    views = _split_packed(vllm_params, vllm_model)
+    model_cls = model_cls or transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        hf = model_cls.from_config(config, dtype=sample.dtype)
+    missing = []
+    for name, param in hf.named_parameters(remove_duplicate=True):
+        view = views.get(name)
+        if view is None:
+            missing.append(name)
+            continue
+        if view.shape != param.shape:  # vocab padding: keep the first rows
+            if view.shape[1:] != param.shape[1:] or view.shape[0] < param.shape[0]:
+                raise RuntimeError(f"{name}: vLLM shape {tuple(view.shape)} vs transformers {tuple(param.shape)}")
+            view = view[: param.shape[0]]
+        module_name, _, leaf = name.rpartition(".")
+        hf.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(view, requires_grad=False)
+    if missing:
+        raise RuntimeError(f"shared_hf_model: no vLLM tensor for {missing[:8]} ({len(missing)} in all)")
+    if getattr(config, "tie_word_embeddings", False):
+        hf.tie_weights()
+    _materialize_meta_buffers(hf, config, sample.device)
+    return hf.eval()
