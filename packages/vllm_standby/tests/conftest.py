@@ -28,6 +28,7 @@ TINY_QWEN3 = {
 PROMPTS = [[5, 17, 9, 30, 12, 8], [40, 41, 42], [7, 7, 7, 7, 60, 3, 88, 20, 19]]
 MAX_TOKENS = 8
 KV_CACHE_BYTES = 64 * 2**20
+LORA_RANK = 8
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +82,9 @@ def vllm_llm(tiny_qwen3_dir):
         max_num_seqs=4,
         kv_cache_memory_bytes=KV_CACHE_BYTES,
         seed=0,
+        enable_lora=True,
+        max_lora_rank=LORA_RANK,
+        max_loras=1,
     )
     yield llm
     del llm

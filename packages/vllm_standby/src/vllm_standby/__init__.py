@@ -8,7 +8,11 @@ from vllm_standby._version import SUPPORTED_VLLM, UnsupportedVLLMVersionError, _
 from vllm_standby.patching import PatchError, applied_patches
 from vllm_standby.plugin import StandbyNotActiveError, enable, is_active, is_enabled, register
 
-_LAZY = {"StandbyLLM": "vllm_standby.standby", "shared_hf_model": "vllm_standby.shared"}
+_LAZY = {
+    "StandbyLLM": "vllm_standby.standby",
+    "shared_hf_model": "vllm_standby.shared",
+    "lora_request": "vllm_standby.lora",
+}
 
 
 def __getattr__(name: str):
@@ -32,6 +36,7 @@ __all__ = [
     "enable",
     "is_active",
     "is_enabled",
+    "lora_request",
     "register",
     "shared_hf_model",
 ]

@@ -29,15 +29,17 @@ def _split_packed(vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Mod
     views: dict[str, torch.Tensor] = {}
     for name, tensor in vllm_params.items():
         module_name, _, leaf = name.rpartition(".")
-        packed_name = module_name.rpartition(".")[2]
+        # With enable_lora, vLLM wraps layers: `qkv_proj.base_layer.weight` holds the base weight.
+        hf_module_name = module_name.removesuffix(".base_layer")
+        packed_name = hf_module_name.rpartition(".")[2]
         parts = packed.get(packed_name)
         if not parts:
-            views[name] = tensor
+            views[f"{hf_module_name}.{leaf}"] = tensor
             continue
         sizes = list(modules[module_name].output_partition_sizes)
         if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
             raise RuntimeError(f"cannot split {name} {tuple(tensor.shape)} into {parts} of sizes {sizes}")
-        prefix = module_name[: -len(packed_name)]
+        prefix = hf_module_name[: -len(packed_name)]
         for part, view in zip(parts, torch.split(tensor, sizes, dim=0), strict=True):
             views[f"{prefix}{part}.{leaf}"] = view
     return views

@@ -15,6 +15,14 @@ Index (each entry: target, reason, upstream, when to remove):
    enough.
    Upstream: ``vllm/model_executor/layers/utils.py`` at v0.31.0.
    Remove when: vLLM keeps the unpacked weight (or re-packs on ``load_weights``) on CPU.
+
+2. ``vllm.lora.worker_manager.WorkerLoRAManager._load_adapter`` (all platforms).
+   Reason: ``LoRARequest`` carries only a path, and the original reads ``adapter_config.json`` and the weights from
+   disk. For a ``vllm-standby://`` path (see :func:`vllm_standby.lora_request`) the replacement builds the
+   ``LoRAModel`` from registered in-memory tensors with vLLM's own ``LoRAModel.from_lora_tensors`` and
+   ``PEFTHelper.from_dict``, with the same validation; any other path goes to the original.
+   Upstream: ``vllm/lora/worker_manager.py`` at v0.31.0.
+   Remove when: vLLM accepts in-memory adapter tensors in ``LoRARequest``.
 """
 
 from __future__ import annotations
@@ -46,6 +54,40 @@ def _keep_plain_cpu_weights(original: Any) -> Any:
     return dispatch_cpu_unquantized_gemm
 
 
+def _load_in_memory_adapters(original: Any) -> Any:
+    @functools.wraps(original)
+    def _load_adapter(self, lora_request):
+        from vllm_standby.lora import lookup
+
+        entry = lookup(lora_request.lora_path)
+        if entry is None:
+            return original(self, lora_request)
+        from vllm.lora.peft_helper import PEFTHelper
+
+        tensors, config = entry
+        peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": self.max_position_embeddings})
+        peft_helper.validate_legal(self.lora_config)
+        model = self._adapter_manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        lora = self._lora_model_cls.from_lora_tensors(
+            lora_model_id=lora_request.lora_int_id,
+            tensors=tensors,
+            peft_helper=peft_helper,
+            device="cpu",
+            dtype=self.lora_config.lora_dtype,
+            model_vocab_size=self.vocab_size,
+            weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+        )
+        lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
+        self._adapter_manager._validate_modules_to_save(lora)
+        self._adapter_manager._validate_token_classification_lora(lora)
+        return lora
+
+    _load_adapter.__vllm_standby__ = True
+    return _load_adapter
+
+
 PATCHES: tuple[PatchSpec, ...] = (
     PatchSpec(
         module="vllm.model_executor.layers.utils",
@@ -58,5 +100,15 @@ PATCHES: tuple[PatchSpec, ...] = (
         signature="(layer: torch.nn.modules.module.Module, remove_weight: bool) -> None",
         source_sha256={"0.31.0": "d41e9cf4aa576bf14086e538426e0459fe67feff697946b25cc8d9ef04004045"},
         platform="cpu",
+    ),
+    PatchSpec(
+        module="vllm.lora.worker_manager",
+        attribute="WorkerLoRAManager._load_adapter",
+        make_replacement=_load_in_memory_adapters,
+        reason="load vllm-standby:// LoRA adapters from in-memory tensors instead of a directory",
+        remove_when="vLLM accepts in-memory adapter tensors in LoRARequest",
+        upstream="vllm/lora/worker_manager.py (v0.31.0)",
+        signature="(self, lora_request: vllm.lora.request.LoRARequest) -> vllm.lora.lora_model.LoRAModel",
+        source_sha256={"0.31.0": "f5c098dfb73a44bd2ebf39b2cbf5e6120b16bfe2a7bd10b8b57bf3829696f444"},
     ),
 )
