@@ -185,42 +185,43 @@ def bench_sweep(args, device, record) -> None:
     rows, vc, hdim = 1024, 16384, 4096
     h, w, t, _ = make_inputs(rows, hdim, vc, device)
     tf = op._Transform(1.0, None, 1.0)
-    tiles = [op.TileConfig(*c) for c in ((128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-                                         (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4))]  # fmt: skip
-    gemms = [op.GemmConfig(*c) for c in ((128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 256, 64, 8, 4, 8),
-                                         (256, 128, 64, 8, 3, 8), (128, 128, 64, 4, 4, 8), (64, 256, 64, 4, 4, 8))]  # fmt: skip
+    tiles = [op.TileConfig(*c) for c in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                         (128, 128, 128, 8, 3))]  # fmt: skip
+    gemms = [op.GemmConfig(*c) for c in ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (256, 128, 64, 8, 3, 8),
+                                         (128, 128, 64, 8, 4, 8))]  # fmt: skip
     flops = 2 * rows * hdim * vc
-    for tile in tiles:
-        plan = op._Plan(tile, op.GEMM_CONFIGS[torch.bfloat16], rows, vc, "tf32")
-        q = torch.empty(rows, vc, device=device, dtype=torch.bfloat16)
-        st = torch.empty(4, rows, vc // tile.block_v, device=device)
-        zt = torch.empty(rows, device=device)
-        for store in (True, False):
+    q = torch.rand(rows, vc, device=device).to(torch.bfloat16)
+    acc = torch.zeros(rows, hdim, device=device)
+    alpha = torch.rand(rows, device=device)
+    zt = torch.empty(rows, device=device)
+    for use_tma in (True, False):
+        op.USE_TMA = use_tma
+        for tile in tiles:
+            plan = op._Plan(tile, op.GEMM_CONFIGS[torch.bfloat16], rows, vc, "tf32")
+            st = torch.empty(4, rows, vc // tile.block_v, device=device)
             stats = (st[0], st[1], None, zt, zt)
 
-            def run(plan=plan, q=q, stats=stats, store=store):
-                op._logits_tiles(plan, tf, h, w, None, t, q if store else None, rows, 0, vc, stats=stats)
+            def run(plan=plan, stats=stats):
+                op._logits_tiles(plan, tf, h, w, None, t, q, rows, 0, vc, stats=stats)
 
             ms = time_ms(run, device, warmup=2, max_iters=20, target_s=0.3)
             res = op.compiled_resources().get("logits_tile_kernel", {})
-            record({"sweep": "logits_tile_kernel", "config": list(tile.__dict__.values()), "store_q": store,
+            record({"sweep": "logits_tile_kernel", "tma": use_tma, "config": list(tile.__dict__.values()),
                     "ms": ms["p50"], "tflops": flops / ms["p50"] / 1e9, **res})  # fmt: skip
-    block_v = op.LOGITS_CONFIGS[torch.bfloat16].block_v
-    q = torch.rand(rows, vc, device=device).to(torch.bfloat16)
-    scale = torch.rand(rows, vc // block_v, device=device)
-    alpha = torch.rand(rows, device=device)
-    acc = torch.zeros(rows, hdim, device=device)
-    for gemm in gemms:
-        plan = op._Plan(op.LOGITS_CONFIGS[torch.bfloat16], gemm, rows, vc, "tf32")
+        scale = torch.rand(rows, vc // op.LOGITS_CONFIGS[torch.bfloat16].block_v, device=device)
+        for gemm, scaled in [(g, True) for g in gemms] + [(gemms[0], False)]:
+            plan = op._Plan(op.LOGITS_CONFIGS[torch.bfloat16], gemm, rows, vc, "tf32")
+            tma = (q, w, 0) if use_tma else None
 
-        def run(plan=plan):
-            op._gemm(plan, q, q.stride(), w, w.stride(), vc, acc, rows, hdim, vc, a_scale=scale, alpha=alpha,
-                     accumulate=True)  # fmt: skip
+            def run(plan=plan, scaled=scaled, tma=tma, scale=scale):
+                op._gemm(plan, q, q.stride(), w, w.stride(), vc, acc, rows, hdim, vc, a_scale=scale if scaled else None,
+                         alpha=alpha, accumulate=True, tma=tma)  # fmt: skip
 
-        ms = time_ms(run, device, warmup=2, max_iters=20, target_s=0.3)
-        res = op.compiled_resources().get("gemm_acc_kernel", {})
-        record({"sweep": "gemm_acc_kernel", "config": list(gemm.__dict__.values()), "ms": ms["p50"],
-                "tflops": flops / ms["p50"] / 1e9, **res})  # fmt: skip
+            ms = time_ms(run, device, warmup=2, max_iters=20, target_s=0.3)
+            res = op.compiled_resources().get("gemm_acc_kernel", {})
+            record({"sweep": "gemm_acc_kernel", "tma": use_tma, "a_scale": scaled, "config": list(gemm.__dict__.values()),
+                    "ms": ms["p50"], "tflops": flops / ms["p50"] / 1e9, **res})  # fmt: skip
+    op.USE_TMA = True
     ms = time_ms(lambda: torch.mm(q, w), device, warmup=2, max_iters=20, target_s=0.3)
     record({"sweep": "cublas_mm_same_shape", "ms": ms["p50"], "tflops": flops / ms["p50"] / 1e9})
 

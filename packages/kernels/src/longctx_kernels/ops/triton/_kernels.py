@@ -30,6 +30,8 @@ def _tanh(x):
 def logits_tile_kernel(
     h_ptr,
     w_ptr,
+    h_desc,  # TMA descriptors of hidden [n, H] (block BLOCK_N x BLOCK_K) and weight [V, H] (BLOCK_V x BLOCK_K)
+    w_desc,
     b_ptr,
     tgt_ptr,
     out_ptr,  # forward: q = exp(z - tile_max) * c; backward: dL/draw. [rows, >= tiles * BLOCK_V], input dtype.
@@ -62,6 +64,7 @@ def logits_tile_kernel(
     STORE_Q: tl.constexpr,
     WITH_ENT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -85,7 +88,10 @@ def logits_tile_kernel(
     w_ptrs = w_ptr + vcols_ld[None, :] * stride_wv + ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k in range(0, tl.cdiv(hdim, BLOCK_K)):
-        if EVEN_K:
+        if USE_TMA:  # bulk tensor copies; out-of-bounds rows and columns arrive as zeros
+            a = h_desc.load([pid_n * BLOCK_N, k * BLOCK_K])
+            b = w_desc.load([v_start + pid_v * BLOCK_V, k * BLOCK_K]).T
+        elif EVEN_K:
             a = tl.load(h_ptrs)
             b = tl.load(w_ptrs)
         else:
@@ -184,6 +190,9 @@ def combine_tiles_kernel(
 def gemm_acc_kernel(
     a_ptr,
     b_ptr,
+    a_desc,  # TMA descriptors of A [M, K] (BLOCK_M x BLOCK_K) and of B's parent [rows, NO] (BLOCK_K x BLOCK_NO)
+    b_desc,
+    b_row0,  # B = parent rows [b_row0, b_row0 + K) in the descriptor path
     out_ptr,
     a_scale_ptr,
     alpha_ptr,
@@ -202,6 +211,7 @@ def gemm_acc_kernel(
     HAS_ALPHA: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -229,7 +239,10 @@ def gemm_acc_kernel(
         kk = k * BLOCK_K + ks
         a_ptrs = a_ptr + rm_ld[:, None] * stride_am + kk[None, :] * stride_ak
         b_ptrs = b_ptr + tl.minimum(kk, b_rows - 1)[:, None] * stride_bk + rn_ld[None, :] * stride_bn
-        if EVEN_K:
+        if USE_TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            b = b_desc.load([b_row0 + k * BLOCK_K, pid_n * BLOCK_NO])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:

@@ -28,12 +28,18 @@ Inputs are assumed checked and flattened by ``longctx_kernels.functional.selecti
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from longctx_kernels.ops.triton import _kernels
+
+try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels load through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,8 @@ GEMM_CONFIGS: dict[torch.dtype, GemmConfig] = {
 }
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 16384
+# Tiles arrive by the bulk tensor copy engine (TMA) where the tensors allow it; LONGCTX_TRITON_TMA=0 turns it off.
+USE_TMA = os.environ.get("LONGCTX_TRITON_TMA", "1") != "0"
 _COMBINE_ROWS = 16
 _FINISH_COLS = 1024
 
@@ -92,6 +100,15 @@ def compiled_resources() -> dict[str, dict[str, int]]:
         shared = getattr(getattr(handle, "metadata", None), "shared", -1)
         report[name] = {"n_regs": int(handle.n_regs), "n_spills": int(handle.n_spills), "shared_bytes": int(shared)}
     return report
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs unit stride in the last dimension and 16-byte aligned base and row strides."""
+    if not USE_TMA or TensorDescriptor is None:
+        return False
+    return all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors
+    )
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -146,12 +163,23 @@ class _Transform:
         return self.pre_scale * self.inv_temp
 
 
-def _gemm(plan, a, a_strides, b, b_strides, b_rows, out, m, no, k, *, a_scale=None, alpha=None, accumulate):
+def _gemm(plan, a, a_strides, b, b_strides, b_rows, out, m, no, k, *, a_scale=None, alpha=None, accumulate,
+          tma=None):  # fmt: skip
+    """``tma=(a [m, >= k] tensor, b parent tensor, first row of b in it)`` selects descriptor loads."""
     g = plan.gemm
     grid = (triton.cdiv(m, g.block_m) * triton.cdiv(no, g.block_no),)
+    a_desc = b_desc = a
+    b_row0 = 0
+    if tma is not None:
+        a_desc = TensorDescriptor.from_tensor(tma[0], [g.block_m, g.block_k])
+        b_desc = TensorDescriptor.from_tensor(tma[1], [g.block_k, g.block_no])
+        b_row0 = tma[2]
     _COMPILED["gemm_acc_kernel"] = _kernels.gemm_acc_kernel[grid](
         a,
         b,
+        a_desc,
+        b_desc,
+        b_row0,
         out,
         a if a_scale is None else a_scale,
         out if alpha is None else alpha,
@@ -170,6 +198,7 @@ def _gemm(plan, a, a_strides, b, b_strides, b_rows, out, m, no, k, *, a_scale=No
         HAS_ALPHA=alpha is not None,
         ACCUMULATE=accumulate,
         EVEN_K=k % g.block_k == 0,
+        USE_TMA=tma is not None,
         SCALE_BLOCK=plan.tile.block_v,
         DOT_PRECISION=plan.precision,
         BLOCK_M=g.block_m,
@@ -190,9 +219,16 @@ def _logits_tiles(plan, tf, hidden, weight, bias, targets, out, n, v0, vlen, *, 
     lse, mean_z, g_lp, g_ent = backward if backward is not None else (dummy,) * 4
     with_ent = (stats is not None and tent is not None) or (backward is not None and g_ent is not None)
     grid = (triton.cdiv(n, t.block_n) * tiles,)
+    use_tma = _tma_ok(hidden, weight)
+    h_desc, w_desc = hidden, weight
+    if use_tma:
+        h_desc = TensorDescriptor.from_tensor(hidden, [t.block_n, t.block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [t.block_v, t.block_k])
     _COMPILED["logits_tile_kernel" + ("_bwd" if backward is not None else "")] = _kernels.logits_tile_kernel[grid](
         hidden,
         weight,
+        h_desc,
+        w_desc,
         dummy if bias is None else bias,
         targets,
         dummy if out is None else out,
@@ -225,6 +261,7 @@ def _logits_tiles(plan, tf, hidden, weight, bias, targets, out, n, v0, vlen, *, 
         STORE_Q=out is not None,
         WITH_ENT=with_ent,
         EVEN_K=hidden.shape[1] % t.block_k == 0,
+        USE_TMA=use_tma,
         DOT_PRECISION=plan.precision,
         BLOCK_N=t.block_n,
         BLOCK_V=t.block_v,
@@ -281,8 +318,9 @@ def _forward(hidden, weight, bias, targets, tf: _Transform, with_entropy: bool, 
             )
             if store_grad:
                 k = tiles * plan.tile.block_v  # q's padded columns are zero
+                tma = (q[:n], weight, v0) if _tma_ok(q, weight) else None
                 _gemm(plan, q, q.stride(), weight[v0:], weight.stride(), vlen, acc, n, hdim, k,
-                      a_scale=tstats[2], alpha=alpha, accumulate=ci > 0)  # fmt: skip
+                      a_scale=tstats[2], alpha=alpha, accumulate=ci > 0, tma=tma)  # fmt: skip
         if store_grad:
             grid = (n, triton.cdiv(hdim, _FINISH_COLS))
             _COMPILED["finish_grad_kernel"] = _kernels.finish_grad_kernel[grid](
@@ -328,7 +366,9 @@ def _backward_recompute(hidden, weight, bias, targets, tf, lse, mean_z, g_lp, g_
             tiles = _logits_tiles(plan, tf, h, weight, bias, targets[rows], dz, n, v0, vlen, backward=bwd)
             k = tiles * plan.tile.block_v
             if need_h:
-                _gemm(plan, dz, dz.stride(), weight[v0:], weight.stride(), vlen, dh_acc, n, hdim, k, accumulate=ci > 0)
+                tma = (dz[:n], weight, v0) if _tma_ok(dz, weight) else None
+                _gemm(plan, dz, dz.stride(), weight[v0:], weight.stride(), vlen, dh_acc, n, hdim, k,
+                      accumulate=ci > 0, tma=tma)  # fmt: skip
             if need_w:
                 # dW[v0 : v0 + vlen] += dz^T @ h: A is dz read transposed.
                 _gemm(plan, dz, (1, dz.stride(0)), h, h.stride(), n, dw_acc[v0:], vlen, hdim, n, accumulate=True)
