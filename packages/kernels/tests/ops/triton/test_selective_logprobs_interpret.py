@@ -26,14 +26,14 @@ _HERE = Path(__file__).resolve().parent
 
 
 # Tile loads: TMA descriptors where the tensors allow them, or plain pointers (LONGCTX_TRITON_TMA=0).
-LOADS = {"tma": "1", "pointers": "0"}
+LOADS = {"tma": "1", "pointers": "0"}  # with "tma", LONGCTX_TRITON_GEMM_TMA=1 too
 
 
 @pytest.fixture(scope="module", params=sorted(LOADS))
 def kernel_results(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("triton_interpret") / "results.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(_HERE), *sys.path]),
-           "LONGCTX_TRITON_TMA": LOADS[request.param]}  # fmt: skip
+           "LONGCTX_TRITON_TMA": LOADS[request.param], "LONGCTX_TRITON_GEMM_TMA": LOADS[request.param]}  # fmt: skip
     proc = subprocess.run([sys.executable, str(_HERE / "_interpret_worker.py"), str(out)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

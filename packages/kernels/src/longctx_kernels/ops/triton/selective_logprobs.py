@@ -80,6 +80,9 @@ ROW_CHUNK = 1024
 VOCAB_CHUNK = 16384
 # Tiles arrive by the bulk tensor copy engine (TMA) where the tensors allow it; LONGCTX_TRITON_TMA=0 turns it off.
 USE_TMA = os.environ.get("LONGCTX_TRITON_TMA", "1") != "0"
+# The vocabulary-reduction gemm scales A in registers after the load; on the H200 sweep (docs/benchmarks.md) its
+# pointer loads were as fast or faster than TMA, so TMA there is opt-in (LONGCTX_TRITON_GEMM_TMA=1).
+GEMM_TMA = os.environ.get("LONGCTX_TRITON_GEMM_TMA", "0") == "1"
 _COMBINE_ROWS = 16
 _FINISH_COLS = 1024
 
@@ -318,7 +321,7 @@ def _forward(hidden, weight, bias, targets, tf: _Transform, with_entropy: bool, 
             )
             if store_grad:
                 k = tiles * plan.tile.block_v  # q's padded columns are zero
-                tma = (q[:n], weight, v0) if _tma_ok(q, weight) else None
+                tma = (q[:n], weight, v0) if GEMM_TMA and _tma_ok(q, weight) else None
                 _gemm(plan, q, q.stride(), weight[v0:], weight.stride(), vlen, acc, n, hdim, k,
                       a_scale=tstats[2], alpha=alpha, accumulate=ci > 0, tma=tma)  # fmt: skip
         if store_grad:
@@ -366,7 +369,7 @@ def _backward_recompute(hidden, weight, bias, targets, tf, lse, mean_z, g_lp, g_
             tiles = _logits_tiles(plan, tf, h, weight, bias, targets[rows], dz, n, v0, vlen, backward=bwd)
             k = tiles * plan.tile.block_v
             if need_h:
-                tma = (dz[:n], weight, v0) if _tma_ok(dz, weight) else None
+                tma = (dz[:n], weight, v0) if GEMM_TMA and _tma_ok(dz, weight) else None
                 _gemm(plan, dz, dz.stride(), weight[v0:], weight.stride(), vlen, dh_acc, n, hdim, k,
                       accumulate=ci > 0, tma=tma)  # fmt: skip
             if need_w:
