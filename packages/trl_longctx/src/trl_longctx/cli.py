@@ -1,0 +1,142 @@
+"""`longctx-grpo`: train with `LongContextGRPOTrainer` from a YAML recipe plus command-line overrides.
+
+    longctx-grpo train configs/grpo/quickstart.yaml --max_steps 50 --output_dir runs/try
+
+The recipe holds flat keys of `LongContextScriptArguments`, `LongContextGRPOConfig` and TRL's `ModelConfig`, and an
+optional `env:` block, exactly as TRL's `TrlParser` reads them; command-line flags override the recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from .longctx_grpo_config import LongContextGRPOConfig
+from .tasks import TASKS
+
+BUILTIN_TINY_MODEL = "builtin:tiny-qwen3"
+COMMANDS = ("train",)
+
+
+@dataclass
+class LongContextScriptArguments(ScriptArguments):
+    """Script arguments of `longctx-grpo train`.
+
+    Args:
+        task: Built-in verifiable task (dataset and exact reward) used when `dataset_name` is not set.
+        num_prompts: Number of prompts the built-in task generates.
+        reward_funcs: Dotted import paths of reward functions (`f(prompts, completions, **kw) -> list[float]`),
+            used with `dataset_name`; nothing is imported that the user did not name.
+    """
+
+    task: str = field(default="copy_letter", metadata={"help": "Built-in task.", "choices": sorted(TASKS)})
+    num_prompts: int = field(default=4096, metadata={"help": "Number of prompts of the built-in task."})
+    reward_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Dotted import paths of reward functions (with dataset_name)."}
+    )
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}.")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}.")
+        if self.dataset_name is not None and not self.reward_funcs:
+            raise ValueError(
+                "reward_funcs must name at least one reward function (dotted import path) with dataset_name."
+            )
+
+
+def make_parser() -> TrlParser:
+    """The `TrlParser` over (`LongContextScriptArguments`, `LongContextGRPOConfig`, `ModelConfig`)."""
+    return TrlParser((LongContextScriptArguments, LongContextGRPOConfig, ModelConfig), prog="longctx-grpo train")
+
+
+def parse_train_args(argv: list[str]):
+    """Parse `[recipe.yaml] [--flag value ...]` into the three dataclasses (recipe first, flags override)."""
+    args = list(argv)
+    if args and not args[0].startswith("-"):
+        args = ["--config", args[0], *args[1:]]
+    return make_parser().parse_args_and_config(args)
+
+
+def import_reward_function(path: str):
+    """Import `package.module.function` named by the user.
+
+    Raises:
+        ValueError: If the path has no module part, or the module or attribute does not exist, or it is not callable.
+    """
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"reward_funcs entries must be dotted import paths like 'my_pkg.rewards.fn', got {path!r}.")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"reward_funcs: cannot import {path!r}: {error}") from error
+    if not callable(function):
+        raise ValueError(f"reward_funcs: {path!r} is not callable.")
+    return function
+
+
+def train(script_args: LongContextScriptArguments, training_args: LongContextGRPOConfig, model_args: ModelConfig):
+    """Build the dataset, rewards and model named by the arguments, then train and save the run files."""
+    from pathlib import Path
+
+    from trl import get_peft_config
+
+    from .longctx_grpo_trainer import LongContextGRPOTrainer
+    from .metrics_callback import RunFilesCallback
+    from .tasks import get_task
+
+    run_dir = Path(training_args.output_dir)
+    if script_args.dataset_name is None:
+        make_dataset, reward = get_task(script_args.task)
+        dataset = make_dataset(script_args.num_prompts, seed=training_args.seed)
+        reward_funcs = [reward]
+    else:
+        from datasets import load_dataset
+
+        reward_funcs = [import_reward_function(p) for p in script_args.reward_funcs]
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)[
+            script_args.dataset_train_split
+        ]
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty.")
+
+    model = model_args.model_name_or_path
+    if model == BUILTIN_TINY_MODEL:
+        from .tiny_models import save_tiny_model
+
+        model = str(save_tiny_model(run_dir / "model", seed=training_args.seed))
+    if model is None:
+        raise ValueError(f"model_name_or_path is required (a local path, or {BUILTIN_TINY_MODEL!r}).")
+    trainer = LongContextGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    rollout = "vllm" if trainer.use_vllm else "transformers"
+    trainer.add_callback(RunFilesCallback(run_dir, extra_summary={"rollout_backend": rollout, "model": model}))
+    trainer.train()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `longctx-grpo` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: longctx-grpo {{{','.join(COMMANDS)}}} [recipe.yaml] [--flag value ...]")
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"longctx-grpo: unknown command {command!r}; allowed: {', '.join(COMMANDS)}.")
+    script_args, training_args, model_args = parse_train_args(rest)
+    train(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    main()

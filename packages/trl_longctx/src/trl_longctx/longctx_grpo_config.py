@@ -1,0 +1,82 @@
+"""Configuration of `LongContextGRPOTrainer`: TRL's `GRPOConfig` plus the long-context fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+# Loss types TRL 1.16's `GRPOTrainer._compute_loss` implements. TRL only rejects an unknown one inside the first
+# training step; we reject it at configuration time, before any model is loaded.
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+LOGPROB_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class LongContextGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`LongContextGRPOTrainer`]. Only the parameters specific to long-context training are
+    listed here; see [`~trl.GRPOConfig`] for the rest.
+
+    Parameters:
+        grpo_mini_batch (`int` or `None`, *optional*, defaults to `None`):
+            Number of sequences run through the decoder at once when computing per-token log-probabilities. `None`
+            uses the batch size TRL passes (the per-device batch size).
+        logit_chunk_multiplier (`int` or `None`, *optional*, defaults to `None`):
+            Number of chunks each completion is split into for the fused lm_head + log-softmax: one chunk of
+            float32 logits holds `mini_batch * ceil(completion_length / logit_chunk_multiplier)` rows of the
+            flattened `[mini_batch * completion_length]` tokens. `None` picks the chunk from a 256 MiB budget of
+            float32 logits (`longctx_kernels.default_chunk_size`).
+        logprob_backend (`str`, *optional*, defaults to `"auto"`):
+            Backend of `longctx_kernels.selective_logprobs`: `"auto"` (Triton on CUDA, torch elsewhere), `"torch"` or
+            `"triton"`.
+        use_vllm_when_available (`bool`, *optional*, defaults to `False`):
+            Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
+            `use_vllm`. The log says which one runs.
+    """
+
+    grpo_mini_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of sequences run through the decoder at once when computing per-token log-probs. "
+            "None uses the per-device batch size."
+        },
+    )
+    logit_chunk_multiplier: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of chunks each completion is split into for the fused lm_head + log-softmax. None picks "
+            "the chunk from a 256 MiB budget of float32 logits."
+        },
+    )
+    logprob_backend: str = field(
+        default="auto",
+        metadata={"help": "Backend of the fused log-prob kernel.", "choices": list(LOGPROB_BACKENDS)},
+    )
+    use_vllm_when_available: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate with vLLM when it is installed, with transformers' generate otherwise (overrides "
+            "use_vllm)."
+        },
+    )
+
+    def __post_init__(self):
+        _check_positive_or_none("grpo_mini_batch", self.grpo_mini_batch)
+        _check_positive_or_none("logit_chunk_multiplier", self.logit_chunk_multiplier)
+        if self.logprob_backend not in LOGPROB_BACKENDS:
+            raise ValueError(f"logprob_backend must be one of {list(LOGPROB_BACKENDS)}, got {self.logprob_backend!r}.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}.")
+        if self.use_vllm_when_available:
+            from trl.import_utils import is_vllm_available
+
+            self.use_vllm = is_vllm_available()
+        super().__post_init__()
+
+
+def _check_positive_or_none(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None (automatic), got {value!r}.")

@@ -1,0 +1,126 @@
+"""`LongContextGRPOTrainer`: TRL's `GRPOTrainer` with per-token log-probs that never materialize the logits."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from trl import GRPOTrainer
+
+from longctx_kernels import default_chunk_size, selective_logprobs
+
+from .longctx_grpo_config import LongContextGRPOConfig
+from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
+
+logger = logging.getLogger(__name__)
+
+# Keyword arguments of `_get_per_token_logps_and_entropies` that only multimodal models pass; with any of them set,
+# TRL's own path (which knows how to slice images per sequence) runs instead of ours.
+_MULTIMODAL_KWARGS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class LongContextGRPOTrainer(GRPOTrainer):
+    """TRL's `GRPOTrainer` whose per-token log-probs and entropies come from `longctx_kernels.selective_logprobs`.
+
+    Only `_get_per_token_logps_and_entropies` is replaced, so every TRL loss type, importance-sampling mode, entropy
+    mask and metric stays TRL's. The decoder runs on `grpo_mini_batch` sequences at a time; the lm_head and the
+    log-softmax run in chunks of tokens and never hold `[tokens, vocab]` logits.
+
+    Args:
+        model, reward_funcs, **kwargs: As `trl.GRPOTrainer`.
+        args: A `LongContextGRPOConfig` (`None` lets TRL build a default `GRPOConfig`-like one).
+
+    Example:
+        >>> trainer = LongContextGRPOTrainer(model="path/to/model", reward_funcs=my_reward, train_dataset=dataset,
+        ...                                  args=LongContextGRPOConfig(output_dir="runs/x"))
+        >>> trainer.train()
+    """
+
+    def __init__(self, model, reward_funcs, args: LongContextGRPOConfig | None = None, **kwargs):
+        if args is not None and not isinstance(args, LongContextGRPOConfig):
+            raise TypeError(f"args must be a LongContextGRPOConfig, got {type(args).__name__}.")
+        if args is not None and args.use_vllm and args.vllm_mode == "colocate":
+            # vLLM's CPU build repacks weights at load time; our patches keep them updatable in place. They must be
+            # live before TRL builds the engine inside `super().__init__`.
+            import vllm_standby
+
+            vllm_standby.enable()
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        if self.use_vllm:
+            import vllm
+
+            logger.warning("Rollouts: vLLM %s (%s mode, in-process).", vllm.__version__, self.vllm_mode)
+        else:
+            logger.warning("Rollouts: transformers `generate` (vLLM not used).")
+
+    def _logit_chunk_size(self, mini_batch: int, completion_length: int, vocab_size: int) -> int:
+        multiplier = self.args.logit_chunk_multiplier
+        if multiplier is None:
+            return default_chunk_size(vocab_size)
+        return max(1, mini_batch * math.ceil(completion_length / multiplier))
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **multimodal,
+    ):
+        """Per-token log-probs `[B, logits_to_keep]` (float32) of the completion tokens, and their entropies."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        decoder, lm_head = decoder_and_lm_head(unwrapped)
+        head = plain_lm_head_weights(lm_head)
+        if compute_aux_loss or head is None or any(multimodal.get(k) is not None for k in _MULTIMODAL_KWARGS):
+            # MoE aux losses, adapters on the lm_head and images stay on TRL's path.
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal,
+            )  # fmt: skip
+        weight, bias = head
+        transform = logit_transform_from_config(unwrapped.config)
+        mini_batch = self.args.grpo_mini_batch or batch_size or input_ids.size(0)
+        chunk_size = self._logit_chunk_size(mini_batch, logits_to_keep, weight.size(0))
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), mini_batch):
+            ids = input_ids[start : start + mini_batch]
+            with self.accelerator.autocast():
+                hidden = decoder(
+                    input_ids=ids, attention_mask=attention_mask[start : start + mini_batch], use_cache=False
+                ).last_hidden_state
+            # Position t predicts token t + 1: the completion's tokens are predicted by the positions just before.
+            hidden = hidden[:, -logits_to_keep - 1 : -1].to(weight.dtype)
+            outputs = selective_logprobs(
+                hidden,
+                weight,
+                ids[:, -logits_to_keep:],
+                bias=bias,
+                temperature=self.temperature,
+                logit_scale=transform.logit_scale,
+                logit_divisor=transform.logit_divisor,
+                softcap=transform.softcap,
+                return_entropy=compute_entropy,
+                backend=self.args.logprob_backend,
+                chunk_size=chunk_size,
+            )
+            logps, entropies = outputs if compute_entropy else (outputs, None)
+            all_logps.append(logps)
+            if compute_entropy:
+                all_entropies.append(entropies)
+        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+        return torch.cat(all_logps, dim=0), entropies, None

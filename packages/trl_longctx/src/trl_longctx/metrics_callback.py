@@ -1,0 +1,81 @@
+"""A `TrainerCallback` that writes `metrics.jsonl`, `summary.json` and `reward.png` into a run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process in MiB: CUDA allocator peak on a GPU, resident set peak on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Write JSON to `path` through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunFilesCallback(TrainerCallback):
+    """Append one JSON object per logged step to `metrics.jsonl`; at the end, write `summary.json` and `reward.png`.
+
+    Each line holds `step`, `reward`, `loss`, `peak_memory_mb`, `elapsed_s` and every other logged scalar.
+
+    Args:
+        run_dir: Folder of the run's files (created if missing).
+        extra_summary: Values copied into `summary.json` (e.g. the rollout backend).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, extra_summary: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.extra_summary = dict(extra_summary or {})
+        self.records: list[dict] = []
+        self._start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A run always starts a fresh file: resumed or repeated runs must not interleave with old records.
+        (self.run_dir / "metrics.jsonl").write_text("")
+        self._start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        record = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+        record.update(
+            step=state.global_step, peak_memory_mb=peak_memory_mb(), elapsed_s=time.perf_counter() - self._start
+        )
+        self.records.append(record)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        rewards = [r["reward"] for r in self.records]
+        fifth = max(1, len(rewards) // 5)
+        summary = {
+            **self.extra_summary,
+            "steps": state.global_step,
+            "logged_steps": len(rewards),
+            "train_seconds": time.perf_counter() - self._start,
+            "peak_memory_mb": peak_memory_mb(),
+            "reward_first_fifth": sum(rewards[:fifth]) / fifth if rewards else None,
+            "reward_last_fifth": sum(rewards[-fifth:]) / fifth if rewards else None,
+        }
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if rewards:
+            from .plotting import plot_reward_curve
+
+            plot_reward_curve(self.records, self.run_dir / "reward.png")

@@ -1,0 +1,128 @@
+"""LongContextGRPOTrainer on a tiny random Qwen3: same log-probs as TRL's path, every loss type trains."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl import GRPOTrainer
+
+from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+from trl_longctx.tasks import make_copy_letter_dataset
+
+# fp32 end to end: our chunked log-softmax against TRL's own fused lm_head path.
+TOLERANCES = {"logps": {"atol": 1e-5, "rtol": 1e-4}, "grads": {"atol": 1e-5, "rtol": 1e-3}}
+# Extra settings a loss type needs in TRL 1.16 (`GRPOTrainer.__init__` rejects other combinations).
+LOSS_TYPE_SETTINGS = {"luspo": {"importance_sampling_level": "sequence"}}
+
+
+def varied_reward(completions, **kwargs):
+    """A deterministic reward that differs between completions, so advantages are non-zero."""
+    return [(sum(map(ord, c)) % 7) / 7 for c in completions]
+
+
+def make_trainer(model_dir, tmp_path, peft_config=None, **overrides):
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 1,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "bf16": False,  # TRL 1.16 defaults to bf16, which autocasts on CPU too; the comparisons are in fp32
+    }
+    settings.update(overrides)
+    return LongContextGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=varied_reward,
+        args=LongContextGRPOConfig(**settings),
+        train_dataset=make_copy_letter_dataset(32),
+        peft_config=peft_config,
+    )
+
+
+def random_batch(vocab_size, batch=3, prompt=5, completion=7):
+    input_ids = torch.randint(0, vocab_size, (batch, prompt + completion))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0  # left padding on one row
+    return input_ids, attention_mask, completion
+
+
+def assert_close(actual, expected, what, atol, rtol):
+    error = (actual - expected).abs()
+    allowed = atol + rtol * expected.abs()
+    worst = torch.argmax(error - allowed).item()
+    assert (error <= allowed).all(), (
+        f"{what}: max abs error {error.max().item():.3g} at flat index {worst}, allowed {allowed.flatten()[worst]:.3g}"
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"temperature": 0.7}, {"grpo_mini_batch": 1, "logit_chunk_multiplier": 3}, {"logit_chunk_multiplier": 1}],
+)
+def test_logps_and_grads_match_trl_path(tiny_model_dir, tmp_path, overrides):
+    trainer = make_trainer(tiny_model_dir, tmp_path, **overrides)
+    model = trainer.model
+    input_ids, attention_mask, keep = random_batch(model.config.vocab_size)
+
+    def run(implementation):
+        model.zero_grad()
+        logps, entropies, _ = implementation(trainer, model, input_ids, attention_mask, keep, compute_entropy=True)
+        (logps.sum() + entropies.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logps.detach(), entropies.detach(), grads
+
+    ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies)
+    trl = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert ours[0].shape == (3, keep) and ours[0].dtype == torch.float32
+    assert_close(ours[0], trl[0], "logps", **TOLERANCES["logps"])
+    assert_close(ours[1], trl[1], "entropies", **TOLERANCES["logps"])
+    assert ours[2].keys() == trl[2].keys() and ours[2]
+    for name in ours[2]:
+        assert_close(ours[2][name], trl[2][name], f"grad of {name}", **TOLERANCES["grads"])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"])
+def test_one_step_of_each_loss_type_changes_every_parameter(tiny_model_dir, tmp_path, loss_type):
+    trainer = make_trainer(tiny_model_dir, tmp_path, loss_type=loss_type, **LOSS_TYPE_SETTINGS.get(loss_type, {}))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert trainer.state.log_history[0]["reward_std"] > 0
+    unchanged = [n for n, p in trainer.model.named_parameters() if n in before and torch.equal(p, before[n])]
+    assert not unchanged, f"{loss_type}: parameters not updated: {unchanged}"
+
+
+def test_gspo_sequence_importance_sampling_and_entropy_mask_train(tiny_model_dir, tmp_path):
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, importance_sampling_level="sequence", loss_type="grpo", top_entropy_quantile=0.5
+    )
+    trainer.train()
+    assert "entropy" in trainer.state.log_history[0]
+
+
+def test_lora_step_changes_adapters_only(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    # Two steps: lora_B starts at zero, so lora_A only gets a gradient once B has moved.
+    config = LoraConfig(r=4, target_modules="all-linear")
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=config, max_steps=2)
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert not [n for n in trainable if torch.equal(params[n], trainable[n])]
+    assert all(torch.equal(params[n], frozen[n]) for n in frozen)
+
+
+def test_args_must_be_longctx_config(tiny_model_dir):
+    from trl import GRPOConfig
+
+    with pytest.raises(TypeError, match="args must be a LongContextGRPOConfig"):
+        LongContextGRPOTrainer(
+            model=tiny_model_dir, reward_funcs=varied_reward, args=GRPOConfig(output_dir="unused", use_cpu=True)
+        )

@@ -1,0 +1,22 @@
+import pytest
+
+from trl_longctx.tasks import copy_letter_reward, get_task, make_copy_letter_dataset
+
+
+def test_copy_letter_reward_is_exact():
+    rewards = copy_letter_reward(["copy: a"] * 4, ["aaaa", "abab", "", "zzz"], target=["a", "a", "a", "a"])
+    assert rewards == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_dataset_columns_and_determinism():
+    first, second = make_copy_letter_dataset(16, seed=3), make_copy_letter_dataset(16, seed=3)
+    assert first.column_names == ["prompt", "target"]
+    assert first["prompt"] == second["prompt"]
+    assert all(p == f"copy: {t}" for p, t in zip(first["prompt"], first["target"], strict=True))
+
+
+def test_bad_task_inputs():
+    with pytest.raises(ValueError, match="task must be one of"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="num_prompts"):
+        make_copy_letter_dataset(0)
