@@ -1,0 +1,100 @@
+"""`longctx-grpo train`: YAML + CLI overrides as TRL's TrlParser reads them, clear errors, run files."""
+
+import json
+
+import pytest
+import yaml
+
+from trl_longctx.cli import BUILTIN_TINY_MODEL, import_reward_function, main, parse_train_args
+
+RECIPE = {
+    "env": {"TOKENIZERS_PARALLELISM": "false"},
+    "task": "copy_letter",
+    "num_prompts": 64,
+    "model_name_or_path": BUILTIN_TINY_MODEL,
+    "max_steps": 3,
+    "per_device_train_batch_size": 8,
+    "num_generations": 4,
+    "max_completion_length": 4,
+    "logging_steps": 1,
+    "report_to": "none",
+    "use_cpu": True,
+    "bf16": False,
+    "save_strategy": "no",
+    "use_vllm": False,
+}
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path / "run")}))
+    return path
+
+
+def test_recipe_then_cli_override(recipe):
+    script_args, config, model_args = parse_train_args([str(recipe), "--max_steps", "7", "--grpo_mini_batch", "2"])
+    assert script_args.num_prompts == 64
+    assert model_args.model_name_or_path == BUILTIN_TINY_MODEL
+    assert (config.max_steps, config.grpo_mini_batch, config.num_generations) == (7, 2, 4)
+
+
+def test_unknown_key_in_recipe_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "output_dir": str(tmp_path), "num_generation": 4}))
+    with pytest.raises(ValueError, match="num_generation"):
+        parse_train_args([str(path)])
+
+
+def test_unknown_cli_flag_is_refused(recipe):
+    with pytest.raises(ValueError, match="logit_chunk_multiplyer"):
+        parse_train_args([str(recipe), "--logit_chunk_multiplyer", "2"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--loss_type", "ppo"], "loss_type must be one of"),
+        (["--logit_chunk_multiplier", "0"], "logit_chunk_multiplier must be a positive integer"),
+        (["--num_prompts", "0"], "num_prompts must be >= 1"),
+    ],
+)
+def test_bad_values_fail_before_any_model_is_built(recipe, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(["train", str(recipe), *flags])
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_task_choice_is_refused(recipe, capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args([str(recipe), "--task", "chess"])
+    assert "copy_letter" in capsys.readouterr().err
+
+
+def test_unknown_command():
+    with pytest.raises(SystemExit, match="unknown command 'trian'; allowed: train"):
+        main(["trian"])
+
+
+def test_reward_function_import_errors():
+    assert import_reward_function("trl_longctx.tasks.copy_letter_reward")(["p"], ["aa"], target=["a"]) == [1.0]
+    with pytest.raises(ValueError, match="dotted import paths"):
+        import_reward_function("copy_letter_reward")
+    with pytest.raises(ValueError, match="cannot import"):
+        import_reward_function("trl_longctx.tasks.nope")
+    with pytest.raises(ValueError, match="not callable"):
+        import_reward_function("trl_longctx.tasks.LETTERS")
+
+
+def test_short_run_writes_run_files(recipe, tmp_path):
+    main(["train", str(recipe)])
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert {"step", "reward", "loss", "peak_memory_mb"} <= record.keys()
+        assert record["peak_memory_mb"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rollout_backend"] == "transformers" and summary["steps"] == 3
+    assert (run / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.glob("*.tmp*"))
