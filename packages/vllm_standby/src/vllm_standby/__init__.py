@@ -12,6 +12,10 @@ _LAZY = {
     "StandbyLLM": "vllm_standby.standby",
     "shared_hf_model": "vllm_standby.shared",
     "lora_request": "vllm_standby.lora",
+    "release_kv_cache": "vllm_standby.kv_cache",
+    "restore_kv_cache": "vllm_standby.kv_cache",
+    "kv_cache_nbytes": "vllm_standby.kv_cache",
+    "kv_standby_supported": "vllm_standby.kv_cache",
 }
 
 
@@ -36,7 +40,11 @@ __all__ = [
     "enable",
     "is_active",
     "is_enabled",
+    "kv_cache_nbytes",
+    "kv_standby_supported",
     "lora_request",
     "register",
+    "release_kv_cache",
+    "restore_kv_cache",
     "shared_hf_model",
 ]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from vllm import LLM
 
-from vllm_standby import _worker
+from vllm_standby.kv_cache import kv_cache_nbytes, release_kv_cache, restore_kv_cache
 from vllm_standby.plugin import enable
-
-logger = logging.getLogger(__name__)
 
 
 class StandbyLLM(LLM):
@@ -45,15 +42,6 @@ class StandbyLLM(LLM):
         """Whether the KV cache is released."""
         return self._standby
 
-    def _check_platform(self) -> None:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            raise NotImplementedError(
-                "StandbyLLM.standby() is implemented for vLLM's CPU platform only in vllm-standby 0.1.0; "
-                "on CUDA use LLM(enable_sleep_mode=True) with sleep/wake_up for now"
-            )
-
     def standby(self) -> int:
         """Release the KV cache; weights, adapters and the engine stay. No-op when already in standby.
 
@@ -66,16 +54,8 @@ class StandbyLLM(LLM):
         """
         if self._standby:
             return 0
-        self._check_platform()
-        if self.llm_engine.has_unfinished_requests():
-            raise RuntimeError("StandbyLLM.standby(): requests are unfinished; finish or abort them first")
-        if not self.reset_prefix_cache():
-            raise RuntimeError("StandbyLLM.standby(): vLLM refused to reset the prefix cache")
-        self.reset_mm_cache()
-        self.llm_engine.reset_encoder_cache()
-        released = sum(self.collective_rpc(_worker.release_kv_cache))
+        released = release_kv_cache(self)
         self._standby = True
-        logger.info("vllm_standby: KV cache released (%d bytes)", released)
         return released
 
     def resume(self) -> int:
@@ -86,14 +66,13 @@ class StandbyLLM(LLM):
         """
         if not self._standby:
             return 0
-        restored = sum(self.collective_rpc(_worker.restore_kv_cache))
+        restored = restore_kv_cache(self)
         self._standby = False
-        logger.info("vllm_standby: KV cache restored (%d bytes)", restored)
         return restored
 
     def kv_cache_nbytes(self) -> int:
         """Bytes held by the KV cache across workers now (0 in standby)."""
-        return sum(self.collective_rpc(_worker.kv_cache_nbytes))
+        return kv_cache_nbytes(self)
 
     # Every offline request (generate, chat, encode, beam search, enqueue) enters through _add_request and runs
     # through _run_engine (vllm/entrypoints/offline_utils.py, v0.31.0); resume before either touches the KV cache.
