@@ -30,6 +30,10 @@ class LongContextGRPOConfig(GRPOConfig):
         logprob_backend (`str`, *optional*, defaults to `"auto"`):
             Backend of `longctx_kernels.selective_logprobs`: `"auto"` (Triton on CUDA, torch elsewhere), `"torch"` or
             `"triton"`.
+        vllm_kv_standby (`bool` or `None`, *optional*, defaults to `None`):
+            In colocate mode, release vLLM's KV cache after each rollout and restore it before the next, so the
+            memory is the trainer's while it trains; the weights stay. `None` turns it on where `vllm_standby`
+            implements it (vLLM's CPU platform in this version).
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
@@ -52,6 +56,13 @@ class LongContextGRPOConfig(GRPOConfig):
     logprob_backend: str = field(
         default="auto",
         metadata={"help": "Backend of the fused log-prob kernel.", "choices": list(LOGPROB_BACKENDS)},
+    )
+    vllm_kv_standby: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Release vLLM's KV cache between rollouts in colocate mode (weights stay). None: on where "
+            "vllm_standby implements it (vLLM's CPU platform in this version)."
+        },
     )
     use_vllm_when_available: bool = field(
         default=False,
