@@ -1,0 +1,250 @@
+"""Offloaded gradient checkpointing for Hugging Face decoder layers.
+
+With gradient checkpointing, each decoder layer keeps only its input `[B, T, H]` between forward and backward:
+`layers * B * T * H * 2` bytes in bf16, 9.0 GiB for Qwen3-8B (36 layers, H=4096) at 2 x 32,768 tokens. This module
+moves those inputs to pinned host memory while the forward runs and brings each back one layer ahead of the backward.
+
+How it hooks in: transformers' `GradientCheckpointingLayer.__call__` calls `self._gradient_checkpointing_func(fn,
+hidden_states)`. Inside `CheckpointOffloader.offload(model)` that function is wrapped per layer so that the checkpoint
+runs under `torch.autograd.graph.saved_tensors_hooks`. Both of torch's checkpoint modes save the layer input through
+those hooks (the reentrant one by `ctx.save_for_backward`, the non-reentrant one by `_CheckpointFrame.save_inputs`,
+before its own inner hooks are pushed), and nothing else of the layer passes through them, so the pack hook sees
+exactly the checkpointed input. Tensors that are not the layer's hidden-state input pass through untouched.
+
+On CUDA the device-to-host copy runs on a side stream after an event of the compute stream, so the forward does not
+wait; the caching allocator is told (`record_stream`) not to reuse the GPU block before the copy is done. In the
+backward, unpacking layer `i` starts the host-to-device copy of layer `i - 1` on the side stream, so it overlaps the
+recompute and backward of layer `i`. The last checkpointed layer stays on the GPU: its backward comes first, there
+is nothing to overlap its copy with. On CPU the same code runs with plain synchronous copies into the same buffer
+pool, so CI checks the bookkeeping and the numerics.
+
+Pinned buffers are allocated once and reused: a buffer returns to the pool when the autograd graph that holds it is
+freed (after the backward), and a step of the same shapes takes the same buffers again. Pinning costs about 2 GB/s
+on the lent H100 (`/work/shared/GPU.md`), so allocating per step would cost more than the copies themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# Buffers are sized up to a multiple of this, so that completion lengths that vary a little between steps (TRL pads
+# to the longest completion of the batch) land on the same buffers instead of allocating new ones.
+_BUFFER_GRANULARITY = 2 * 2**20
+
+
+class _PinnedPool:
+    """Host buffers (pinned when CUDA is used) reused across layers and steps; one job: hand out and take back bytes."""
+
+    def __init__(self, pin_memory: bool):
+        self.pin_memory = pin_memory
+        self.free: list[torch.Tensor] = []
+        self.in_use = 0
+        self.allocations = 0
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        fitting = [b for b in self.free if b.numel() >= nbytes]
+        if fitting:
+            buffer = min(fitting, key=torch.Tensor.numel)
+            self.free.remove(buffer)
+        else:
+            # Smaller free buffers were outgrown by a longer sequence; dropping them bounds the pool at
+            # (inputs alive at once) x (largest input), instead of keeping one set per length ever seen.
+            self.free = [b for b in self.free if b.numel() >= nbytes]
+            size = -(-nbytes // _BUFFER_GRANULARITY) * _BUFFER_GRANULARITY
+            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            self.allocations += 1
+        self.in_use += 1
+        return buffer
+
+    def release(self, buffer: torch.Tensor) -> None:
+        self.in_use -= 1
+        self.free.append(buffer)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.free)
+
+    def clear(self) -> None:
+        self.free.clear()
+
+
+class _Offloaded:
+    """One checkpointed layer input held in a host buffer (the object autograd keeps between pack and unpack)."""
+
+    def __init__(self, offloader: CheckpointOffloader, tensor: torch.Tensor, buffer: torch.Tensor):
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.host = buffer[: self.nbytes].view(self.dtype).view(self.shape)
+        self.prefetched: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        # Return the buffer when autograd drops this object (graph freed after backward), not at first unpack: a
+        # backward with `retain_graph=True` may unpack it again.
+        weakref.finalize(self, offloader._pool.release, buffer)
+
+    def to_device(self, stream: torch.cuda.Stream | None) -> None:
+        """Start the host-to-device copy (on `stream` when CUDA) if it has not started yet."""
+        if self.prefetched is not None:
+            return
+        if stream is None:
+            self.prefetched = self.host.clone()
+            return
+        with torch.cuda.stream(stream):
+            # Allocated on the side stream; `record_stream` below hands it to the compute stream.
+            self.prefetched = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+            self.prefetched.copy_(self.host, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def take(self, stream: torch.cuda.Stream | None) -> torch.Tensor:
+        self.to_device(stream)
+        tensor, self.prefetched = self.prefetched, None
+        if self.ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.ready)
+            tensor.record_stream(current)
+            self.ready = None
+        return tensor
+
+
+class CheckpointOffloader:
+    """Move the inputs of checkpointed decoder layers to reusable host buffers during the forward.
+
+    Keep one instance per trainer (its buffer pool is what makes steps after the first allocation-free) and enter
+    `offload(model)` around each forward whose backward follows; call `release()` when training ends.
+
+    Args:
+        keep_last_on_device: Keep the input of the last checkpointed layer on the device: its backward runs first,
+            so its copy back could not overlap anything.
+
+    Example:
+        >>> offloader = CheckpointOffloader()
+        >>> model.gradient_checkpointing_enable()
+        >>> with offloader.offload(model):
+        ...     loss = model(input_ids).logits.float().logsumexp(-1).mean()
+        >>> loss.backward()
+        >>> offloader.release()
+    """
+
+    def __init__(self, keep_last_on_device: bool = True):
+        self.keep_last_on_device = keep_last_on_device
+        self._pool = _PinnedPool(pin_memory=torch.cuda.is_available())
+        self._stream: torch.cuda.Stream | None = None
+        self.offloaded_count = 0
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of host buffers held for reuse (not counting those holding live inputs)."""
+        return self._pool.nbytes
+
+    @property
+    def pool_allocations(self) -> int:
+        """How many host buffers were ever allocated (stays flat once steps repeat their shapes)."""
+        return self._pool.allocations
+
+    @property
+    def buffers_in_use(self) -> int:
+        """Host buffers holding inputs whose backward has not run (0 between steps)."""
+        return self._pool.in_use
+
+    def release(self) -> None:
+        """Free the pooled host buffers (e.g. at the end of training). Buffers still holding inputs free with them."""
+        self._pool.clear()
+        self._stream = None
+
+    @contextlib.contextmanager
+    def offload(self, model: nn.Module, enabled: bool = True) -> Iterator[None]:
+        """Offload the checkpointed layer inputs of the forwards run inside this block.
+
+        Args:
+            model: A transformers model (or PEFT wrapper) with gradient checkpointing enabled; layers without it
+                are left alone.
+            enabled: `False` makes the block a no-op (so callers need no branch).
+
+        Raises:
+            RuntimeError: If `enabled` and no layer of `model` has gradient checkpointing on.
+        """
+        if not enabled or not torch.is_grad_enabled():
+            yield
+            return
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        # Decoder layers only: the top-level model may carry a `gradient_checkpointing` flag of its own.
+        layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and m.training
+        ]
+        if not layers:
+            raise RuntimeError(
+                "offload_checkpoints needs gradient checkpointing: no layer of the model has it enabled "
+                "(set gradient_checkpointing=True)."
+            )
+        # Inputs of one forward, by layer index, so that unpacking layer i can prefetch layer i - 1.
+        handles: dict[int, weakref.ref[_Offloaded]] = {}
+        originals = [m.__dict__["_gradient_checkpointing_func"] for m in layers]
+        last = len(layers) - 1
+        for index, (layer, original) in enumerate(zip(layers, originals, strict=True)):
+            keep = self.keep_last_on_device and index == last
+            layer._gradient_checkpointing_func = self._wrap(original, index, handles, keep)
+        try:
+            yield
+        finally:
+            for layer, original in zip(layers, originals, strict=True):
+                layer._gradient_checkpointing_func = original
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if device.type != "cuda":
+            return None
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def _wrap(self, checkpoint_func, index: int, handles: dict, keep_on_device: bool):
+        def offloaded_checkpoint(function, *args, **kwargs):
+            hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if hidden is None or keep_on_device:
+                return checkpoint_func(function, *args, **kwargs)
+
+            def pack(tensor: torch.Tensor):
+                if tensor.data_ptr() != hidden.data_ptr() or tensor.shape != hidden.shape:
+                    return tensor
+                handle = self._pack(tensor)
+                handles[index] = weakref.ref(handle)
+                return handle
+
+            def unpack(packed):
+                if not isinstance(packed, _Offloaded):
+                    return packed
+                stream = self._side_stream(packed.device)
+                previous = handles.get(index - 1)
+                tensor = packed.take(stream)
+                if previous is not None and (handle := previous()) is not None:
+                    handle.to_device(stream)
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                return checkpoint_func(function, *args, **kwargs)
+
+        return offloaded_checkpoint
+
+    def _pack(self, tensor: torch.Tensor) -> _Offloaded:
+        nbytes = tensor.numel() * tensor.element_size()
+        handle = _Offloaded(self, tensor, self._pool.acquire(nbytes))
+        self.offloaded_count += 1
+        stream = self._side_stream(tensor.device)
+        if stream is None:
+            handle.host.copy_(tensor)
+            return handle
+        # The side stream starts after the compute stream has produced `tensor`; the compute stream goes on.
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(stream):
+            handle.host.copy_(tensor, non_blocking=True)
+        # The GPU block of `tensor` may be freed by the forward loop right away; the allocator must not hand it out
+        # again before the copy on the side stream has read it.
+        tensor.record_stream(stream)
+        return handle
