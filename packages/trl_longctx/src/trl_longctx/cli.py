@@ -18,7 +18,7 @@ from .longctx_grpo_config import LongContextGRPOConfig
 from .tasks import TASKS
 
 BUILTIN_TINY_MODEL = "builtin:tiny-qwen3"
-COMMANDS = ("train",)
+COMMANDS = ("train", "plan")
 
 
 @dataclass
@@ -134,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise SystemExit(f"longctx-grpo: unknown command {command!r}; allowed: {', '.join(COMMANDS)}.")
+    if command == "plan":
+        from .memory.plan_cli import main as plan_main
+
+        plan_main(rest)
+        return
     script_args, training_args, model_args = parse_train_args(rest)
     train(script_args, training_args, model_args)
 

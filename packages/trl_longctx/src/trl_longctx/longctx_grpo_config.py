@@ -37,6 +37,13 @@ class LongContextGRPOConfig(GRPOConfig):
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
+        skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
+            On a NaN or Inf loss, skip the step (zero gradient, a warning, the `nonfinite_skipped` metric) instead of
+            raising `trl_longctx.guards.NonFiniteError`; a non-finite reward then marks its completion unscorable.
+        offload_checkpoints (`bool` or `None`, *optional*, defaults to `None`):
+            Hold each decoder layer's checkpointed input in pinned host memory between forward and backward
+            (`trl_longctx.memory.CheckpointOffloader`), the last layer's excepted. Needs `gradient_checkpointing`.
+            `None` turns it on when training on CUDA with gradient checkpointing.
     """
 
     grpo_mini_batch: int | None = field(
@@ -71,8 +78,29 @@ class LongContextGRPOConfig(GRPOConfig):
             "use_vllm)."
         },
     )
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip a step whose loss is NaN/Inf (and treat non-finite rewards as unscorable) instead of "
+            "raising an error naming the step and the tensor."
+        },
+    )
+
+    offload_checkpoints: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Hold checkpointed decoder-layer inputs in pinned host memory during the step. None: on with "
+            "CUDA and gradient checkpointing."
+        },
+    )
 
     def __post_init__(self):
+        if self.offload_checkpoints is not None and not isinstance(self.offload_checkpoints, bool):
+            raise ValueError(
+                f"offload_checkpoints must be True, False or None (automatic), got {self.offload_checkpoints!r}."
+            )
+        if not isinstance(self.skip_nonfinite_steps, bool):
+            raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
         _check_positive_or_none("grpo_mini_batch", self.grpo_mini_batch)
         _check_positive_or_none("logit_chunk_multiplier", self.logit_chunk_multiplier)
         if self.logprob_backend not in LOGPROB_BACKENDS:
@@ -84,6 +112,8 @@ class LongContextGRPOConfig(GRPOConfig):
 
             self.use_vllm = is_vllm_available()
         super().__post_init__()
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("offload_checkpoints=True needs gradient_checkpointing=True (it offloads checkpoints).")
 
 
 def _check_positive_or_none(name: str, value) -> None:

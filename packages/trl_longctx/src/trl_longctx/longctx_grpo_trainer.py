@@ -11,6 +11,7 @@ from trl import GRPOTrainer
 from longctx_kernels import default_chunk_size, selective_logprobs
 
 from .longctx_grpo_config import LongContextGRPOConfig
+from .memory.offload_checkpoints import CheckpointOffloader, ReleaseBuffersCallback
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
 
             vllm_standby.enable()
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        # One offloader for the whole run: its pinned buffers are reused by every step and freed at train end.
+        self.checkpoint_offloader = CheckpointOffloader()
+        self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))
         if self.use_vllm:
             import vllm
 
@@ -70,6 +74,12 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if multiplier is None:
             return default_chunk_size(vocab_size)
         return max(1, mini_batch * math.ceil(completion_length / multiplier))
+
+    def _offload_checkpoints(self) -> bool:
+        setting = self.args.offload_checkpoints
+        if setting is None:
+            return self.args.gradient_checkpointing and self.accelerator.device.type == "cuda"
+        return setting
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -99,7 +109,10 @@ class LongContextGRPOTrainer(GRPOTrainer):
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), mini_batch):
             ids = input_ids[start : start + mini_batch]
-            with self.accelerator.autocast():
+            with (
+                self.accelerator.autocast(),
+                self.checkpoint_offloader.offload(unwrapped, self._offload_checkpoints()),
+            ):
                 hidden = decoder(
                     input_ids=ids, attention_mask=attention_mask[start : start + mini_batch], use_cache=False
                 ).last_hidden_state

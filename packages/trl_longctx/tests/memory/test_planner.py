@@ -80,3 +80,10 @@ def test_bad_flags_name_the_flag(flags, message):
     argv.update(dict(zip(flags[::2], flags[1::2], strict=True)))
     with pytest.raises(SystemExit, match=message):
         plan_main([x for pair in argv.items() for x in pair])
+
+
+def test_longctx_grpo_plan_command(capsys):
+    from trl_longctx.cli import main
+
+    main(["plan", "--model", "llama3.1-8b", "--gpu-memory-gib", "80", "--mode", "qlora"])
+    assert "Longest completion that fits in 80 GiB" in capsys.readouterr().out

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 # Buffers are sized up to a multiple of this, so that completion lengths that vary a little between steps (TRL pads
 # to the longest completion of the batch) land on the same buffers instead of allocating new ones.
@@ -248,3 +249,13 @@ class CheckpointOffloader:
         # again before the copy on the side stream has read it.
         tensor.record_stream(stream)
         return handle
+
+
+class ReleaseBuffersCallback(TrainerCallback):
+    """Free a `CheckpointOffloader`'s pinned buffers when training ends, so nothing stays pinned after `train()`."""
+
+    def __init__(self, offloader: CheckpointOffloader):
+        self.offloader = offloader
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.offloader.release()

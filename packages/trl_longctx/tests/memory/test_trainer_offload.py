@@ -1,0 +1,77 @@
+"""`offload_checkpoints` in LongContextGRPOConfig and the trainer: validation, same log-probs and grads, released."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+
+from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+from trl_longctx.tasks import make_copy_letter_dataset
+
+TOLERANCES = {"logps": {"atol": 1e-6, "rtol": 1e-5}, "grads": {"atol": 1e-6, "rtol": 1e-5}}
+
+
+def config(tmp_path, **overrides):
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "max_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "bf16": False,
+        "gradient_checkpointing": True,
+    }
+    return LongContextGRPOConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_rejects_non_bool(tmp_path, value):
+    with pytest.raises(ValueError, match="offload_checkpoints must be True, False or None"):
+        config(tmp_path, offload_checkpoints=value)
+
+
+def test_needs_gradient_checkpointing(tmp_path):
+    with pytest.raises(ValueError, match="offload_checkpoints=True needs gradient_checkpointing=True"):
+        config(tmp_path, offload_checkpoints=True, gradient_checkpointing=False)
+
+
+def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
+    def reward(completions, **kwargs):
+        return [(sum(map(ord, c)) % 7) / 7 for c in completions]
+
+    trainer = LongContextGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=reward,
+        args=config(tmp_path, offload_checkpoints=True),
+        train_dataset=make_copy_letter_dataset(8),
+        peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    # Trains one step with offloading on (the Trainer turns gradient checkpointing on in `train()`); afterwards nothing
+    # stays pinned.
+    trainer.train()
+    assert trainer.checkpoint_offloader.offloaded_count > 0
+    assert trainer.checkpoint_offloader.buffers_in_use == 0 and trainer.checkpoint_offloader.pool_bytes == 0
+    model = trainer.model
+    model.train()
+    trainer.checkpoint_offloader.offloaded_count = 0
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+
+    def run(offload):
+        trainer.args.offload_checkpoints = offload
+        model.zero_grad()
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, 4)
+        logps.sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_logps, plain_grads = run(False)
+    offloaded_logps, offloaded_grads = run(True)
+    assert trainer.checkpoint_offloader.offloaded_count == model.config.num_hidden_layers - 1
+    torch.testing.assert_close(offloaded_logps, plain_logps, **TOLERANCES["logps"])
+    assert offloaded_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in offloaded_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **TOLERANCES["grads"], msg=name)
