@@ -156,6 +156,10 @@ class CheckpointOffloader:
         """Free the pooled host buffers (e.g. at the end of training). Buffers still holding inputs free with them."""
         self._pool.clear()
         self._stream = None
+        # torch's pinned-memory allocator caches freed blocks for reuse; hand them back to the OS as well.
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if torch.cuda.is_available() and empty_host_cache is not None:
+            empty_host_cache()
 
     @contextlib.contextmanager
     def offload(self, model: nn.Module, enabled: bool = True) -> Iterator[None]:

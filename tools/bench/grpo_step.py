@@ -1,0 +1,206 @@
+"""One GRPO training step on a Qwen3-8B-architecture model: step time and peak memory per completion length.
+
+Model: the architecture of `trl_longctx.memory.PRESETS[--model]` with random bf16 weights built on CUDA, PEFT LoRA
+r=32 on every linear layer of the decoder, gradient checkpointing (non-reentrant), SDPA attention, bf16 autocast as
+TRL runs it. Batch: `--num-generations` sequences of `--prompt-length + L` random tokens. One step = the policy's
+per-token log-probs of the L completion tokens, TRL's GRPO loss with `num_iterations=1` (ratio 1, random
+advantages), backward and an AdamW step over the LoRA parameters.
+
+Providers (log-prob path of that step):
+- ``trl``: what TRL 1.16's `GRPOTrainer._get_per_token_logps_and_entropies` runs: the model called with `labels`
+  and `fused_lm_head=True`, log-probs read from `outputs.log_probs`.
+- ``ours``: what `LongContextGRPOTrainer` runs: the decoder inside `CheckpointOffloader.offload` (checkpointed layer
+  inputs in pinned host memory), then `longctx_kernels.selective_logprobs` in chunks.
+- ``ours-no-offload``: the same with the checkpoints left on the GPU.
+
+Rows: provider x L x metric (`s`, `GiB`) with the planner's prediction (`trl_longctx.memory.plan_memory`) next to the
+measured peak (`torch.cuda.max_memory_allocated`, absolute: weights included). OOM is recorded as OOM.
+
+Example:
+    PYTHONPATH=packages/trl_longctx/src:packages/kernels/src:packages/vllm_standby/src \
+        python tools/bench/grpo_step.py --lengths 4096 32768 --out docs/bench/grpo_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GIB, environment, free_cuda, is_oom, markdown_table  # noqa: E402
+
+PROVIDERS = ("trl", "ours", "ours-no-offload")
+
+
+def build_model(preset: str, lora_rank: int):
+    """Random bf16 model of the preset's architecture on CUDA, LoRA on all linear layers, checkpointing on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from trl_longctx.memory import PRESETS
+
+    shape = PRESETS[preset]
+    config = Qwen3Config(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        max_position_embeddings=262144,
+        attn_implementation="sdpa",
+    )
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # What `GRPOTrainer.__init__` does before training (on the base model, before PEFT wraps it): `fused_lm_head=True`
+    # then returns per-token log-probs. Without trl installed the ``trl`` provider is reported as missing.
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:
+        add_fused_lm_head = None
+    if add_fused_lm_head is not None:
+        add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
+    model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear"))
+    model.enable_input_require_grads()
+    model.train()
+    return model, shape
+
+
+def trl_logps(model, input_ids, attention_mask, keep, offloader):
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-keep] = -100
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    return outputs.log_probs[:, -keep:]
+
+
+def ours_logps(model, input_ids, attention_mask, keep, offloader):
+    from longctx_kernels import selective_logprobs
+    from trl_longctx.model_heads import decoder_and_lm_head
+
+    decoder, lm_head = decoder_and_lm_head(model)
+    context = offloader.offload(model) if offloader is not None else contextlib.nullcontext()
+    with context:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = hidden[:, -keep - 1 : -1].to(lm_head.weight.dtype)
+    return selective_logprobs(hidden, lm_head.weight, input_ids[:, -keep:])
+
+
+def make_step(provider, model, optimizer, input_ids, keep, offloader):
+    attention_mask = torch.ones_like(input_ids)
+    logps_fn = trl_logps if provider == "trl" else ours_logps
+    advantages = torch.randn(input_ids.size(0), 1, device=input_ids.device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps = logps_fn(model, input_ids, attention_mask, keep, offloader)
+        # TRL's loss with num_iterations=1: ratio exp(logp - logp.detach()) = 1, gradient = advantage.
+        loss = -(torch.exp(logps - logps.detach()) * advantages).mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def measure(step, repeats: int) -> tuple[list[float], float]:
+    """Seconds per step (first call included as warm-up, not timed) and the peak allocated GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds, torch.cuda.max_memory_allocated() / GIB
+
+
+def predicted_gib(shape, provider: str, args, length: int) -> float:
+    from trl_longctx.memory import TrainSetup, plan_memory
+
+    setup = TrainSetup(
+        num_generations=args.num_generations,
+        prompt_length=args.prompt_length,
+        completion_length=length,
+        lora_rank=args.lora_rank,
+        offload_checkpoints=provider == "ours",
+        logprob_path="materialized" if provider == "trl" else "fused",
+    )
+    return plan_memory(shape, setup).allocated / GIB
+
+
+def run(args) -> list[dict]:
+    from trl_longctx.memory import CheckpointOffloader
+
+    model, shape = build_model(args.model, args.lora_rank)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    offloader = CheckpointOffloader()
+    rows, done_oom = [], set()
+    for length in args.lengths:
+        for provider in args.providers:
+            row = {"provider": provider, "model": args.model, "L": length, "B": args.num_generations}
+            row["predicted_GiB"] = predicted_gib(shape, provider, args, length)
+            if provider in done_oom:
+                rows.append({**row, "status": "skipped (OOM at a shorter L)"})
+                continue
+            torch.manual_seed(length)
+            ids = torch.randint(
+                0, shape.vocab_size, (args.num_generations, args.prompt_length + length), device="cuda"
+            )
+            step = make_step(provider, model, optimizer, ids, length, offloader if provider == "ours" else None)
+            try:
+                seconds, peak = measure(step, args.repeats)
+            except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else is re-raised
+                if not is_oom(exc):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                done_oom.add(provider)
+                rows.append({**row, "status": "OOM"})
+            else:
+                rows.append({**row, "status": "ok", "s": sorted(seconds)[len(seconds) // 2], "s_all": seconds,
+                             "GiB": peak, "pinned_host_GiB": offloader.pool_bytes / GIB if provider == "ours" else 0.0})  # fmt: skip
+            del step, ids
+            free_cuda()
+            print(json.dumps(rows[-1]), flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps({"env": args.env, "rows": rows}, indent=1))
+    offloader.release()
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen3-8b")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--num-generations", type=int, default=2)
+    parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="Timed steps per point (after one warm-up step).")
+    parser.add_argument("--out", help="JSON output path (rewritten after every point).")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("grpo_step.py needs CUDA.")
+    args.env = environment(torch.device("cuda"), ("transformers", "peft", "trl"))
+    rows = run(args)
+    table = [
+        [r["provider"], r["L"], r.get("s"), r.get("GiB") if r["status"] == "ok" else r["status"], r["predicted_GiB"],
+         (r["GiB"] / r["predicted_GiB"] - 1) * 100 if r["status"] == "ok" else None]
+        for r in rows
+    ]  # fmt: skip
+    print(markdown_table(["provider", "L", "step s", "peak GiB", "planner GiB", "planner error %"], table))
+
+
+if __name__ == "__main__":
+    main()
