@@ -40,6 +40,9 @@ class LongContextGRPOConfig(GRPOConfig):
         skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
             On a NaN or Inf loss, skip the step (zero gradient, a warning, the `nonfinite_skipped` metric) instead of
             raising `trl_longctx.guards.NonFiniteError`; a non-finite reward then marks its completion unscorable.
+        skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
+            On a NaN or Inf loss, skip the step (zero gradient, a warning, the `nonfinite_skipped` metric) instead of
+            raising `trl_longctx.guards.NonFiniteError`; a non-finite reward then marks its completion unscorable.
         offload_checkpoints (`bool` or `None`, *optional*, defaults to `None`):
             Hold each decoder layer's checkpointed input in pinned host memory between forward and backward
             (`trl_longctx.memory.CheckpointOffloader`), the last layer's excepted. Needs `gradient_checkpointing`.
@@ -85,6 +88,13 @@ class LongContextGRPOConfig(GRPOConfig):
             "raising an error naming the step and the tensor."
         },
     )
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip a step whose loss is NaN/Inf (and treat non-finite rewards as unscorable) instead of "
+            "raising an error naming the step and the tensor."
+        },
+    )
 
     offload_checkpoints: bool | None = field(
         default=None,
@@ -99,6 +109,8 @@ class LongContextGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"offload_checkpoints must be True, False or None (automatic), got {self.offload_checkpoints!r}."
             )
+        if not isinstance(self.skip_nonfinite_steps, bool):
+            raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
         if not isinstance(self.skip_nonfinite_steps, bool):
             raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
         _check_positive_or_none("grpo_mini_batch", self.grpo_mini_batch)

@@ -10,6 +10,8 @@ from trl import GRPOTrainer
 
 from longctx_kernels import default_chunk_size, selective_logprobs
 
+from .distributed import ForwardRedirection, full_tensor
+from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import CheckpointOffloader, ReleaseBuffersCallback
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
@@ -52,6 +54,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs, args: LongContextGRPOConfig | None = None, **kwargs):
         if args is not None and not isinstance(args, LongContextGRPOConfig):
             raise TypeError(f"args must be a LongContextGRPOConfig, got {type(args).__name__}.")
+        check_train_dataset(kwargs.get("train_dataset"))
         if args is not None and args.use_vllm and args.vllm_mode == "colocate":
             # vLLM's CPU build repacks weights at load time; our patches keep them updatable in place. They must be
             # live before TRL builds the engine inside `super().__init__`.
@@ -62,12 +65,29 @@ class LongContextGRPOTrainer(GRPOTrainer):
         # One offloader for the whole run: its pinned buffers are reused by every step and freed at train end.
         self.checkpoint_offloader = CheckpointOffloader()
         self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))
+        self._forward_redirection = ForwardRedirection()
+        guard_reward_functions(self)  # errors name the reward function and the step
         if self.use_vllm:
             import vllm
 
             logger.warning("Rollouts: vLLM %s (%s mode, in-process).", vllm.__version__, self.vllm_mode)
         else:
             logger.warning("Rollouts: transformers `generate` (vLLM not used).")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, refused (or the step skipped, with `skip_nonfinite_steps`) when it is NaN or Inf."""
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        skip, step = self.args.skip_nonfinite_steps, self.state.global_step + 1
+        guarded = guard_loss(loss, model, step, skip=skip, accelerator=self.accelerator)
+        if skip and self.model.training:
+            self._metrics["train"]["nonfinite_skipped"].append(float(guarded is not loss))
+        return guarded
+
+    def _tokenize_prompts(self, prompts: list):
+        """TRL's tokenization, refusing prompts that leave no room for the completion in the model's context."""
+        prompt_ids, *rest = super()._tokenize_prompts(prompts)
+        check_prompt_lengths(prompts, prompt_ids, self.max_completion_length, self.model.config)
+        return (prompt_ids, *rest)
 
     def _logit_chunk_size(self, mini_batch: int, completion_length: int, vocab_size: int) -> int:
         multiplier = self.args.logit_chunk_multiplier
@@ -94,6 +114,13 @@ class LongContextGRPOTrainer(GRPOTrainer):
     ):
         """Per-token log-probs `[B, logits_to_keep]` (float32) of the completion tokens, and their entropies."""
         unwrapped = self.accelerator.unwrap_model(model)
+        if self._forward_redirection.needed(model, unwrapped):
+            # Run this method on the unwrapped model inside the wrapper's forward, so DDP arms its gradient sync and
+            # FSDP2/ZeRO-3 gather what they shard (see `trl_longctx.distributed`).
+            return self._forward_redirection(
+                model, unwrapped, self._get_per_token_logps_and_entropies, unwrapped, input_ids, attention_mask,
+                logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **multimodal,
+            )  # fmt: skip
         decoder, lm_head = decoder_and_lm_head(unwrapped)
         head = plain_lm_head_weights(lm_head)
         if compute_aux_loss or head is None or any(multimodal.get(k) is not None for k in _MULTIMODAL_KWARGS):
@@ -102,7 +129,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
-        weight, bias = head
+        weight, bias = (full_tensor(t) for t in head)
         transform = logit_transform_from_config(unwrapped.config)
         mini_batch = self.args.grpo_mini_batch or batch_size or input_ids.size(0)
         chunk_size = self._logit_chunk_size(mini_batch, logits_to_keep, weight.size(0))
@@ -136,4 +163,6 @@ class LongContextGRPOTrainer(GRPOTrainer):
             if compute_entropy:
                 all_entropies.append(entropies)
         entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
-        return torch.cat(all_logps, dim=0), entropies, None
+        logps = torch.cat(all_logps, dim=0)
+        check_finite(logps, "per-token log-probs", self.state.global_step + 1, skip=self.args.skip_nonfinite_steps)
+        return logps, entropies, None

@@ -1,0 +1,217 @@
+"""Two CPU processes (gloo) through `accelerate launch` train like one process with the same global batch.
+
+Completions are fixed functions of (prompt, generation index, step), so both layouts see the same samples and
+rewards; what differs is only how the batch is split and the gradients are reduced. The loss (with a KL term, so it
+depends on the weights), the entropy and the final weights of a 2-process run must match a 1-process run.
+
+This file is also the worker script that torchrun runs (`python test_distributed.py <out> <settings>`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+STEPS = 3
+GLOBAL_BATCH = 8
+NUM_GENERATIONS = 4
+# fp32 on CPU; the sums over the batch are split and reduced in a different order (all-reduce of two halves vs one
+# sum), so values differ by float32 rounding. Adam divides by sqrt(v), which turns a rounding-level difference of a
+# near-zero gradient into a visible one: weights get 1e-3 (measured: 9e-5 with DDP), while the weights themselves
+# move by about STEPS * learning_rate = 3e-2, the size of the error an unsynchronised gradient would leave.
+TOLERANCES = {"loss": 1e-5, "entropy": 1e-5, "weights": 1e-3}
+MIN_WEIGHT_MOVEMENT = 1e-2
+
+
+def fixed_reward(completions, **kwargs):
+    """A reward that only depends on the completion text."""
+    return [(sum(map(ord, c)) % 7) / 7 for c in completions]
+
+
+def make_trainer(model_dir: str, output_dir: str, per_device_batch: int):
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+    from trl_longctx.tasks import make_copy_letter_dataset
+
+    class FixedSampleTrainer(LongContextGRPOTrainer):
+        """Completions drawn from (prompt, index in group, step) instead of the policy, identical in any layout."""
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+            completions = []
+            for index, ids in enumerate(prompt_ids):
+                rng = random.Random(hash((tuple(ids), index % num_generations, self.state.global_step)))
+                completions.append([rng.randrange(4, 30) for _ in range(6)])
+            return completions, None
+
+    args = LongContextGRPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=per_device_batch,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=6,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        beta=0.1,  # a KL term, so the logged loss depends on the weights after the first update
+        loss_type="grpo",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return FixedSampleTrainer(
+        model=model_dir, reward_funcs=fixed_reward, args=args, train_dataset=make_copy_letter_dataset(64)
+    )
+
+
+def run(model_dir: str, output_dir: str, per_device_batch: int) -> dict:
+    """Train `STEPS` steps; return the logged curves and (on the main process) the final weights."""
+    trainer = make_trainer(model_dir, output_dir, per_device_batch)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "loss": [h["loss"] for h in history],
+        "entropy": [h["entropy"] for h in history],
+        "weights": {k: v.detach().cpu().float().clone() for k, v in (state or {}).items()},
+        "trainer": trainer,
+    }
+
+
+def worker(out: str, model_dir: str, per_device_batch: int) -> None:
+    result = run(model_dir, str(Path(out).parent / "trainer"), per_device_batch)
+    result["fsdp2"] = fsdp2_logps_and_grads(result.pop("trainer"), model_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        torch.save(result, out)
+
+
+def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str]) -> dict:
+    """Run `worker` in 2 processes with torchrun, the launcher `accelerate launch` uses on GPUs.
+
+    `accelerate launch --cpu` only starts several CPU processes through `mpirun`, and refuses FSDP with `--cpu`; the
+    env vars Accelerate reads (`ACCELERATE_USE_FSDP`, `FSDP_*`) select the wrapper instead, as its launcher would.
+    """
+    out = tmp_path / "result.pt"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env_vars}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    command += [__file__, str(out), model_dir, str(GLOBAL_BATCH // 2)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return torch.load(out)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_same_run(two: dict, one: dict, initial: dict) -> None:
+    for key in ("loss", "entropy"):
+        assert len(two[key]) == len(one[key]) == STEPS
+        diffs = [abs(a - b) for a, b in zip(two[key], one[key], strict=True)]
+        assert max(diffs) <= TOLERANCES[key], f"{key}: 2 processes {two[key]} vs 1 process {one[key]}"
+    assert two["weights"].keys() == one["weights"].keys()
+    worst = max((two["weights"][k] - one["weights"][k]).abs().max().item() for k in one["weights"])
+    assert worst <= TOLERANCES["weights"], f"final weights differ by up to {worst:.3g}"
+    moved = max((one["weights"][k] - initial[k]).abs().max().item() for k in one["weights"])
+    assert moved >= MIN_WEIGHT_MOVEMENT, f"the weights barely moved ({moved:.3g}): the comparison shows nothing"
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory):
+    return run(tiny_model_dir, str(tmp_path_factory.mktemp("one")), GLOBAL_BATCH)
+
+
+@pytest.fixture(scope="module")
+def ddp_and_fsdp2(tiny_model_dir, tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("two"), tiny_model_dir, {})
+
+
+@pytest.fixture(scope="module")
+def one_process_fsdp2_reference(tiny_model_dir, one_process):
+    from transformers import AutoModelForCausalLM
+
+    trainer = one_process["trainer"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    input_ids, attention_mask, keep = fixed_batch(model.config.vocab_size)
+    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+        model, input_ids, attention_mask, keep, compute_entropy=True
+    )
+    (logps.sum() + entropies.sum()).backward()
+    return {"logps": logps.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(ddp_and_fsdp2, one_process, initial_weights):
+    two = ddp_and_fsdp2
+    assert two["world_size"] == 2 and two["wrapper"] == "DistributedDataParallel"
+    assert_same_run(two, one_process, initial_weights)
+
+
+def fsdp2_logps_and_grads(trainer, model_dir: str) -> dict:
+    """Per-token log-probs and full gradients of our path on a `fully_shard`-ed (FSDP2) copy of the model.
+
+    Accelerate 1.15 only selects FSDP on accelerators (`AcceleratorState` never pairs FSDP with MULTI_CPU), so the
+    model is sharded here with torch's `fully_shard` over the process group the DDP run set up, as Accelerate's
+    `fsdp2_prepare_model` does: each decoder layer, then the root (which holds embeddings, norm and lm_head).
+    """
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    input_ids, attention_mask, keep = fixed_batch(model.config.vocab_size)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rows = slice(rank * len(input_ids) // world, (rank + 1) * len(input_ids) // world)
+    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+        model, input_ids[rows], attention_mask[rows], keep, compute_entropy=True
+    )
+    (logps.sum() + entropies.sum()).backward()  # FSDP2 reduce-scatters the *mean* of the ranks' gradients
+    all_logps = [torch.zeros_like(logps) for _ in range(world)]
+    torch.distributed.all_gather(all_logps, logps.detach().contiguous())
+    grads = {n: p.grad.full_tensor() * world for n, p in model.named_parameters()}
+    return {"logps": torch.cat(all_logps), "grads": grads, "sharded": type(model.lm_head.weight).__name__}
+
+
+def fixed_batch(vocab_size: int, batch: int = 4, prompt: int = 5, completion: int = 7):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (batch, prompt + completion), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0  # left padding on one row
+    return input_ids, attention_mask, completion
+
+
+@pytest.mark.slow
+def test_fsdp2_logps_and_grads_match_one_process(tiny_model_dir, ddp_and_fsdp2, one_process_fsdp2_reference):
+    fsdp2 = ddp_and_fsdp2["fsdp2"]
+    assert fsdp2["sharded"] == "DTensor"  # outside the forward the lm_head is a shard
+    reference = one_process_fsdp2_reference
+    assert torch.allclose(fsdp2["logps"], reference["logps"], atol=1e-5, rtol=1e-4)
+    assert fsdp2["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        assert torch.allclose(fsdp2["grads"][name], grad, atol=1e-5, rtol=1e-3), f"grad of {name}"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -1,0 +1,88 @@
+"""Non-finite log-probs, losses and rewards: a clear error naming the step and the tensor, or a skipped step."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+from trl_longctx.guards import NonFiniteError
+from trl_longctx.tasks import make_copy_letter_dataset
+
+
+def varied_reward(completions, **kwargs):
+    return [(sum(map(ord, c)) % 7) / 7 for c in completions]
+
+
+def nan_reward(completions, **kwargs):
+    return [math.nan] + [0.5] * (len(completions) - 1)
+
+
+class NaNLossTrainer(LongContextGRPOTrainer):
+    """A trainer whose loss is always NaN (as after an overflow)."""
+
+    def _compute_loss(self, model, inputs):
+        return super()._compute_loss(model, inputs) * float("nan")
+
+
+def make_trainer(model_dir, tmp_path, reward_funcs=varied_reward, cls=LongContextGRPOTrainer, **overrides):
+    settings = {
+        "output_dir": str(tmp_path), "per_device_train_batch_size": 4, "num_generations": 4,
+        "max_completion_length": 4, "max_steps": 1, "learning_rate": 1e-2, "report_to": "none", "use_cpu": True,
+        "bf16": False, "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
+    }  # fmt: skip
+    settings.update(overrides)
+    return cls(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        reward_funcs=reward_funcs,
+        args=LongContextGRPOConfig(**settings),
+        train_dataset=make_copy_letter_dataset(16),
+    )
+
+
+def test_nan_reward_names_function_and_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward_funcs=[varied_reward, nan_reward])
+    with pytest.raises(
+        NonFiniteError, match=r"Reward function 'nan_reward' returned non-finite rewards at training step 1"
+    ):
+        trainer.train()
+
+
+def test_nan_reward_is_unscorable_when_skipping(tiny_model_dir, tmp_path):
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, reward_funcs=[varied_reward, nan_reward], skip_nonfinite_steps=True
+    )
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_nan_logps_name_the_tensor_and_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path)
+    # Only in the loss's forward (with grad): generation (no grad) must still sample.
+    trainer.model.model.norm.register_forward_hook(
+        lambda module, args, output: output * float("nan") if torch.is_grad_enabled() else output
+    )
+    with pytest.raises(NonFiniteError, match=r"Non-finite per-token log-probs at training step 1: .*NaN"):
+        trainer.train()
+
+
+def test_nan_loss_names_the_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, cls=NaNLossTrainer)
+    with pytest.raises(NonFiniteError, match=r"Non-finite loss at training step 1: 1 NaN"):
+        trainer.train()
+
+
+def test_nan_loss_steps_are_skipped_when_asked(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, cls=NaNLossTrainer, skip_nonfinite_steps=True, max_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "nonfinite_skipped" in h]
+    assert [h["nonfinite_skipped"] for h in logged] == [1.0, 1.0]
+    # Zero gradients from the first step on: Adam's first update is 0 / (0 + eps) = 0, so nothing moved.
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_skip_flag_must_be_a_bool(tmp_path):
+    with pytest.raises(ValueError, match="skip_nonfinite_steps must be True or False"):
+        LongContextGRPOConfig(output_dir=str(tmp_path), skip_nonfinite_steps="yes")
