@@ -34,12 +34,14 @@ class LongContextGRPOConfig(GRPOConfig):
             In colocate mode, release vLLM's KV cache after each rollout and restore it before the next, so the
             memory is the trainer's while it trains; the weights stay. `None` turns it on where `vllm_standby`
             implements it (vLLM's CPU platform in this version).
+        vllm_shared_weights (`bool` or `None`, *optional*, defaults to `None`):
+            In colocate mode with a LoRA `peft_config` and the model given as a path, build vLLM first and make the
+            trainer's frozen base weights views of vLLM's tensors (one copy in memory); each update reaches vLLM as
+            an in-memory adapter under a fresh id instead of merged weights. Full fine-tuning refuses it. `None`
+            turns it on for LoRA runs on vLLM's CPU platform (the platform it is tested on in this version).
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
-        skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
-            On a NaN or Inf loss, skip the step (zero gradient, a warning, the `nonfinite_skipped` metric) instead of
-            raising `trl_longctx.guards.NonFiniteError`; a non-finite reward then marks its completion unscorable.
         skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
             On a NaN or Inf loss, skip the step (zero gradient, a warning, the `nonfinite_skipped` metric) instead of
             raising `trl_longctx.guards.NonFiniteError`; a non-finite reward then marks its completion unscorable.
@@ -74,18 +76,18 @@ class LongContextGRPOConfig(GRPOConfig):
             "vllm_standby implements it (vLLM's CPU platform in this version)."
         },
     )
+    vllm_shared_weights: bool | None = field(
+        default=None,
+        metadata={
+            "help": "In colocate mode with LoRA, make the trainer's frozen base weights views of vLLM's tensors and "
+            "hand the adapter to vLLM in memory. None: on with LoRA on vLLM's CPU platform."
+        },
+    )
     use_vllm_when_available: bool = field(
         default=False,
         metadata={
             "help": "Generate with vLLM when it is installed, with transformers' generate otherwise (overrides "
             "use_vllm)."
-        },
-    )
-    skip_nonfinite_steps: bool = field(
-        default=False,
-        metadata={
-            "help": "Skip a step whose loss is NaN/Inf (and treat non-finite rewards as unscorable) instead of "
-            "raising an error naming the step and the tensor."
         },
     )
     skip_nonfinite_steps: bool = field(
@@ -109,8 +111,6 @@ class LongContextGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"offload_checkpoints must be True, False or None (automatic), got {self.offload_checkpoints!r}."
             )
-        if not isinstance(self.skip_nonfinite_steps, bool):
-            raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
         if not isinstance(self.skip_nonfinite_steps, bool):
             raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
         _check_positive_or_none("grpo_mini_batch", self.grpo_mini_batch)

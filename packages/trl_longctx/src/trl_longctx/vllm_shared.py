@@ -1,0 +1,128 @@
+"""Colocated vLLM that shares the trainer's frozen base weights and takes the LoRA adapter as in-memory tensors.
+
+TRL's colocate mode keeps two copies of the weights (the trainer's and vLLM's) and pushes merged weights into vLLM
+at every step. Here the engine is built first, the trainer's base model is made of views of vLLM's tensors
+(`vllm_standby.shared_hf_model`), and each weight update hands vLLM the current adapter under a fresh id
+(`vllm_standby.lora_request`): one copy of the weights, nothing merged or copied. This module imports vLLM; the
+trainer imports it only when shared weights are on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import AutoConfig
+from trl.generation.vllm_generation import VLLMGeneration
+from trl.trainer.utils import ensure_master_addr_port
+
+from vllm_standby import StandbyLLM, lora_request
+
+
+class AdapterStandbyLLM(StandbyLLM):
+    """A `StandbyLLM` that applies its current LoRA adapter (`self.adapter`) to every `generate` call."""
+
+    adapter = None
+
+    def generate(self, *args: Any, lora_request: Any = None, **kwargs: Any):
+        return super().generate(*args, lora_request=lora_request or self.adapter, **kwargs)
+
+
+def build_shared_engine(model_path: str, args, accelerator, lora_rank: int) -> AdapterStandbyLLM:
+    """Build the colocated engine as TRL's colocate mode does, with LoRA enabled and the weights' own dtype.
+
+    Args:
+        model_path: Local path or id of the model (transformers and vLLM read the same checkpoint).
+        args: The trainer's `LongContextGRPOConfig`.
+        accelerator: The trainer's accelerator (its process index seeds sampling, as in TRL).
+        lora_rank: Rank of the trainer's LoRA adapter (vLLM's `max_lora_rank`).
+    """
+    os.environ["RANK"] = str(accelerator.process_index)
+    os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+    os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+    ensure_master_addr_port()
+    dtype = (args.model_init_kwargs or {}).get("dtype") or AutoConfig.from_pretrained(model_path).dtype
+    return AdapterStandbyLLM(
+        model=model_path,
+        dtype=str(dtype).removeprefix("torch."),
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_len=args.vllm_max_model_length,
+        max_num_seqs=args.per_device_train_batch_size * args.steps_per_generation,
+        model_impl=args.vllm_model_impl,
+        distributed_executor_backend="external_launcher",
+        seed=accelerator.process_index,
+        # As TRL: vLLM's memory profiler misreads its 32768 default; temperature must reach the sampled logprobs.
+        max_num_batched_tokens=4096,
+        logprobs_mode="processed_logprobs",
+        enable_lora=True,
+        max_lora_rank=_vllm_lora_rank(lora_rank),
+        max_loras=1,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+# vLLM accepts only these `max_lora_rank` values; any adapter of rank <= the bound fits.
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    for bound in _VLLM_LORA_RANKS:
+        if rank <= bound:
+            return bound
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank ({_VLLM_LORA_RANKS[-1]}).")
+
+
+class SharedWeightsVLLMGeneration(VLLMGeneration):
+    """TRL's `VLLMGeneration` (colocate mode) on a pre-built `AdapterStandbyLLM` whose weights the trainer shares.
+
+    `sync_weights` sends nothing: the base weights are the same tensors, and the adapter goes to vLLM as an
+    in-memory `LoRARequest` with a fresh id (vLLM caches adapters by id).
+    """
+
+    def __init__(self, llm: AdapterStandbyLLM, **kwargs: Any):
+        self._prebuilt_llm = llm
+        super().__init__(**kwargs)
+
+    def _init_vllm(self):
+        if self.mode != "colocate" or self.tensor_parallel_size != 1 or self.enable_sleep_mode:
+            raise ValueError(
+                "shared vLLM weights need vllm_mode='colocate', vllm_tensor_parallel_size=1 and "
+                "vllm_enable_sleep_mode=False."
+            )
+        self.llm = self._prebuilt_llm
+        self._llm_weights_sleeping = False
+
+    def sync_weights(self):
+        self.llm.adapter = lora_request(self.accelerator.unwrap_model(self.model))
+
+
+def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGeneration:
+    """The generation backend TRL's `GRPOTrainer.__init__` would build for colocate mode, on `llm`.
+
+    The keyword arguments mirror TRL 1.16's call (`trl/trainer/grpo_trainer.py`, `VLLMGeneration(...)` in
+    `__init__`); `tests/test_vllm_shared_contract.py` pins them to `VLLMGeneration.__init__`'s signature.
+    """
+    args = trainer.args
+    return SharedWeightsVLLMGeneration(
+        llm,
+        model=trainer.model,
+        accelerator=trainer.accelerator,
+        processing_class=trainer.processing_class,
+        mode=args.vllm_mode,
+        structured_outputs_regex=args.vllm_structured_outputs_regex,
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_length=args.vllm_max_model_length,
+        max_num_seqs=args.per_device_train_batch_size * args.steps_per_generation,
+        enable_sleep_mode=args.vllm_enable_sleep_mode,
+        model_impl=args.vllm_model_impl,
+        trust_remote_code=args.trust_remote_code,
+        repetition_penalty=trainer.repetition_penalty,
+        temperature=trainer.temperature,
+        top_p=trainer.top_p,
+        top_k=trainer.top_k,
+        min_p=trainer.min_p,
+        max_completion_length=trainer.max_completion_length,
+        logprobs=0,
+        generation_kwargs=args.generation_kwargs,
+    )

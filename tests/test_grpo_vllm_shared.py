@@ -1,0 +1,77 @@
+"""End to end: LoRA GRPO whose frozen base weights ARE vLLM's tensors (CPU build), adapter handed over in memory."""
+
+import pytest
+
+pytest.importorskip("vllm")
+
+pytestmark = pytest.mark.slow
+
+
+def _storage_ptrs(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from peft import LoraConfig
+
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+    from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
+    from trl_longctx.tiny_models import save_tiny_model
+    from vllm_standby import _worker, kv_cache_nbytes
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    args = LongContextGRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_max_model_length=64,
+        disable_tqdm=True,
+    )
+    trainer = LongContextGRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=copy_letter_reward,
+        args=args,
+        train_dataset=make_copy_letter_dataset(64),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    llm = trainer.vllm_generation.llm
+    vllm_model = llm.collective_rpc(_worker.model_of)[0]
+    base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
+    assert base and not any(p.requires_grad for p in base)
+    # One copy in memory: every frozen base weight of the trainer lives in a storage of vLLM's weights.
+    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
+    assert kv_cache_nbytes(llm) == 0
+
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 3
+    # The adapter reached vLLM under a fresh id at each update, and vLLM sampled from the trainer's policy.
+    assert llm.adapter is not None and llm.adapter.lora_int_id >= 3
+    assert all(h["sampling/sampling_logp_difference/mean"] < 0.05 for h in logs)
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    assert any(p.abs().sum() > 0 for p in lora.values())  # the adapter trained, so vLLM saw a non-trivial one
+
+
+def test_full_finetuning_refuses_shared_weights(tmp_path):
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+    from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
+
+    args = LongContextGRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, use_vllm=True, vllm_mode="colocate", vllm_shared_weights=True
+    )
+    with pytest.raises(ValueError, match="vllm_shared_weights=True needs a LoRA peft_config"):
+        LongContextGRPOTrainer(
+            model="unused", reward_funcs=copy_letter_reward, args=args, train_dataset=make_copy_letter_dataset(8)
+        )
