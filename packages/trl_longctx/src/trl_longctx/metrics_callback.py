@@ -22,8 +22,13 @@ def peak_memory_mb() -> float:
 
 def write_json_atomic(path: Path, payload) -> None:
     """Write JSON to `path` through a temporary file and a rename, so a reader never sees half a file."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -45,8 +50,15 @@ class RunFilesCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # A run always starts a fresh file: resumed or repeated runs must not interleave with old records.
-        (self.run_dir / "metrics.jsonl").write_text("")
+        path = self.run_dir / "metrics.jsonl"
+        # A fresh run starts a fresh file. A run resumed at step N (state loaded before this hook) keeps the records
+        # of steps <= N and drops later ones, which the crashed run logged after its last checkpoint.
+        kept = []
+        if state.global_step > 0 and path.exists():
+            kept = [r for r in _read_records(path) if r.get("step", 0) <= state.global_step]
+        if state.is_world_process_zero:
+            write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self.records = kept
         self._start = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -79,3 +91,14 @@ class RunFilesCallback(TrainerCallback):
             from .plotting import plot_reward_curve
 
             plot_reward_curve(self.records, self.run_dir / "reward.png")
+
+
+def _read_records(path: Path) -> list[dict]:
+    """The JSON records of `metrics.jsonl`, without a last line that a killed run left half-written."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
