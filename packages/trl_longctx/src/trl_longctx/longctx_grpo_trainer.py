@@ -55,24 +55,67 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if args is not None and not isinstance(args, LongContextGRPOConfig):
             raise TypeError(f"args must be a LongContextGRPOConfig, got {type(args).__name__}.")
         check_train_dataset(kwargs.get("train_dataset"))
+        shared_llm = None
         if args is not None and args.use_vllm and args.vllm_mode == "colocate":
             # vLLM's CPU build repacks weights at load time; our patches keep them updatable in place. They must be
             # live before TRL builds the engine inside `super().__init__`.
             import vllm_standby
 
             vllm_standby.enable()
-        super().__init__(model, reward_funcs, args=args, **kwargs)
+            if _resolve_shared_weights(args, model, kwargs.get("peft_config")):
+                model, shared_llm = _shared_model_and_engine(model, args, kwargs["peft_config"])
+                # TRL must not build a second engine (a second copy of the weights): ours is attached below.
+                args.use_vllm = False
+        try:
+            super().__init__(model, reward_funcs, args=args, **kwargs)
+        finally:
+            if shared_llm is not None:
+                args.use_vllm = True
+        if shared_llm is not None:
+            from .vllm_shared import make_generation
+
+            self.use_vllm = True
+            self.vllm_generation = make_generation(self, shared_llm)
+            self._last_loaded_step = -1
         # One offloader for the whole run: its pinned buffers are reused by every step and freed at train end.
         self.checkpoint_offloader = CheckpointOffloader()
         self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))
         self._forward_redirection = ForwardRedirection()
         guard_reward_functions(self)  # errors name the reward function and the step
+        # A custom `rollout_func` may call vLLM outside `_generate_single_turn`, where the KV cache must be live.
+        self._kv_standby = (
+            self.use_vllm and self.vllm_mode == "colocate" and self.rollout_func is None and _resolve_kv_standby(args)
+        )
         if self.use_vllm:
             import vllm
 
-            logger.warning("Rollouts: vLLM %s (%s mode, in-process).", vllm.__version__, self.vllm_mode)
+            logger.warning(
+                "Rollouts: vLLM %s (%s mode, in-process, KV-cache standby %s, shared weights %s).",
+                vllm.__version__,
+                self.vllm_mode,
+                "on" if self._kv_standby else "off",
+                "on" if shared_llm is not None else "off",
+            )
+            if self._kv_standby:
+                # The engine was built with its KV cache; training starts now, so release it until the first rollout.
+                from vllm_standby import release_kv_cache
+
+                release_kv_cache(self.vllm_generation.llm)
         else:
             logger.warning("Rollouts: transformers `generate` (vLLM not used).")
+
+    def _generate_single_turn(self, *args, **kwargs):
+        """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode)."""
+        if not self._kv_standby:
+            return super()._generate_single_turn(*args, **kwargs)
+        from vllm_standby import release_kv_cache, restore_kv_cache
+
+        llm = self.vllm_generation.llm
+        restore_kv_cache(llm)
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            release_kv_cache(llm)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss, refused (or the step skipped, with `skip_nonfinite_steps`) when it is NaN or Inf."""
@@ -166,3 +209,57 @@ class LongContextGRPOTrainer(GRPOTrainer):
         logps = torch.cat(all_logps, dim=0)
         check_finite(logps, "per-token log-probs", self.state.global_step + 1, skip=self.args.skip_nonfinite_steps)
         return logps, entropies, None
+
+
+def _resolve_kv_standby(args: LongContextGRPOConfig | None) -> bool:
+    """`vllm_kv_standby` with `None` resolved: on where vllm_standby implements it (vLLM's CPU platform)."""
+    from vllm_standby import kv_standby_supported
+
+    requested = None if args is None else args.vllm_kv_standby
+    supported = kv_standby_supported()
+    if requested and not supported:
+        raise ValueError(
+            "vllm_kv_standby=True needs vLLM's CPU platform in this version; allowed here: False or None (automatic)."
+        )
+    return supported if requested is None else requested
+
+
+def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config) -> bool:
+    """`vllm_shared_weights` with `None` resolved: on for a LoRA run from a model path on vLLM's CPU platform."""
+    from vllm_standby import kv_standby_supported
+
+    requested = args.vllm_shared_weights
+    if requested is False:
+        return False
+    if peft_config is None or getattr(peft_config, "peft_type", None) is None or peft_config.peft_type.value != "LORA":
+        if requested:
+            raise ValueError(
+                "vllm_shared_weights=True needs a LoRA peft_config: full fine-tuning would train vLLM's weights in "
+                "place. Allowed without LoRA: False or None."
+            )
+        return False
+    if not isinstance(model, str):
+        if requested:
+            raise ValueError("vllm_shared_weights=True needs the model as a path or id, not an instance.")
+        return False
+    if args.vllm_enable_sleep_mode or args.vllm_tensor_parallel_size != 1:
+        if requested:
+            raise ValueError(
+                "vllm_shared_weights=True needs vllm_enable_sleep_mode=False and vllm_tensor_parallel_size=1."
+            )
+        return False
+    return True if requested else kv_standby_supported()
+
+
+def _shared_model_and_engine(model_path: str, args: LongContextGRPOConfig, peft_config):
+    """Build the colocated engine, then the trainer's base model as views of its weights (one copy in memory)."""
+    from accelerate import PartialState
+
+    from vllm_standby import shared_hf_model
+
+    from .vllm_shared import build_shared_engine
+
+    llm = build_shared_engine(model_path, args, PartialState(), lora_rank=peft_config.r)
+    hf_model = shared_hf_model(llm)
+    hf_model.name_or_path = hf_model.config._name_or_path = model_path
+    return hf_model.train(), llm
