@@ -92,3 +92,26 @@ def test_needs_gradient_checkpointing():
     model = build_tiny_qwen3(64, num_hidden_layers=1, hidden_size=64, intermediate_size=96).train()
     with pytest.raises(RuntimeError, match="gradient_checkpointing"), CheckpointOffloader().offload(model):
         pass
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_device_copies_of_offloaded_inputs_are_freed_during_forward(use_reentrant):
+    # What offloading is for: between forward and backward, nothing may keep the device copy of an offloaded layer
+    # input alive (on the GPU a stray reference keeps the whole `B * T * H` block allocated).
+    import weakref
+
+    def inputs_alive_after_forward(offloader):
+        model = make_model(lora=True, use_reentrant=use_reentrant)
+        refs = []
+        for layer in model.base_model.model.model.layers:
+            layer.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
+        context = offloader.offload(model) if offloader is not None else contextlib.nullcontext()
+        with context:
+            loss = model(input_ids=torch.randint(0, 64, (2, 11))).logits.float().mean()
+        alive = [ref() is not None for ref in refs]
+        loss.backward()
+        return alive
+
+    assert inputs_alive_after_forward(None)[1:] == [True] * (NUM_LAYERS - 1)  # plain checkpointing keeps them
+    # With offloading only the last layer's input (kept on the device) is still alive.
+    assert inputs_alive_after_forward(CheckpointOffloader())[1:] == [False] * (NUM_LAYERS - 2) + [True]

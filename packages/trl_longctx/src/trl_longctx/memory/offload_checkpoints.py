@@ -214,9 +214,13 @@ class CheckpointOffloader:
             hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if hidden is None or keep_on_device:
                 return checkpoint_func(function, *args, **kwargs)
+            # Autograd keeps the pack hook alive with every tensor it saved (the hooks object holds both hooks), so
+            # the hook must not close over `hidden` itself: that reference alone would keep the GPU copy alive.
+            key = (hidden.data_ptr(), hidden.shape)
+            del hidden
 
             def pack(tensor: torch.Tensor):
-                if tensor.data_ptr() != hidden.data_ptr() or tensor.shape != hidden.shape:
+                if (tensor.data_ptr(), tensor.shape) != key:
                     return tensor
                 handle = self._pack(tensor)
                 handles[index] = weakref.ref(handle)
