@@ -121,7 +121,7 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
     )
     rollout = "vllm" if trainer.use_vllm else "transformers"
     trainer.add_callback(RunFilesCallback(run_dir, extra_summary={"rollout_backend": rollout, "model": model}))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
 
 
