@@ -8,3 +8,36 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def colocated_grpo_trainer(tmp_path: Path, monkeypatch, peft_config=None, **overrides):
+    """A `LongContextGRPOTrainer` on a tiny Qwen3 with vLLM's CPU build colocated in this process (3 short steps)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+    from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
+    from trl_longctx.tiny_models import save_tiny_model
+
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 3,
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "save_strategy": "no",
+        "use_vllm": True,
+        "vllm_mode": "colocate",
+        "vllm_max_model_length": 64,
+        "disable_tqdm": True,
+    }
+    return LongContextGRPOTrainer(
+        model=str(save_tiny_model(tmp_path / "model")),
+        reward_funcs=copy_letter_reward,
+        args=LongContextGRPOConfig(**{**settings, **overrides}),
+        train_dataset=make_copy_letter_dataset(64),
+        peft_config=peft_config,
+    )

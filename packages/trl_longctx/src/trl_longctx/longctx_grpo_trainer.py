@@ -66,6 +66,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 model, shared_llm = _shared_model_and_engine(model, args, kwargs["peft_config"])
                 # TRL must not build a second engine (a second copy of the weights): ours is attached below.
                 args.use_vllm = False
+        self._shares_vllm_weights = shared_llm is not None
         try:
             super().__init__(model, reward_funcs, args=args, **kwargs)
         finally:
@@ -103,6 +104,16 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 release_kv_cache(self.vllm_generation.llm)
         else:
             logger.warning("Rollouts: transformers `generate` (vLLM not used).")
+
+    def _move_model_to_device(self, model, device):
+        """Transformers' placement, except for weights shared with vLLM: they stay vLLM's tensors, where vLLM put them.
+
+        `Module.to` may return copies (seen on CPU with a second engine in the process), which would silently end
+        the sharing: the trainer would train on copies while vLLM samples from the originals.
+        """
+        if self._shares_vllm_weights:
+            return
+        super()._move_model_to_device(model, device)
 
     def _generate_single_turn(self, *args, **kwargs):
         """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode)."""
