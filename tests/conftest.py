@@ -3,6 +3,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Set in os.environ by TRL's colocate mode (for vLLM's external launcher); a child process that inherits them would
+# try to join this process's rendezvous (and its port).
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +17,8 @@ def colocated_grpo_trainer(tmp_path: Path, monkeypatch, peft_config=None, **over
     """A `LongContextGRPOTrainer` on a tiny Qwen3 with vLLM's CPU build colocated in this process (3 short steps)."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)  # restored to absent after the test, whatever TRL sets
     from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
     from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
     from trl_longctx.tiny_models import save_tiny_model

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from conftest import DISTRIBUTED_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,8 @@ def quickstart_run(tmp_path_factory, repo_root):
     command = [os.path.join(os.path.dirname(sys.executable), "longctx-grpo"), "train"]
     command += ["configs/grpo/quickstart.yaml", "--output_dir", str(run_dir)]
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=2 * WALL_LIMIT_S)
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}  # a fresh shell, as `make quickstart`
+    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=2 * WALL_LIMIT_S)
     wall = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-5000:]
     return run_dir, result.stderr + result.stdout, wall
