@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from testing_utils import assert_close
 from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
 
@@ -49,15 +50,6 @@ def random_batch(vocab_size, batch=3, prompt=5, completion=7):
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :2] = 0  # left padding on one row
     return input_ids, attention_mask, completion
-
-
-def assert_close(actual, expected, what, atol, rtol):
-    error = (actual - expected).abs()
-    allowed = atol + rtol * expected.abs()
-    worst = torch.argmax(error - allowed).item()
-    assert (error <= allowed).all(), (
-        f"{what}: max abs error {error.max().item():.3g} at flat index {worst}, allowed {allowed.flatten()[worst]:.3g}"
-    )
 
 
 @pytest.mark.parametrize(

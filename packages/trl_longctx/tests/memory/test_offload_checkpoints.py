@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from testing_utils import assert_close
 
 from trl_longctx.memory import CheckpointOffloader
 from trl_longctx.tiny_models import build_tiny_qwen3
@@ -32,12 +33,6 @@ def run_step(model, input_ids, offloader=None):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), grads
-
-
-def assert_close(actual, expected, what, atol, rtol):
-    error = (actual - expected).abs()
-    allowed = atol + rtol * expected.abs()
-    assert (error <= allowed).all(), f"{what}: max abs error {error.max().item():.3g}"
 
 
 @pytest.mark.parametrize(("lora", "use_reentrant"), [(False, False), (True, False), (True, True)])
