@@ -104,7 +104,7 @@ def greedy_hf(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
     """Greedy token ids from transformers ``generate``, EOS masked like :func:`greedy_vllm`."""
     result = []
     for p in prompts:
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=model.device)
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),

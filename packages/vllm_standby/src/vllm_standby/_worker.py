@@ -77,3 +77,10 @@ def kv_cache_nbytes(worker: Any) -> int:
 def model_of(worker: Any) -> torch.nn.Module:
     """The model of ``worker``'s model runner."""
     return worker.model_runner.get_model()
+
+
+def cuda_kv_cache_nbytes(worker: Any) -> int:
+    """Bytes of the worker process's CuMem ``kv_cache`` allocations that are mapped now (CUDA, sleep mode on)."""
+    from vllm_standby.kv_sleep_backend import kv_cache_mapped_nbytes
+
+    return kv_cache_mapped_nbytes()

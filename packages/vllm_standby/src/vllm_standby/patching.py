@@ -164,7 +164,7 @@ class PatchSpec:
         upstream: Upstream file/issue reference.
         signature: ``str(inspect.signature(original))`` that the replacement relies on.
         source_sha256: Known hash of the original's source, per exact vLLM version (``"0.31.0"``).
-        platform: ``"cpu"`` to apply only on vLLM's CPU platform; ``None`` for all platforms.
+        platform: ``"cpu"`` or ``"cuda"`` to apply only on that vLLM platform; ``None`` for all platforms.
     """
 
     module: str

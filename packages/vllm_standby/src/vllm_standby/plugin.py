@@ -47,10 +47,10 @@ class _State:
 _STATE = _State()
 
 
-def _on_cpu_platform() -> bool:
+def _on_platform(name: str) -> bool:
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return {"cpu": current_platform.is_cpu, "cuda": current_platform.is_cuda}[name]()
 
 
 def _apply_range_patches(version) -> None:
@@ -60,8 +60,8 @@ def _apply_range_patches(version) -> None:
     applied: list[Patch] = []
     try:
         for spec in module.PATCHES:
-            if spec.platform == "cpu" and not _on_cpu_platform():
-                logger.debug("vllm_standby: %s.%s is CPU-only; not applied", spec.module, spec.attribute)
+            if spec.platform is not None and not _on_platform(spec.platform):
+                logger.debug("vllm_standby: %s.%s is %s-only; not applied", spec.module, spec.attribute, spec.platform)
                 continue
             applied.append(spec.apply())
     except Exception:
@@ -122,6 +122,8 @@ def enable() -> None:
         if not _STATE.registered:
             _apply_range_patches(version)
         _STATE.enabled = True
+    # vLLM processes started from here on (engine core, workers) turn standby on through the entry point.
+    os.environ[ENV_SWITCH] = "1"
 
 
 def is_enabled() -> bool:

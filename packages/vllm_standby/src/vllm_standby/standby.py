@@ -19,7 +19,9 @@ class StandbyLLM(LLM):
     the next rollout). Creating a ``StandbyLLM`` calls :func:`vllm_standby.enable` in this process.
 
     On vLLM's CPU platform the KV cache storages are freed for real (the memory goes back to the allocator) and
-    re-allocated zero-filled on resume. Other platforms are not implemented yet and raise ``NotImplementedError``.
+    re-allocated zero-filled on resume. On CUDA (vLLM 0.25-0.28) the engine is built with ``enable_sleep_mode=True``
+    and standby unmaps the KV cache's physical memory, mapping it back at the same addresses on resume (CUDA graphs
+    stay valid); weights are never unmapped or copied.
 
     Args:
         *args: Passed to ``vllm.LLM``.
@@ -33,7 +35,14 @@ class StandbyLLM(LLM):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from vllm.platforms import current_platform
+
         enable()
+        if not current_platform.is_cpu():
+            # On CUDA the KV cache must live in vLLM's CuMem pool, which sleep mode turns on.
+            if kwargs.get("enable_sleep_mode") is False:
+                raise ValueError("StandbyLLM on CUDA needs enable_sleep_mode=True (allowed: True or unset)")
+            kwargs["enable_sleep_mode"] = True
         self._standby = False
         super().__init__(*args, **kwargs)
 
@@ -50,7 +59,7 @@ class StandbyLLM(LLM):
 
         Raises:
             RuntimeError: requests are still unfinished.
-            NotImplementedError: not on the CPU platform.
+            NotImplementedError: not implemented on this platform / vLLM version.
         """
         if self._standby:
             return 0

@@ -32,6 +32,7 @@ from typing import Any
 
 from packaging.specifiers import SpecifierSet
 
+from vllm_standby._lora_loader import in_memory_adapter_loader
 from vllm_standby.patching import PatchSpec
 
 VLLM_RANGE = SpecifierSet(">=0.29,<0.32")
@@ -55,37 +56,7 @@ def _keep_plain_cpu_weights(original: Any) -> Any:
 
 
 def _load_in_memory_adapters(original: Any) -> Any:
-    @functools.wraps(original)
-    def _load_adapter(self, lora_request):
-        from vllm_standby.lora import lookup
-
-        entry = lookup(lora_request.lora_path)
-        if entry is None:
-            return original(self, lora_request)
-        from vllm.lora.peft_helper import PEFTHelper
-
-        tensors, config = entry
-        peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": self.max_position_embeddings})
-        peft_helper.validate_legal(self.lora_config)
-        model = self._adapter_manager.model
-        mapper = getattr(model, "hf_to_vllm_mapper", None)
-        lora = self._lora_model_cls.from_lora_tensors(
-            lora_model_id=lora_request.lora_int_id,
-            tensors=tensors,
-            peft_helper=peft_helper,
-            device="cpu",
-            dtype=self.lora_config.lora_dtype,
-            model_vocab_size=self.vocab_size,
-            weights_mapper=None if mapper is None else mapper.get_rename_mapper(),
-            skip_prefixes=getattr(model, "lora_skip_prefixes", None),
-        )
-        lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
-        self._adapter_manager._validate_modules_to_save(lora)
-        self._adapter_manager._validate_token_classification_lora(lora)
-        return lora
-
-    _load_adapter.__vllm_standby__ = True
-    return _load_adapter
+    return in_memory_adapter_loader(original, mapper="get_rename_mapper", validate_heads=True)
 
 
 PATCHES: tuple[PatchSpec, ...] = (

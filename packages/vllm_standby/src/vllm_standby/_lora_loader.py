@@ -1,0 +1,59 @@
+"""Replacement of vLLM's ``WorkerLoRAManager._load_adapter`` that also reads in-memory adapters.
+
+Shared by the version-range modules (:mod:`vllm_standby.patches.vllm_0_25`, :mod:`vllm_standby.patches.vllm_0_31`);
+each passes what differs between its vLLM releases.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+
+def in_memory_adapter_loader(original: Any, *, mapper: str, validate_heads: bool) -> Any:
+    """Wrap ``original`` so that a ``vllm-standby://`` path loads from :mod:`vllm_standby.lora`'s registry.
+
+    The ``LoRAModel`` is built with vLLM's own ``PEFTHelper.from_dict`` (validated against the engine's LoRA config)
+    and ``LoRAModel.from_lora_tensors``, on the adapter tensors' device: a CUDA adapter stays on the GPU (no host
+    round trip). Any other path goes to ``original``.
+
+    Args:
+        original: vLLM's ``WorkerLoRAManager._load_adapter``.
+        mapper: Method of the model's ``hf_to_vllm_mapper`` that vLLM's loader uses in this release
+            (``"get_rename_mapper"`` in 0.31, ``"get_unstacked_mapper"`` in 0.25).
+        validate_heads: Run the adapter manager's classification-head checks, as vLLM 0.31's loader does.
+    """
+
+    @functools.wraps(original)
+    def _load_adapter(self, lora_request):
+        from vllm_standby.lora import lookup
+
+        entry = lookup(lora_request.lora_path)
+        if entry is None:
+            return original(self, lora_request)
+        from vllm.lora.peft_helper import PEFTHelper
+
+        tensors, config = entry
+        peft_helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": self.max_position_embeddings})
+        peft_helper.validate_legal(self.lora_config)
+        model = self._adapter_manager.model
+        hf_to_vllm = getattr(model, "hf_to_vllm_mapper", None)
+        device = next(iter(tensors.values())).device if tensors else "cpu"
+        lora = self._lora_model_cls.from_lora_tensors(
+            lora_model_id=lora_request.lora_int_id,
+            tensors=tensors,
+            peft_helper=peft_helper,
+            device=str(device),
+            dtype=self.lora_config.lora_dtype,
+            model_vocab_size=self.vocab_size,
+            weights_mapper=None if hf_to_vllm is None else getattr(hf_to_vllm, mapper)(),
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+        )
+        lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
+        if validate_heads:
+            self._adapter_manager._validate_modules_to_save(lora)
+            self._adapter_manager._validate_token_classification_lora(lora)
+        return lora
+
+    _load_adapter.__vllm_standby__ = True
+    return _load_adapter
