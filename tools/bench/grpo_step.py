@@ -1,6 +1,7 @@
-"""One GRPO training step on a Qwen3-8B-architecture model: step time and peak memory per completion length.
+"""One GRPO training step on a Qwen3-8B (or Llama-3.1-8B) architecture: step time and peak memory per completion length.
 
-Model: the architecture of `trl_longctx.memory.PRESETS[--model]` with random bf16 weights built on CUDA, PEFT LoRA
+Model: the architecture of `trl_longctx.memory.PRESETS[--model]` (Qwen3 classes for `qwen3-*`, Llama classes
+otherwise) with random bf16 weights built on CUDA, PEFT LoRA
 r=32 on every linear layer of the decoder, gradient checkpointing (non-reentrant), SDPA attention, bf16 autocast as
 TRL runs it. Batch: `--num-generations` sequences of `--prompt-length + L` random tokens. One step = the policy's
 per-token log-probs of the L completion tokens, TRL's GRPO loss with `num_iterations=1` (ratio 1, random
@@ -41,12 +42,13 @@ PROVIDERS = ("trl", "ours", "ours-no-offload")
 def build_model(preset: str, lora_rank: int):
     """Random bf16 model of the preset's architecture on CUDA, LoRA on all linear layers, checkpointing on."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     from trl_longctx.memory import PRESETS
 
     shape = PRESETS[preset]
-    config = Qwen3Config(
+    config_cls = Qwen3Config if preset.startswith("qwen3") else LlamaConfig
+    config = config_cls(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,

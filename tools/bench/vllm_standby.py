@@ -1,0 +1,387 @@
+"""vLLM standby on the GPU: memory freed, rollout throughput, one colocated GRPO step against TRL, the 32B case.
+
+Each measurement runs in its own process (vLLM's CuMem allocator is a per-process singleton, and a "plain" engine
+must not share a process with a sleep-mode one); `all` runs them one after another and writes one JSON.
+
+- ``throughput --engine plain|standby``: Qwen3-1.7B architecture, random weights (`load_format="dummy"`), bf16;
+  64 requests x 1,024 generated tokens (`ignore_eos`), tokens/s. ``standby`` is a `vllm_standby.StandbyLLM` at
+  `gpu_memory_utilization=0.95`: it also records free GPU memory after `standby()` against total minus weights,
+  standby/resume seconds, throughput after resume and whether greedy outputs stay identical (CUDA graphs valid).
+- ``grpo --trainer trl|ours``: one process per trainer, random Qwen3-1.7B saved to disk with a word-level tokenizer
+  of the full vocabulary, LoRA r=32 on all linear layers, 2 generations, prompt 256, completions forced to
+  `--length` tokens, `--steps` steps; seconds per step (median after the first) and peak GPU memory. ``trl`` is
+  TRL 1.16 `GRPOTrainer` colocate with `vllm_enable_sleep_mode=True` at utilization 0.3 (TRL's default);
+  ``ours`` is `LongContextGRPOTrainer` with its defaults on CUDA (shared weights, KV-only standby) at 0.95.
+- ``two-copies-32b``: TRL's colocate layout for Qwen3-32B (transformers model on the GPU, then a vLLM engine with its
+  own copy): whether the engine can start at all. ``shared-32b --lengths``: one copy (vLLM's weights shared by the
+  trainer, KV cache released), one training step of the policy log-probs + backward per completion length.
+
+Example (on the GPU, vLLM 0.25 and TRL 1.16 on the path):
+    python tools/bench/vllm_standby.py all --out docs/bench/vllm_standby_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import GIB, environment, markdown_table  # noqa: E402
+
+PROMPT_LEN = 256
+WORK = Path(os.environ.get("BENCH_WORK", "/tmp/bench_vllm_standby"))
+
+
+def qwen3_config(preset: str, max_len: int):
+    from transformers import Qwen3Config
+
+    from trl_longctx.memory import PRESETS
+
+    s = PRESETS[preset]
+    return Qwen3Config(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, tie_word_embeddings=s.tie_word_embeddings,
+        max_position_embeddings=max_len, torch_dtype="bfloat16", pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )  # fmt: skip
+
+
+def model_dir(preset: str, max_len: int, weights: bool) -> str:
+    """A checkpoint folder: config, a word-level tokenizer over the whole vocabulary, random bf16 weights if asked."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = WORK / f"{preset}-{'w' if weights else 'config'}"
+    if (path / "done").exists():
+        return str(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = qwen3_config(preset, max_len)
+    config.save_pretrained(path)
+    # Special tokens must not be substrings of word tokens (added tokens are matched first, anywhere in the text).
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    ).save_pretrained(path)
+    if weights:
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+        del model
+        torch.cuda.empty_cache()
+    (path / "done").write_text("")
+    return str(path)
+
+
+def random_prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, PROMPT_LEN), generator=g).tolist()
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def cmd_throughput(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    path = model_dir("qwen3-1.7b", 4096, weights=False)
+    common = {"model": path, "load_format": "dummy", "dtype": "bfloat16", "max_model_len": 2048,
+              "skip_tokenizer_init": True, "seed": 0, "max_num_seqs": 64}  # fmt: skip
+    total = torch.cuda.mem_get_info()[1]
+    start = time.perf_counter()
+    if args.engine == "plain":
+        llm = LLM(gpu_memory_utilization=0.9, **common)
+    else:
+        from vllm_standby import StandbyLLM
+
+        llm = StandbyLLM(gpu_memory_utilization=0.95, **common)
+    row = {"what": "throughput", "engine": args.engine, "startup_s": time.perf_counter() - start}
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(64, 151936, 0)]
+    sample = SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, seed=0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+
+    def tokens_per_s() -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sample, use_tqdm=False)
+        torch.cuda.synchronize()
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+    tokens_per_s()  # warm-up
+    row["tok_s"] = statistics.median(tokens_per_s() for _ in range(3))
+    if args.engine == "standby":
+        before = [o.outputs[0].token_ids for o in llm.generate(prompts[:8], greedy, use_tqdm=False)]
+        from vllm_standby._worker import model_of
+
+        model = llm.collective_rpc(model_of)[0]
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        held_kv = llm.kv_cache_nbytes()
+        used_before = total - torch.cuda.mem_get_info()[0]
+        t = time.perf_counter()
+        llm.standby()
+        row["standby_s"] = time.perf_counter() - t
+        free_after = torch.cuda.mem_get_info()[0]
+        t = time.perf_counter()
+        llm.resume()
+        row["resume_s"] = time.perf_counter() - t
+        after = [o.outputs[0].token_ids for o in llm.generate(prompts[:8], greedy, use_tqdm=False)]
+        row.update(
+            total_GiB=total / GIB, weights_GiB=weights / GIB, kv_cache_GiB=held_kv / GIB,
+            used_before_standby_GiB=used_before / GIB, free_after_standby_GiB=free_after / GIB,
+            gap_to_total_minus_weights_GiB=(total - weights - free_after) / GIB, greedy_identical=before == after,
+            tok_s_after_resume=statistics.median(tokens_per_s() for _ in range(3)),
+        )  # fmt: skip
+    return row
+
+
+# ---------------------------------------------------------------- GRPO step
+
+
+class StepTimer:
+    """A `TrainerCallback` recording wall seconds per optimizer step and the peak GPU memory."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                torch.cuda.synchronize()
+                timer.start = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                torch.cuda.synchronize()
+                timer.seconds.append(time.perf_counter() - timer.start)
+
+        self.seconds: list[float] = []
+        self.callback = _Callback()
+
+
+def cmd_grpo(args) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    path = model_dir("qwen3-1.7b", 65536, weights=True)
+    texts = [" ".join(f"t{i}" for i in p) for p in random_prompts(16, 151936, 1)]
+    dataset = Dataset.from_dict({"prompt": texts})
+    common = {
+        "output_dir": str(WORK / f"run-{args.trainer}"), "per_device_train_batch_size": 2, "num_generations": 2,
+        "max_completion_length": args.length, "max_steps": args.steps, "learning_rate": 1e-5, "bf16": True,
+        "gradient_checkpointing": True, "logging_steps": 1, "report_to": "none", "save_strategy": "no",
+        "use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": PROMPT_LEN + args.length + 8,
+        "generation_kwargs": {"ignore_eos": True}, "seed": 0,
+    }  # fmt: skip
+    lora = LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    def reward(completions, **kwargs):
+        return [float(len(c) % 7) for c in completions]
+
+    timer = StepTimer()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if args.trainer == "trl":
+        from trl import GRPOConfig, GRPOTrainer
+
+        config = GRPOConfig(vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.3, **common)
+        trainer = GRPOTrainer(model=path, reward_funcs=reward, args=config, train_dataset=dataset, peft_config=lora)
+    else:
+        from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+
+        config = LongContextGRPOConfig(vllm_gpu_memory_utilization=0.95, **common)
+        trainer = LongContextGRPOTrainer(
+            model=path, reward_funcs=reward, args=config, train_dataset=dataset, peft_config=lora
+        )
+    init_s = time.perf_counter() - start
+    trainer.add_callback(timer.callback)
+    trainer.train()
+    lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
+    return {
+        "what": "grpo_step", "trainer": args.trainer, "L": args.length, "init_s": init_s,
+        "s_per_step": statistics.median(timer.seconds[1:] or timer.seconds), "s_all": timer.seconds,
+        "peak_allocated_GiB": torch.cuda.max_memory_allocated() / GIB,
+        "gpu_used_at_end_GiB": (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / GIB,
+        "mean_completion_length": statistics.mean(lengths) if lengths else None,
+        "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
+        "kv_standby": getattr(trainer, "_kv_standby", None),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- 32B
+
+
+def cmd_two_copies_32b(args) -> dict:
+    """TRL's colocate layout: the trainer's model on the GPU first, then vLLM's own copy."""
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM
+
+    path = model_dir("qwen3-32b", 65536, weights=False)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(qwen3_config("qwen3-32b", 65536), dtype=torch.bfloat16)
+    row = {"what": "32b_two_copies", "trainer_weights_GiB": torch.cuda.memory_allocated() / GIB, "attempts": []}
+    for utilization in (0.3, 0.5, 0.9):
+        try:
+            llm = LLM(model=path, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=utilization,
+                      max_model_len=4096, skip_tokenizer_init=True, enforce_eager=True)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the failure is the measurement
+            row["attempts"].append({"gpu_memory_utilization": utilization, "error": str(exc)[:300]})
+        else:
+            row["attempts"].append({"gpu_memory_utilization": utilization, "started": True})
+            del llm
+            break
+    del model
+    return row
+
+
+def cmd_shared_32b(args) -> dict:
+    """One copy: vLLM holds the weights, the trainer's model is views of them, KV cache released for training."""
+    from peft import LoraConfig, get_peft_model
+
+    import vllm_standby
+    from longctx_kernels import selective_logprobs
+    from trl_longctx.memory import CheckpointOffloader
+    from trl_longctx.model_heads import decoder_and_lm_head
+
+    path = model_dir("qwen3-32b", 262144, weights=False)
+    max_len = PROMPT_LEN + max(args.lengths) + 8
+    llm = vllm_standby.StandbyLLM(model=path, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=0.95,
+                                  max_model_len=max_len, skip_tokenizer_init=True, enable_lora=True, max_lora_rank=32,
+                                  max_loras=1, max_num_batched_tokens=4096, max_num_seqs=2)  # fmt: skip
+    row = {"what": "32b_shared", "kv_cache_GiB": llm.kv_cache_nbytes() / GIB, "steps": []}
+    llm.standby()
+    model = vllm_standby.shared_hf_model(llm)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules="all-linear"))
+    model.enable_input_require_grads()
+    model.train()
+    row["after_standby_used_GiB"] = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / GIB
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    offloader = CheckpointOffloader()
+    decoder, lm_head = decoder_and_lm_head(model)
+    for length in args.lengths:
+        ids = torch.randint(3, 151936, (2, PROMPT_LEN + length), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16), offloader.offload(model):
+                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+            logps = selective_logprobs(hidden[:, -length - 1 : -1], lm_head.weight, ids[:, -length:])
+            (-(logps.exp() * torch.randn_like(logps)).mean()).backward()
+            optimizer.step()
+            torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            row["steps"].append({"L": length, "status": "OOM"})
+            break
+        finally:
+            hidden = logps = None
+            torch.cuda.empty_cache()
+        row["steps"].append({"L": length, "status": "ok", "s": time.perf_counter() - t,
+                             "peak_allocated_GiB": torch.cuda.max_memory_allocated() / GIB})  # fmt: skip
+        print(json.dumps(row["steps"][-1]), flush=True)
+    offloader.release()
+    t = time.perf_counter()
+    llm.resume()
+    row["resume_s"] = time.perf_counter() - t
+    return row
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_child(argv: list[str], timeout: int) -> dict:
+    """Run one subcommand in a fresh process; its last stdout line is its JSON row."""
+    cmd = [sys.executable, __file__, *argv]
+    print("$", " ".join(argv), flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"what": argv[0], "args": argv, "status": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+    return {**json.loads(lines[-1]), "args": argv, "status": "ok"}
+
+
+def cmd_all(args) -> None:
+    plan = [
+        (["throughput", "--engine", "plain"], 300),
+        (["throughput", "--engine", "standby"], 300),
+        (["grpo", "--trainer", "trl", "--length", str(args.length), "--steps", str(args.steps)], 600),
+        (["grpo", "--trainer", "ours", "--length", str(args.length), "--steps", str(args.steps)], 600),
+        (["two-copies-32b"], 300),
+        (["shared-32b", "--lengths", *map(str, args.lengths_32b)], 600),
+    ]
+    only = set(args.only or [])
+    rows = []
+    env = environment(torch.device("cuda"), ("vllm", "trl", "transformers", "peft"))
+    for argv, timeout in plan:
+        if only and argv[0] not in only:
+            continue
+        rows.append(run_child(argv, timeout))
+        print(json.dumps(rows[-1])[:2000], flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    print(summary(rows))
+
+
+def summary(rows: list[dict]) -> str:
+    by = {(r.get("what"), r.get("engine") or r.get("trainer")): r for r in rows}
+    plain, standby = by.get(("throughput", "plain"), {}), by.get(("throughput", "standby"), {})
+    trl, ours = by.get(("grpo_step", "trl"), {}), by.get(("grpo_step", "ours"), {})
+    table = [
+        ["rollout tok/s plain / standby / after resume", plain.get("tok_s"), standby.get("tok_s"),
+         standby.get("tok_s_after_resume")],
+        ["free after standby vs total - weights (GiB gap)", standby.get("free_after_standby_GiB"),
+         standby.get("gap_to_total_minus_weights_GiB"), standby.get("greedy_identical")],
+        ["GRPO s/step TRL sleep / ours / ratio", trl.get("s_per_step"), ours.get("s_per_step"),
+         trl.get("s_per_step") / ours["s_per_step"] if trl.get("s_per_step") and ours.get("s_per_step") else None],
+        ["GRPO peak GiB TRL / ours", trl.get("peak_allocated_GiB"), ours.get("peak_allocated_GiB"), None],
+    ]  # fmt: skip
+    return markdown_table(["measure", "a", "b", "c"], table)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--engine", choices=("plain", "standby"), required=True)
+    p = sub.add_parser("grpo")
+    p.add_argument("--trainer", choices=("trl", "ours"), required=True)
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=4)
+    sub.add_parser("two-copies-32b")
+    p = sub.add_parser("shared-32b")
+    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    p = sub.add_parser("all")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--lengths-32b", type=int, nargs="+", default=[16384, 32768])
+    p.add_argument("--only", nargs="*", help="Subcommands to run (default: all).")
+    p.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("vllm_standby.py needs CUDA.")
+    if args.cmd == "all":
+        return cmd_all(args)
+    fn = {"throughput": cmd_throughput, "grpo": cmd_grpo, "two-copies-32b": cmd_two_copies_32b,
+          "shared-32b": cmd_shared_32b}[args.cmd]  # fmt: skip
+    print(json.dumps(fn(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
