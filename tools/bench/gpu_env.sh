@@ -2,7 +2,7 @@
 # the three packages of this checkout on the path. Wheels: vLLM 0.25 and its dependencies reassembled from
 # /tmp/stage/part* (carried one part per call), plus .whl/ (trl 1.16, datasets, pytest, ...).
 #   source tools/bench/gpu_env.sh
-if [[ ! -f /tmp/site/.installed ]]; then
+if [[ ! -f /tmp/site/.installed || ! -d /tmp/site/vllm && -n "$(ls /tmp/stage/part* 2>/dev/null)" ]]; then
     if ls /tmp/stage/part* >/dev/null 2>&1; then
         cat /tmp/stage/part* | tar x -C /tmp/stage
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/*.whl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 
@@ -29,6 +30,9 @@ PROMPTS = [[5, 17, 9, 30, 12, 8], [40, 41, 42], [7, 7, 7, 7, 60, 3, 88, 20, 19]]
 MAX_TOKENS = 8
 KV_CACHE_BYTES = 64 * 2**20
 LORA_RANK = 8
+# vLLM's CUDA LoRA kernels take fp16/bf16 only: on a GPU the engine (and the transformers model it is compared with)
+# runs in bf16; on CPU both run in fp32.
+VLLM_DTYPE = "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +80,7 @@ def vllm_llm(tiny_qwen3_dir):
     vllm_standby.register()
     llm = vllm_standby.StandbyLLM(
         str(tiny_qwen3_dir),
-        dtype="float32",
+        dtype=VLLM_DTYPE,
         enforce_eager=True,
         max_model_len=128,
         max_num_seqs=4,
@@ -101,7 +105,9 @@ def greedy_vllm(llm, prompts=PROMPTS, max_tokens=MAX_TOKENS, **kwargs) -> list[l
 
 @torch.no_grad()
 def greedy_hf(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
-    """Greedy token ids from transformers ``generate``, EOS masked like :func:`greedy_vllm`."""
+    """Greedy token ids from transformers ``generate``, EOS masked like :func:`greedy_vllm`, in vLLM's dtype."""
+    if VLLM_DTYPE == "bfloat16" and model.dtype != torch.bfloat16:
+        model = copy.deepcopy(model).to("cuda", torch.bfloat16)
     result = []
     for p in prompts:
         ids = torch.tensor([p], device=model.device)

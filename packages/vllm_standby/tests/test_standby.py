@@ -43,7 +43,8 @@ def standby_llm(vllm_llm):
 def test_standby_frees_kv_cache_for_real(standby_llm):
     expected = greedy_vllm(standby_llm)
     held = standby_llm.kv_cache_nbytes()
-    assert 0.9 * KV_CACHE_BYTES <= held <= KV_CACHE_BYTES
+    # CUDA: vLLM's CuMem pool rounds each allocation up to the driver's granularity (seen: +3% at 64 MiB).
+    assert 0.9 * KV_CACHE_BYTES <= held <= 1.05 * KV_CACHE_BYTES
     used = _used_bytes()
     assert standby_llm.standby() == held
     assert standby_llm.is_standby and standby_llm.kv_cache_nbytes() == 0

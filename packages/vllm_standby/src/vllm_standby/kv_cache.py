@@ -108,7 +108,17 @@ def restore_kv_cache(llm: Any) -> int:
         import torch
 
         torch.cuda.empty_cache()  # a colocated trainer's cached blocks must go back to the driver first
-        llm.wake_up()
+        free = torch.cuda.mem_get_info()[0]
+        try:
+            llm.wake_up()
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"restoring vLLM's KV cache ran out of GPU memory ({free / 2**30:.2f} GiB free before): what stays "
+                "allocated outside vLLM while it generates (a trainer's weights, optimizer states, cached tensors) "
+                "must fit beside its KV cache. Lower gpu_memory_utilization, or free that memory before resuming."
+            ) from exc
         return kv_cache_nbytes(llm)
     restored = sum(llm.collective_rpc(_worker.restore_kv_cache))
     if restored:

@@ -50,7 +50,7 @@ def _kv_only_backend_when_enabled(original: Any) -> Any:
             return KVOnlySleepBackend()
         return original(model_config)
 
-    create_backend.__wrapped__ = original
+    create_backend.__wrapped__ = getattr(original, "__func__", original)
     create_backend.__vllm_standby__ = True
     return classmethod(create_backend)
 

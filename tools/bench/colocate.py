@@ -17,7 +17,7 @@ must not share a process with a sleep-mode one); `all` runs them one after anoth
   trainer, KV cache released), one training step of the policy log-probs + backward per completion length.
 
 Example (on the GPU, vLLM 0.25 and TRL 1.16 on the path):
-    python tools/bench/vllm_standby.py all --out docs/bench/vllm_standby_h200.json
+    python tools/bench/colocate.py all --out docs/bench/colocate_h200.json
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def model_dir(preset: str, max_len: int, weights: bool) -> str:
         return str(path)
     path.mkdir(parents=True, exist_ok=True)
     config = qwen3_config(preset, max_len)
+    config.architectures = ["Qwen3ForCausalLM"]  # vLLM picks the generative runner from it
     config.save_pretrained(path)
     # Special tokens must not be substrings of word tokens (added tokens are matched first, anywhere in the text).
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, config.vocab_size)}}
@@ -97,8 +98,8 @@ def cmd_throughput(args) -> dict:
     from vllm import LLM, SamplingParams
 
     path = model_dir("qwen3-1.7b", 4096, weights=False)
-    common = {"model": path, "load_format": "dummy", "dtype": "bfloat16", "max_model_len": 2048,
-              "skip_tokenizer_init": True, "seed": 0, "max_num_seqs": 64}  # fmt: skip
+    common = {"model": path, "load_format": "dummy", "dtype": "bfloat16", "max_model_len": 2048, "seed": 0,
+              "max_num_seqs": 64}  # fmt: skip
     total = torch.cuda.mem_get_info()[1]
     start = time.perf_counter()
     if args.engine == "plain":
@@ -106,25 +107,33 @@ def cmd_throughput(args) -> dict:
     else:
         from vllm_standby import StandbyLLM
 
-        llm = StandbyLLM(gpu_memory_utilization=0.95, **common)
+        # As the trainer builds it with shared weights: LoRA on, the adapter handed in memory.
+        llm = StandbyLLM(gpu_memory_utilization=0.95, enable_lora=True, max_lora_rank=32, max_loras=1, **common)
     row = {"what": "throughput", "engine": args.engine, "startup_s": time.perf_counter() - start}
     prompts = [{"prompt_token_ids": p} for p in random_prompts(64, 151936, 0)]
     sample = SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, seed=0)
     greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
-    def tokens_per_s() -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sample, use_tqdm=False)
-        torch.cuda.synchronize()
-        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+    def tokens_per_s(batch: int, **kwargs) -> float:
+        def once() -> float:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = llm.generate(prompts[:batch], sample, use_tqdm=False, **kwargs)
+            torch.cuda.synchronize()
+            return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
 
-    tokens_per_s()  # warm-up
-    row["tok_s"] = statistics.median(tokens_per_s() for _ in range(3))
+        once()  # warm-up
+        return statistics.median(once() for _ in range(3))
+
+    # 64 sequences: throughput-bound; 2 sequences: the latency-bound decode of a GRPO rollout with 2 generations.
+    row["tok_s"], row["tok_s_b2"] = tokens_per_s(64), tokens_per_s(2)
     if args.engine == "standby":
-        before = [o.outputs[0].token_ids for o in llm.generate(prompts[:8], greedy, use_tqdm=False)]
+        from peft import LoraConfig, get_peft_model
+
+        import vllm_standby
         from vllm_standby._worker import model_of
 
+        before = [o.outputs[0].token_ids for o in llm.generate(prompts[:8], greedy, use_tqdm=False)]
         model = llm.collective_rpc(model_of)[0]
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         held_kv = llm.kv_cache_nbytes()
@@ -141,8 +150,19 @@ def cmd_throughput(args) -> dict:
             total_GiB=total / GIB, weights_GiB=weights / GIB, kv_cache_GiB=held_kv / GIB,
             used_before_standby_GiB=used_before / GIB, free_after_standby_GiB=free_after / GIB,
             gap_to_total_minus_weights_GiB=(total - weights - free_after) / GIB, greedy_identical=before == after,
-            tok_s_after_resume=statistics.median(tokens_per_s() for _ in range(3)),
+            tok_s_after_resume=tokens_per_s(64),
         )  # fmt: skip
+        peft_model = get_peft_model(
+            vllm_standby.shared_hf_model(llm), LoraConfig(r=32, lora_alpha=64, target_modules="all-linear")
+        )
+        for p in peft_model.parameters():  # a non-zero adapter (PEFT starts B at zero)
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.01)
+        request = vllm_standby.lora_request(peft_model)
+        row["tok_s_lora"], row["tok_s_b2_lora"] = (
+            tokens_per_s(64, lora_request=request),
+            tokens_per_s(2, lora_request=request),
+        )
     return row
 
 
@@ -202,7 +222,7 @@ def cmd_grpo(args) -> dict:
     else:
         from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
 
-        config = LongContextGRPOConfig(vllm_gpu_memory_utilization=0.95, **common)
+        config = LongContextGRPOConfig(vllm_gpu_memory_utilization=args.vllm_util or 0.95, **common)
         trainer = LongContextGRPOTrainer(
             model=path, reward_funcs=reward, args=config, train_dataset=dataset, peft_config=lora
         )
@@ -217,7 +237,7 @@ def cmd_grpo(args) -> dict:
         "gpu_used_at_end_GiB": (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / GIB,
         "mean_completion_length": statistics.mean(lengths) if lengths else None,
         "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
-        "kv_standby": getattr(trainer, "_kv_standby", None),
+        "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
     }  # fmt: skip
 
 
@@ -258,10 +278,10 @@ def cmd_shared_32b(args) -> dict:
 
     path = model_dir("qwen3-32b", 262144, weights=False)
     max_len = PROMPT_LEN + max(args.lengths) + 8
-    llm = vllm_standby.StandbyLLM(model=path, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=0.95,
+    llm = vllm_standby.StandbyLLM(model=path, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=args.vllm_util,
                                   max_model_len=max_len, skip_tokenizer_init=True, enable_lora=True, max_lora_rank=32,
                                   max_loras=1, max_num_batched_tokens=4096, max_num_seqs=2)  # fmt: skip
-    row = {"what": "32b_shared", "kv_cache_GiB": llm.kv_cache_nbytes() / GIB, "steps": []}
+    row = {"what": "32b_shared", "vllm_util": args.vllm_util, "kv_cache_GiB": llm.kv_cache_nbytes() / GIB, "steps": []}
     llm.standby()
     model = vllm_standby.shared_hf_model(llm)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,9 +314,15 @@ def cmd_shared_32b(args) -> dict:
                              "peak_allocated_GiB": torch.cuda.max_memory_allocated() / GIB})  # fmt: skip
         print(json.dumps(row["steps"][-1]), flush=True)
     offloader.release()
+    # The trainer's LoRA weights and Adam states stay resident during the next rollout; the KV cache must fit beside.
+    row["trainer_resident_GiB"] = torch.cuda.memory_allocated() / GIB
     t = time.perf_counter()
-    llm.resume()
-    row["resume_s"] = time.perf_counter() - t
+    try:
+        llm.resume()
+    except RuntimeError as exc:
+        row["resume_error"] = str(exc)[:400]
+    else:
+        row["resume_s"] = time.perf_counter() - t
     return row
 
 
@@ -364,9 +390,11 @@ def main(argv=None) -> None:
     p.add_argument("--trainer", choices=("trl", "ours"), required=True)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--vllm-util", type=float, help="vLLM gpu_memory_utilization of ours (default 0.95).")
     sub.add_parser("two-copies-32b")
     p = sub.add_parser("shared-32b")
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    p.add_argument("--vllm-util", type=float, default=0.9)
     p = sub.add_parser("all")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)
@@ -375,7 +403,7 @@ def main(argv=None) -> None:
     p.add_argument("--out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("vllm_standby.py needs CUDA.")
+        raise SystemExit("colocate.py needs CUDA.")
     if args.cmd == "all":
         return cmd_all(args)
     fn = {"throughput": cmd_throughput, "grpo": cmd_grpo, "two-copies-32b": cmd_two_copies_32b,
