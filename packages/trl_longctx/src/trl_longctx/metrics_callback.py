@@ -20,6 +20,23 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_memory_gib() -> float:
+    """Resident memory of this process and all its descendants (e.g. vLLM engine processes) in GiB, now.
+
+    Pages shared between the processes count once per process, so with several processes this is an upper bound.
+    """
+    import psutil  # a dependency of accelerate
+
+    process = psutil.Process()
+    total = process.memory_info().rss
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:  # exited since it was listed
+            continue
+    return total / 2**30
+
+
 def write_json_atomic(path: Path, payload) -> None:
     """Write JSON to `path` through a temporary file and a rename, so a reader never sees half a file."""
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -35,7 +52,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 class RunFilesCallback(TrainerCallback):
     """Append one JSON object per logged step to `metrics.jsonl`; at the end, write `summary.json` and `reward.png`.
 
-    Each line holds `step`, `reward`, `loss`, `peak_memory_mb`, `elapsed_s` and every other logged scalar.
+    Each line holds `step`, `reward`, `loss`, `peak_memory_mb`, `rss_gib` (resident memory now, see
+    `resident_memory_gib`), `elapsed_s` and every other logged scalar.
 
     Args:
         run_dir: Folder of the run's files (created if missing).
@@ -66,7 +84,10 @@ class RunFilesCallback(TrainerCallback):
             return
         record = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
         record.update(
-            step=state.global_step, peak_memory_mb=peak_memory_mb(), elapsed_s=time.perf_counter() - self._start
+            step=state.global_step,
+            peak_memory_mb=peak_memory_mb(),
+            rss_gib=resident_memory_gib(),
+            elapsed_s=time.perf_counter() - self._start,
         )
         self.records.append(record)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
