@@ -1,4 +1,4 @@
-"""`offload_checkpoints` in LongContextGRPOConfig and the trainer: validation, same log-probs and grads, released."""
+"""`offload_checkpoints` (and `tiled_mlp_chunks`) in the trainer: validation, same log-probs and grads, released."""
 
 import pytest
 import torch
@@ -61,8 +61,9 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
     attention_mask = torch.ones_like(input_ids)
 
-    def run(offload):
+    def run(offload, tiles=1):
         trainer.args.offload_checkpoints = offload
+        trainer.args.tiled_mlp_chunks = tiles
         model.zero_grad()
         logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, 4)
         logps.sum().backward()
@@ -74,4 +75,10 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
     torch.testing.assert_close(offloaded_logps, plain_logps, **TOLERANCES["logps"])
     assert offloaded_grads.keys() == plain_grads.keys() and plain_grads
     for name, grad in offloaded_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **TOLERANCES["grads"], msg=name)
+    # Every offload and tiling on at once (the MLP in 3 sequence tiles, a count that does not divide 2 x 9 tokens).
+    all_on_logps, all_on_grads = run(True, tiles=3)
+    torch.testing.assert_close(all_on_logps, plain_logps, **TOLERANCES["logps"])
+    assert all_on_grads.keys() == plain_grads.keys()
+    for name, grad in all_on_grads.items():
         torch.testing.assert_close(grad, plain_grads[name], **TOLERANCES["grads"], msg=name)

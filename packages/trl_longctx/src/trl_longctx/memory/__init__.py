@@ -1,7 +1,8 @@
-"""Memory of a long-context GRPO step: offloaded gradient checkpoints and the planner that predicts the peak.
+"""Memory of a long-context GRPO step: offloaded gradient checkpoints, sequence-tiled MLPs and the planner that
+predicts the peak.
 
-The planner is plain Python (no torch), so `longctx-grpo plan` stays light; `CheckpointOffloader` is imported on
-first use.
+The planner is plain Python (no torch), so `longctx-grpo plan` stays light; `CheckpointOffloader` and the tiled MLP
+are imported on first use.
 """
 
 from .planner import MemoryPlan, ModelShape, TrainSetup, longest_completion, plan_memory
@@ -13,10 +14,15 @@ __all__ = [
     "MemoryPlan",
     "ModelShape",
     "TrainSetup",
+    "auto_mlp_chunks",
     "load_model_shape",
     "longest_completion",
     "plan_memory",
+    "tile_mlps",
+    "tiled_forward",
 ]
+
+_TILED_MLP = ("auto_mlp_chunks", "tile_mlps", "tiled_forward")
 
 
 def __getattr__(name):
@@ -24,4 +30,8 @@ def __getattr__(name):
         from .offload_checkpoints import CheckpointOffloader
 
         return CheckpointOffloader
+    if name in _TILED_MLP:
+        from . import tiled_mlp as module
+
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

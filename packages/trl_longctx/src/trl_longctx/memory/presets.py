@@ -27,8 +27,6 @@ PRESETS: dict[str, ModelShape] = {
     ),
 }  # fmt: skip
 
-_REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
 
 def load_model_shape(model: str) -> ModelShape:
     """The `ModelShape` of a preset name, or of a `config.json` (or a folder holding one).
@@ -50,20 +48,7 @@ def load_model_shape(model: str) -> ModelShape:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"--model: cannot read {path}: {error}") from error
-    # Multimodal configs keep the decoder's numbers under `text_config`.
-    config = config.get("text_config", config)
-    missing = [k for k in _REQUIRED_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"--model: {path} lacks {missing}; is it a decoder-only causal LM config?")
-    heads = config["num_attention_heads"]
-    return ModelShape(
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab_size=config["vocab_size"],
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qk_norm=config.get("model_type", "").startswith("qwen3"),
-    )
+    try:
+        return ModelShape.from_config(config)
+    except ValueError as error:
+        raise ValueError(f"--model: {path}: {error}") from None
