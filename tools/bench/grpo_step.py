@@ -129,16 +129,10 @@ def measure(step, repeats: int) -> tuple[list[float], float]:
 
 
 def predicted_gib(shape, provider: str, args, length: int) -> float:
-    from trl_longctx.memory import TrainSetup, plan_memory
+    from trl_longctx.memory import plan_memory
+    from trl_longctx.memory.planner import TrainSetup
 
-    setup = TrainSetup(
-        num_generations=args.num_generations,
-        prompt_length=args.prompt_length,
-        completion_length=length,
-        lora_rank=args.lora_rank,
-        offload_checkpoints=provider == "ours",
-        logprob_path="materialized" if provider == "trl" else "fused",
-    )
+    setup = TrainSetup.for_path(provider, args.num_generations, args.prompt_length, length, lora_rank=args.lora_rank)
     return plan_memory(shape, setup).allocated / GIB
 
 

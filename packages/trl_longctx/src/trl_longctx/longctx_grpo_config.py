@@ -33,12 +33,13 @@ class LongContextGRPOConfig(GRPOConfig):
         vllm_kv_standby (`bool` or `None`, *optional*, defaults to `None`):
             In colocate mode, release vLLM's KV cache after each rollout and restore it before the next, so the
             memory is the trainer's while it trains; the weights stay. `None` turns it on where `vllm_standby`
-            implements it (vLLM's CPU platform in this version).
+            implements it: vLLM's CPU platform, and CUDA with vLLM 0.25-0.28 (there it turns on
+            `vllm_enable_sleep_mode`, whose sleep then releases the KV cache only).
         vllm_shared_weights (`bool` or `None`, *optional*, defaults to `None`):
             In colocate mode with a LoRA `peft_config` and the model given as a path, build vLLM first and make the
             trainer's frozen base weights views of vLLM's tensors (one copy in memory); each update reaches vLLM as
             an in-memory adapter under a fresh id instead of merged weights. Full fine-tuning refuses it. `None`
-            turns it on for LoRA runs on vLLM's CPU platform (the platform it is tested on in this version).
+            turns it on for LoRA runs where KV standby is implemented (CPU; CUDA with vLLM 0.25-0.28).
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
@@ -49,6 +50,18 @@ class LongContextGRPOConfig(GRPOConfig):
             Hold each decoder layer's checkpointed input in pinned host memory between forward and backward
             (`trl_longctx.memory.CheckpointOffloader`), the last layer's excepted. Needs `gradient_checkpointing`.
             `None` turns it on when training on CUDA with gradient checkpointing.
+        tiled_mlp_chunks (`int` or `None`, *optional*, defaults to `None`):
+            Run each decoder MLP (gate/up/down) over this many tiles of the mini-batch's `B * T` tokens, each tile
+            recomputed in its own backward, so the backward holds one tile's `[tile, intermediate_size]` tensors
+            instead of `[B * T, intermediate_size]` ones (`trl_longctx.memory.tile_mlps`); costs about one more MLP
+            forward per layer. `1` turns it off. `None` tiles only where one `[B * T, intermediate_size]` tensor
+            exceeds 2**27 elements (256 MiB in bf16; from about 11K tokens for Qwen3-8B), in tiles no larger than
+            that or the hidden state `[B * T, hidden_size]`, whichever is larger.
+        retry_on_oom (`bool`, *optional*, defaults to `True`):
+            When a training step runs out of memory, undo it (its partial gradients and metrics), halve
+            `grpo_mini_batch` and the logit chunk for the rest of the run, log the old and new values and retry the
+            step once; a second failure raises `trl_longctx.oom_retry.OutOfMemoryRetryError` naming the step and the
+            values tried. Single-process runs only (elsewhere the error is raised as it is).
     """
 
     grpo_mini_batch: int | None = field(
@@ -73,14 +86,14 @@ class LongContextGRPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Release vLLM's KV cache between rollouts in colocate mode (weights stay). None: on where "
-            "vllm_standby implements it (vLLM's CPU platform in this version)."
+            "vllm_standby implements it (CPU; CUDA with vLLM 0.25-0.28)."
         },
     )
     vllm_shared_weights: bool | None = field(
         default=None,
         metadata={
             "help": "In colocate mode with LoRA, make the trainer's frozen base weights views of vLLM's tensors and "
-            "hand the adapter to vLLM in memory. None: on with LoRA on vLLM's CPU platform."
+            "hand the adapter to vLLM in memory. None: on with LoRA where KV standby is implemented."
         },
     )
     use_vllm_when_available: bool = field(
@@ -105,6 +118,20 @@ class LongContextGRPOConfig(GRPOConfig):
             "CUDA and gradient checkpointing."
         },
     )
+    tiled_mlp_chunks: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tiles of the B*T tokens each decoder MLP runs over, recomputed per tile in the backward (1: off). "
+            "None: tiled only where one [B*T, intermediate_size] tensor exceeds 2**27 elements."
+        },
+    )
+    retry_on_oom: bool = field(
+        default=True,
+        metadata={
+            "help": "On out of memory in a training step, halve grpo_mini_batch and the logit chunk for the rest of "
+            "the run and retry the step once (single-process runs)."
+        },
+    )
 
     def __post_init__(self):
         if self.offload_checkpoints is not None and not isinstance(self.offload_checkpoints, bool):
@@ -113,8 +140,11 @@ class LongContextGRPOConfig(GRPOConfig):
             )
         if not isinstance(self.skip_nonfinite_steps, bool):
             raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
+        if not isinstance(self.retry_on_oom, bool):
+            raise ValueError(f"retry_on_oom must be True or False, got {self.retry_on_oom!r}.")
         _check_positive_or_none("grpo_mini_batch", self.grpo_mini_batch)
         _check_positive_or_none("logit_chunk_multiplier", self.logit_chunk_multiplier)
+        _check_positive_or_none("tiled_mlp_chunks", self.tiled_mlp_chunks)
         if self.logprob_backend not in LOGPROB_BACKENDS:
             raise ValueError(f"logprob_backend must be one of {list(LOGPROB_BACKENDS)}, got {self.logprob_backend!r}.")
         if self.loss_type not in LOSS_TYPES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -10,10 +11,13 @@ from trl import GRPOTrainer
 
 from longctx_kernels import default_chunk_size, selective_logprobs
 
+from . import oom_retry
+from .checkpoints import atomic_checkpoint
 from .distributed import ForwardRedirection, full_tensor
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import CheckpointOffloader, ReleaseBuffersCallback
+from .memory.tiled_mlp import tile_mlps
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,10 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 model, shared_llm = _shared_model_and_engine(model, args, kwargs["peft_config"])
                 # TRL must not build a second engine (a second copy of the weights): ours is attached below.
                 args.use_vllm = False
+            elif _uses_vllm_sleep_for_standby(args):
+                # On CUDA the KV cache can only be released from vLLM's CuMem pool, which TRL's sleep mode turns on;
+                # with vllm_standby enabled, TRL's own sleep()/wake_up() calls release and restore the KV cache only.
+                args.vllm_enable_sleep_mode = True
         self._shares_vllm_weights = shared_llm is not None
         try:
             super().__init__(model, reward_funcs, args=args, **kwargs)
@@ -86,7 +94,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
         # A custom `rollout_func` may call vLLM outside `_generate_single_turn`, where the KV cache must be live.
         self._kv_standby = (
             self.use_vllm and self.vllm_mode == "colocate" and self.rollout_func is None and _resolve_kv_standby(args)
-        )
+        ) or (self.use_vllm and _uses_vllm_sleep_for_standby(args))
+        # Who releases and restores it: this trainer around each rollout, or TRL's sleep-mode calls (CUDA, no sharing).
+        self._kv_standby_here = self._kv_standby and not (shared_llm is None and _uses_vllm_sleep_for_standby(args))
         if self.use_vllm:
             import vllm
 
@@ -97,7 +107,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 "on" if self._kv_standby else "off",
                 "on" if shared_llm is not None else "off",
             )
-            if self._kv_standby:
+            if self._kv_standby_here:
                 # The engine was built with its KV cache; training starts now, so release it until the first rollout.
                 from vllm_standby import release_kv_cache
 
@@ -115,18 +125,33 @@ class LongContextGRPOTrainer(GRPOTrainer):
             return
         super()._move_model_to_device(model, device)
 
-    def _generate_single_turn(self, *args, **kwargs):
-        """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode)."""
-        if not self._kv_standby:
-            return super()._generate_single_turn(*args, **kwargs)
-        from vllm_standby import release_kv_cache, restore_kv_cache
+    def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, written under a temporary name and renamed to `checkpoint-N` once complete."""
+        with atomic_checkpoint(self, trial):
+            super()._save_checkpoint(model, trial)
 
-        llm = self.vllm_generation.llm
-        restore_kv_cache(llm)
+    def _generate_single_turn(self, *args, **kwargs):
+        """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode).
+
+        Raises:
+            RuntimeError: If vLLM fails; the message names the training step, the original error is chained.
+        """
         try:
-            return super()._generate_single_turn(*args, **kwargs)
-        finally:
-            release_kv_cache(llm)
+            if not self._kv_standby_here:
+                return super()._generate_single_turn(*args, **kwargs)
+            from vllm_standby import release_kv_cache, restore_kv_cache
+
+            llm = self.vllm_generation.llm
+            restore_kv_cache(llm)
+            try:
+                return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                release_kv_cache(llm)
+        except Exception as error:
+            if not self.use_vllm:
+                raise
+            step = self.state.global_step + 1
+            raise RuntimeError(f"vLLM generation failed at step {step}: {type(error).__name__}: {error}") from error
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss, refused (or the step skipped, with `skip_nonfinite_steps`) when it is NaN or Inf."""
@@ -136,6 +161,60 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if skip and self.model.training:
             self._metrics["train"]["nonfinite_skipped"].append(float(guarded is not loss))
         return guarded
+
+    # The try of the training step under way, which `_prepare_inputs` tells about its batch (see `training_step`).
+    _step_attempt: oom_retry.StepAttempt | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step; on running out of memory, lower the chunk sizes for the rest of the run and retry it once.
+
+        With `retry_on_oom` in a single-process run, the failed try is undone first (`oom_retry.StepAttempt`: its
+        gradients and metrics dropped, earlier micro-steps' gradients kept) and the retry reuses its prepared batch.
+
+        Raises:
+            oom_retry.OutOfMemoryRetryError: If the retry runs out of memory too, or there is nothing left to lower.
+        """
+        if not (self.args.retry_on_oom and oom_retry.retry_supported(self.accelerator)):
+            return super().training_step(model, inputs, num_items_in_batch)
+        run = functools.partial(super().training_step, model, inputs, num_items_in_batch)
+        step, length = self.state.global_step + 1, self.args.max_completion_length
+        vocab_size = decoder_and_lm_head(self.accelerator.unwrap_model(model))[1].weight.size(0)
+        tried = [oom_retry.current_chunk_sizes(self.args, vocab_size)]
+        first = oom_retry.StepAttempt(self, model)
+        try:
+            with first:
+                return run()
+        except Exception as error:
+            if not oom_retry.is_out_of_memory(error):
+                raise
+            summary = oom_retry.first_line(error)
+        # Out of the `except` block the error and its traceback, which held the failed try's tensors, are gone.
+        oom_retry.free_memory(self.accelerator.device)
+        lowered = oom_retry.lowered_chunk_sizes(tried[0], length, vocab_size)
+        if lowered is None:
+            raise oom_retry.OutOfMemoryRetryError(oom_retry.failure_message(step, summary, tried))
+        logger.warning(oom_retry.lowering_message(step, summary, tried[0], lowered, length))
+        oom_retry.apply_chunk_sizes(self.args, lowered)
+        tried.append(lowered)
+        try:
+            with oom_retry.StepAttempt(self, model, batch=first.batch):
+                return run()
+        except Exception as error:
+            if not oom_retry.is_out_of_memory(error):
+                raise
+            raise oom_retry.OutOfMemoryRetryError(
+                oom_retry.failure_message(step, oom_retry.first_line(error), tried)
+            ) from error
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's batch preparation; the retry of a step that ran out of memory reuses the batch of its first try."""
+        attempt = self._step_attempt
+        if attempt is not None and attempt.batch is not None:
+            return attempt.batch
+        batch = super()._prepare_inputs(generation_batch)
+        if attempt is not None:
+            attempt.prepared(batch)
+        return batch
 
     def _tokenize_prompts(self, prompts: list):
         """TRL's tokenization, refusing prompts that leave no room for the completion in the model's context."""
@@ -193,6 +272,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
             with (
                 self.accelerator.autocast(),
                 self.checkpoint_offloader.offload(unwrapped, self._offload_checkpoints()),
+                tile_mlps(unwrapped, self.args.tiled_mlp_chunks),
             ):
                 hidden = decoder(
                     input_ids=ids, attention_mask=attention_mask[start : start + mini_batch], use_cache=False
@@ -223,16 +303,26 @@ class LongContextGRPOTrainer(GRPOTrainer):
 
 
 def _resolve_kv_standby(args: LongContextGRPOConfig | None) -> bool:
-    """`vllm_kv_standby` with `None` resolved: on where vllm_standby implements it (vLLM's CPU platform)."""
+    """`vllm_kv_standby` with `None` resolved: on where vllm_standby implements it (CPU; CUDA with vLLM 0.25-0.28)."""
     from vllm_standby import kv_standby_supported
 
     requested = None if args is None else args.vllm_kv_standby
     supported = kv_standby_supported()
     if requested and not supported:
         raise ValueError(
-            "vllm_kv_standby=True needs vLLM's CPU platform in this version; allowed here: False or None (automatic)."
+            "vllm_kv_standby=True needs vLLM's CPU platform or CUDA with vLLM 0.25-0.28; allowed here: False or None "
+            "(automatic)."
         )
     return supported if requested is None else requested
+
+
+def _uses_vllm_sleep_for_standby(args: LongContextGRPOConfig) -> bool:
+    """Whether KV standby runs through TRL's sleep-mode calls: colocate mode on CUDA, TRL's own engine."""
+    if not (args.use_vllm and args.vllm_mode == "colocate"):
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda() and _resolve_kv_standby(args)
 
 
 def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config) -> bool:
