@@ -7,41 +7,12 @@ import inspect
 import pytest
 import torch
 from conftest import PROMPTS, greedy_hf, greedy_vllm, tiny_qwen3
+from patch_contract import contract_tests, skip_outside
 
-import vllm_standby
 from vllm_standby.patches import vllm_0_31
-from vllm_standby.patching import source_sha256
 
-INSTALLED = vllm_standby.check_vllm_version()
-pytestmark = pytest.mark.skipif(
-    not vllm_0_31.VLLM_RANGE.contains(INSTALLED.base_version, prereleases=True),
-    reason=f"vLLM {INSTALLED} is outside {vllm_0_31.VLLM_RANGE}",
-)
-
-
-@pytest.mark.parametrize("spec", vllm_0_31.PATCHES, ids=lambda s: s.attribute)
-class TestContract:
-    """Fails loudly when the upstream internals a patch touches move."""
-
-    def test_target_exists(self, spec):
-        owner, name = spec.resolve()
-        assert callable(getattr(owner, name))
-
-    def test_signature(self, spec):
-        assert str(inspect.signature(spec.original())) == spec.signature
-
-    def test_source_hash_pinned(self, spec):
-        pinned = spec.source_sha256.get(INSTALLED.base_version)
-        assert pinned is not None, (
-            f"no source hash pinned for vLLM {INSTALLED.base_version}: review {spec.module}.{spec.attribute} against "
-            f"the patch, then add {source_sha256(spec.original())!r} to its PatchSpec"
-        )
-        assert source_sha256(spec.original()) == pinned, (
-            f"{spec.module}.{spec.attribute} changed upstream in vLLM {INSTALLED}: review the patch"
-        )
-
-    def test_replacement_keeps_signature(self, spec):
-        assert inspect.signature(spec.make_replacement(spec.original())) == inspect.signature(spec.original())
+pytestmark = skip_outside(vllm_0_31)
+TestContract = contract_tests(vllm_0_31)
 
 
 def test_callers_import_target_at_call_time():
