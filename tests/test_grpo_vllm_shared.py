@@ -1,6 +1,7 @@
 """End to end: LoRA GRPO whose frozen base weights ARE vLLM's tensors (CPU build), adapter handed over in memory."""
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -11,7 +12,8 @@ def _storage_ptrs(tensors):
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
-def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter-request", "merged"])
+def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     from peft import LoraConfig
@@ -38,6 +40,7 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch):
         vllm_mode="colocate",
         vllm_max_model_length=64,
         disable_tqdm=True,
+        vllm_merge_adapter=merge,
     )
     trainer = LongContextGRPOTrainer(
         model=str(model_dir),
@@ -53,12 +56,25 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch):
     # One copy in memory: every frozen base weight of the trainer lives in a storage of vLLM's weights.
     assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
     assert kv_cache_nbytes(llm) == 0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
 
     trainer.train()
+    # Still one copy after Accelerate prepared the model for training.
+    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
+    assert _storage_ptrs(p for n, p in trainer.model.named_parameters() if "lora_" not in n) <= _storage_ptrs(
+        vllm_model.parameters()
+    )
     logs = [h for h in trainer.state.log_history if "reward" in h]
     assert len(logs) == 3
-    # The adapter reached vLLM under a fresh id at each update, and vLLM sampled from the trainer's policy.
-    assert llm.adapter is not None and llm.adapter.lora_int_id >= 3
+    if merge:
+        # vLLM decoded the merged adapter (no LoRA request), and the base weights came back bit for bit.
+        assert llm.adapter is None and trainer._adapter_merger.host_bytes > 0
+        after = dict(trainer.model.named_parameters())
+        assert all(torch.equal(after[n], w) for n, w in before.items())
+    else:
+        # The adapter reached vLLM under a fresh id at each update.
+        assert llm.adapter is not None and llm.adapter.lora_int_id >= 3
+    # Either way vLLM sampled from the trainer's policy.
     assert all(h["sampling/sampling_logp_difference/mean"] < 0.05 for h in logs)
     lora = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
     assert any(p.abs().sum() > 0 for p in lora.values())  # the adapter trained, so vLLM saw a non-trivial one

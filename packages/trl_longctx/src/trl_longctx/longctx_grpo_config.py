@@ -62,6 +62,11 @@ class LongContextGRPOConfig(GRPOConfig):
             `grpo_mini_batch` and the logit chunk for the rest of the run, log the old and new values and retry the
             step once; a second failure raises `trl_longctx.oom_retry.OutOfMemoryRetryError` naming the step and the
             values tried. Single-process runs only (elsewhere the error is raised as it is).
+        vllm_merge_adapter (`bool` or `None`, *optional*, defaults to `None`):
+            With `vllm_shared_weights`, merge the LoRA adapter into the shared base weights for each rollout and copy
+            the base weights back afterwards from a host copy (exact), so vLLM decodes plain weights instead of
+            running LoRA kernels; `False` hands vLLM the adapter as an in-memory LoRA request. `None`: merged on CUDA,
+            an adapter request on CPU.
     """
 
     grpo_mini_batch: int | None = field(
@@ -133,7 +138,19 @@ class LongContextGRPOConfig(GRPOConfig):
         },
     )
 
+    vllm_merge_adapter: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With shared vLLM weights, merge the adapter into them for each rollout and restore them exactly "
+            "afterwards (vLLM decodes without LoRA kernels). None: on with CUDA."
+        },
+    )
+
     def __post_init__(self):
+        if self.vllm_merge_adapter is not None and not isinstance(self.vllm_merge_adapter, bool):
+            raise ValueError(
+                f"vllm_merge_adapter must be True, False or None (automatic), got {self.vllm_merge_adapter!r}."
+            )
         if self.offload_checkpoints is not None and not isinstance(self.offload_checkpoints, bool):
             raise ValueError(
                 f"offload_checkpoints must be True, False or None (automatic), got {self.offload_checkpoints!r}."

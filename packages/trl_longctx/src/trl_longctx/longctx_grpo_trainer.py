@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -86,6 +87,14 @@ class LongContextGRPOTrainer(GRPOTrainer):
             self.use_vllm = True
             self.vllm_generation = make_generation(self, shared_llm)
             self._last_loaded_step = -1
+            # Accelerate's `prepare` would call `model.to(accelerator.device)`; on CPU that device can be `cpu:0`
+            # while vLLM's tensors are on `cpu`, and `Tensor.to` then returns copies: the sharing would end silently.
+            self.accelerator.device_placement = False
+        self._adapter_merger = None
+        if shared_llm is not None and self.vllm_generation.merge_adapter:
+            from .merged_rollout import AdapterMerger
+
+            self._adapter_merger = AdapterMerger(self.accelerator.unwrap_model(self.model))
         # One offloader for the whole run: its pinned buffers are reused by every step and freed at train end.
         self.checkpoint_offloader = CheckpointOffloader()
         self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))
@@ -118,8 +127,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
     def _move_model_to_device(self, model, device):
         """Transformers' placement, except for weights shared with vLLM: they stay vLLM's tensors, where vLLM put them.
 
-        `Module.to` may return copies (seen on CPU with a second engine in the process), which would silently end
-        the sharing: the trainer would train on copies while vLLM samples from the originals.
+        `Module.to` may return copies (on CPU, `cpu:0` vs `cpu`: seen once an earlier engine had set `LOCAL_RANK`),
+        which would silently end the sharing: the trainer would train on copies while vLLM samples from the originals.
         """
         if self._shares_vllm_weights:
             return
@@ -131,22 +140,23 @@ class LongContextGRPOTrainer(GRPOTrainer):
             super()._save_checkpoint(model, trial)
 
     def _generate_single_turn(self, *args, **kwargs):
-        """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode).
+        """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode), and with
+        shared weights in merged mode the adapter merged into them for its length.
 
         Raises:
             RuntimeError: If vLLM fails; the message names the training step, the original error is chained.
         """
         try:
-            if not self._kv_standby_here:
-                return super()._generate_single_turn(*args, **kwargs)
-            from vllm_standby import release_kv_cache, restore_kv_cache
+            with contextlib.ExitStack() as rollout:
+                if self._kv_standby_here:
+                    from vllm_standby import release_kv_cache, restore_kv_cache
 
-            llm = self.vllm_generation.llm
-            restore_kv_cache(llm)
-            try:
+                    restore_kv_cache(self.vllm_generation.llm)
+                    rollout.callback(release_kv_cache, self.vllm_generation.llm)
+                if self._adapter_merger is not None:
+                    # Shared weights: vLLM decodes the merged adapter; the base weights come back exactly after.
+                    rollout.enter_context(self._adapter_merger.merged())
                 return super()._generate_single_turn(*args, **kwargs)
-            finally:
-                release_kv_cache(llm)
         except Exception as error:
             if not self.use_vllm:
                 raise
@@ -358,9 +368,10 @@ def _shared_model_and_engine(model_path: str, args: LongContextGRPOConfig, peft_
 
     from vllm_standby import shared_hf_model
 
-    from .vllm_shared import build_shared_engine
+    from .vllm_shared import build_shared_engine, resolve_merge_adapter
 
-    llm = build_shared_engine(model_path, args, PartialState(), lora_rank=peft_config.r)
+    enable_lora = not resolve_merge_adapter(args)
+    llm = build_shared_engine(model_path, args, PartialState(), lora_rank=peft_config.r, enable_lora=enable_lora)
     hf_model = shared_hf_model(llm)
     hf_model.name_or_path = hf_model.config._name_or_path = model_path
     return hf_model.train(), llm

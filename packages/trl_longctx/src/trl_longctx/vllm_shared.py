@@ -28,7 +28,9 @@ class AdapterStandbyLLM(StandbyLLM):
         return super().generate(*args, lora_request=lora_request or self.adapter, **kwargs)
 
 
-def build_shared_engine(model_path: str, args, accelerator, lora_rank: int) -> AdapterStandbyLLM:
+def build_shared_engine(
+    model_path: str, args, accelerator, lora_rank: int, enable_lora: bool = True
+) -> AdapterStandbyLLM:
     """Build the colocated engine as TRL's colocate mode does, with LoRA enabled and the weights' own dtype.
 
     Args:
@@ -36,6 +38,7 @@ def build_shared_engine(model_path: str, args, accelerator, lora_rank: int) -> A
         args: The trainer's `LongContextGRPOConfig`.
         accelerator: The trainer's accelerator (its process index seeds sampling, as in TRL).
         lora_rank: Rank of the trainer's LoRA adapter (vLLM's `max_lora_rank`).
+        enable_lora: Build vLLM's LoRA support (off when the adapter is merged into the shared weights instead).
     """
     os.environ["RANK"] = str(accelerator.process_index)
     os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
@@ -54,10 +57,8 @@ def build_shared_engine(model_path: str, args, accelerator, lora_rank: int) -> A
         # As TRL: vLLM's memory profiler misreads its 32768 default; temperature must reach the sampled logprobs.
         max_num_batched_tokens=4096,
         logprobs_mode="processed_logprobs",
-        enable_lora=True,
-        max_lora_rank=_vllm_lora_rank(lora_rank),
-        max_loras=1,
         trust_remote_code=args.trust_remote_code,
+        **({"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1} if enable_lora else {}),
     )
 
 
@@ -79,8 +80,9 @@ class SharedWeightsVLLMGeneration(VLLMGeneration):
     in-memory `LoRARequest` with a fresh id (vLLM caches adapters by id).
     """
 
-    def __init__(self, llm: AdapterStandbyLLM, **kwargs: Any):
+    def __init__(self, llm: AdapterStandbyLLM, merge_adapter: bool = False, **kwargs: Any):
         self._prebuilt_llm = llm
+        self.merge_adapter = merge_adapter
         super().__init__(**kwargs)
 
     def _init_vllm(self):
@@ -93,7 +95,9 @@ class SharedWeightsVLLMGeneration(VLLMGeneration):
         self._llm_weights_sleeping = False
 
     def sync_weights(self):
-        self.llm.adapter = lora_request(self.accelerator.unwrap_model(self.model))
+        # Merged mode: the trainer merges the adapter into the shared weights around each rollout (AdapterMerger).
+        if not self.merge_adapter:
+            self.llm.adapter = lora_request(self.accelerator.unwrap_model(self.model))
 
 
 def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGeneration:
@@ -105,6 +109,7 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
     args = trainer.args
     return SharedWeightsVLLMGeneration(
         llm,
+        merge_adapter=resolve_merge_adapter(args),
         model=trainer.model,
         accelerator=trainer.accelerator,
         processing_class=trainer.processing_class,
@@ -126,3 +131,12 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
         logprobs=0,
         generation_kwargs=args.generation_kwargs,
     )
+
+
+def resolve_merge_adapter(args) -> bool:
+    """`vllm_merge_adapter` with `None` resolved: merged on CUDA (measured faster there), an adapter request on CPU."""
+    if args.vllm_merge_adapter is not None:
+        return args.vllm_merge_adapter
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda()
