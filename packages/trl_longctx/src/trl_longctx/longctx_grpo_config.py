@@ -21,7 +21,8 @@ class LongContextGRPOConfig(GRPOConfig):
     Parameters:
         grpo_mini_batch (`int` or `None`, *optional*, defaults to `None`):
             Number of sequences run through the decoder at once when computing per-token log-probabilities. `None`
-            uses the batch size TRL passes (the per-device batch size).
+            uses the batch size TRL passes (the per-device batch size), on CUDA capped by the memory planner
+            (`trl_longctx.memory.auto_chunk_sizes`) to what fits in the free memory.
         logit_chunk_multiplier (`int` or `None`, *optional*, defaults to `None`):
             Number of chunks each completion is split into for the fused lm_head + log-softmax: one chunk of
             float32 logits holds `mini_batch * ceil(completion_length / logit_chunk_multiplier)` rows of the

@@ -238,6 +238,37 @@ class LongContextGRPOTrainer(GRPOTrainer):
             return default_chunk_size(vocab_size)
         return max(1, mini_batch * math.ceil(completion_length / multiplier))
 
+    def _planned_mini_batch(self, model, sequences: int, length: int, completion: int, free_bytes=None) -> int:
+        """`grpo_mini_batch=None`: on CUDA the largest mini batch the memory planner fits in the free memory.
+
+        Decided once per `(sequences, length)` and logged when it splits the batch; elsewhere `sequences`.
+        """
+        if free_bytes is None and self.accelerator.device.type != "cuda":
+            return sequences
+        planned = getattr(self, "_planned_mini_batches", {})
+        self._planned_mini_batches = planned
+        key = (sequences, length, completion)
+        if key not in planned:
+            from .memory.planner import auto_chunk_sizes
+
+            if free_bytes is None:
+                free_bytes = (
+                    torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+                )
+            sizes = auto_chunk_sizes(
+                model.config, free_bytes, sequences, length - completion, completion,
+                mode="lora" if hasattr(model, "peft_config") else "full",
+                offload_checkpoints=self._offload_checkpoints(), optimizer_states_allocated=self.state.global_step > 0,
+            )  # fmt: skip
+            planned[key] = sizes.grpo_mini_batch
+            if sizes.grpo_mini_batch < sequences:
+                logger.warning(
+                    "grpo_mini_batch=None: the memory planner runs %d of %d sequences per decoder pass "
+                    "(%.1f GiB free, %d + %d tokens each).",
+                    sizes.grpo_mini_batch, sequences, free_bytes / 2**30, length - completion, completion,
+                )  # fmt: skip
+        return planned[key]
+
     def _offload_checkpoints(self) -> bool:
         setting = self.args.offload_checkpoints
         if setting is None:
@@ -274,7 +305,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
             )  # fmt: skip
         weight, bias = (full_tensor(t) for t in head)
         transform = logit_transform_from_config(unwrapped.config)
-        mini_batch = self.args.grpo_mini_batch or batch_size or input_ids.size(0)
+        sequences = batch_size or input_ids.size(0)
+        mini_batch = self.args.grpo_mini_batch or self._planned_mini_batch(unwrapped, sequences, input_ids.size(1),
+                                                                           logits_to_keep)  # fmt: skip
         chunk_size = self._logit_chunk_size(mini_batch, logits_to_keep, weight.size(0))
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), mini_batch):

@@ -82,3 +82,20 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
     assert all_on_grads.keys() == plain_grads.keys()
     for name, grad in all_on_grads.items():
         torch.testing.assert_close(grad, plain_grads[name], **TOLERANCES["grads"], msg=name)
+
+
+def test_planned_mini_batch_follows_free_memory(tiny_model_dir, tmp_path):
+    """`grpo_mini_batch=None` on CUDA asks the planner; here the free memory is given, as the GPU would report it."""
+    trainer = LongContextGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=config(tmp_path),
+        train_dataset=make_copy_letter_dataset(8),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    model = trainer.model
+    assert trainer._planned_mini_batch(model, 8, 1000, 900) == 8  # CPU: the batch TRL passes, no planner
+    assert trainer._planned_mini_batch(model, 8, 4096, 4000, free_bytes=2**40) == 8
+    assert trainer._planned_mini_batch(model, 8, 4096, 3900, free_bytes=2**20) == 1  # nothing fits: 1, never 0
+    tight = trainer._planned_mini_batch(model, 8, 65536, 65000, free_bytes=2**30)
+    assert 1 <= tight < 8 and 8 % tight == 0
