@@ -110,3 +110,20 @@ def test_device_copies_of_offloaded_inputs_are_freed_during_forward(use_reentran
     assert inputs_alive_after_forward(None)[1:] == [True] * (NUM_LAYERS - 1)  # plain checkpointing keeps them
     # With offloading only the last layer's input (kept on the device) is still alive.
     assert inputs_alive_after_forward(CheckpointOffloader())[1:] == [False] * (NUM_LAYERS - 2) + [True]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gemma3"])
+def test_other_architectures_with_lora(arch):
+    """Llama, Qwen2, Mistral, Gemma 2/3 decoders with LoRA: offloaded checkpoints give plain checkpointing's numbers."""
+    from testing_utils import VOCAB, build_model
+
+    model = build_model(arch, lora=True, layers=3)
+    input_ids = torch.randint(0, VOCAB, (2, 11))
+    expected_loss, expected_grads = run_step(model, input_ids)
+    offloader = CheckpointOffloader()
+    loss, grads = run_step(model, input_ids, offloader)
+    assert offloader.offloaded_count == 2
+    assert_close(loss, expected_loss, "loss", **TOLERANCES["loss"])
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], name, **TOLERANCES["grads"])

@@ -9,14 +9,11 @@ import weakref
 
 import pytest
 import torch
-import transformers
-from peft import LoraConfig, get_peft_model
-from testing_utils import assert_close
+from testing_utils import HIDDEN, INTERMEDIATE, VOCAB, assert_close, build_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trl_longctx.memory import CheckpointOffloader, auto_mlp_chunks, tile_mlps, tiled_forward
 
-HIDDEN, INTERMEDIATE, VOCAB = 32, 48, 64
 ARCHS = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"]
 # fp32: tiling only changes the row count of the MLP matmuls, so the results agree to rounding (STYLE.md §3 defaults).
 FP32 = {"values": {"atol": 1e-5, "rtol": 1e-4}, "grads": {"atol": 1e-5, "rtol": 1e-3}}
@@ -25,36 +22,6 @@ BF16 = {"values": {"factor": 2.0, "slack": 1e-3}, "grads": {"factor": 2.0, "slac
 # (batch, sequence length, chunks): chunks that do not divide the 2 x 11 = 22 tokens (tiles of 8, 8, 6 and of
 # 5, 5, 5, 5, 2), more chunks than tokens, and single-token sequences (one token: the untiled path).
 SHAPES = [(2, 11, 3), (2, 11, 5), (1, 11, 4), (2, 1, 4), (1, 1, 4)]
-
-
-def build_model(arch: str, lora: bool = False, use_reentrant: bool = False, layers: int = 2):
-    common = {
-        "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-    }
-    config = {
-        "llama": lambda: transformers.LlamaConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(**common),
-        "qwen3": lambda: transformers.Qwen3Config(**common),
-        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
-        "gemma2": lambda: transformers.Gemma2Config(**common, sliding_window=4, query_pre_attn_scalar=16),
-        "gemma3": lambda: transformers.Gemma3TextConfig(**common, sliding_window=4, query_pre_attn_scalar=16),
-    }[arch]()
-    config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    if lora:
-        # Nonzero B so that the adapters change the outputs and every LoRA matrix gets a gradient.
-        targets = ["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"]
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
-    return model.train()
 
 
 def run_step(model, input_ids, targets, chunks=1, context=None):
