@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+import torch
 from conftest import KV_CACHE_BYTES, PROMPTS, greedy_vllm
 
 pytestmark = pytest.mark.slow
@@ -40,9 +41,20 @@ def standby_llm(vllm_llm):
     vllm_llm.resume()
 
 
+def _touch_kv_cache(worker) -> int:
+    """Write every byte of the worker's KV cache, so that all of it is resident (on CPU pages come back lazily)."""
+    from vllm_standby import _worker
+
+    storages = _worker._kv_cache_storages(worker)
+    for storage in storages:
+        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),)).zero_()
+    return len(storages)
+
+
 def test_standby_frees_kv_cache_for_real(standby_llm):
     expected = greedy_vllm(standby_llm)
     held = standby_llm.kv_cache_nbytes()
+    assert sum(standby_llm.collective_rpc(_touch_kv_cache)) > 0
     # CUDA: vLLM's CuMem pool rounds each allocation up to the driver's granularity (seen: +3% at 64 MiB).
     assert 0.9 * KV_CACHE_BYTES <= held <= 1.05 * KV_CACHE_BYTES
     used = _used_bytes()

@@ -5,10 +5,17 @@ They are plain functions of the worker (vLLM passes it as the first argument), n
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import weakref
 from typing import Any
 
 import torch
+
+_MADV_DONTNEED = 4
+# libc's madvise where its semantics are known (Linux: private anonymous pages come back zero-filled).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 # worker -> storages of its KV cache released by release_kv_cache(), with their sizes in bytes.
 _RELEASED: weakref.WeakKeyDictionary[Any, list[tuple[torch.UntypedStorage, int]]] = weakref.WeakKeyDictionary()
@@ -30,12 +37,37 @@ def _kv_cache_storages(worker: Any) -> list[torch.UntypedStorage]:
     return list(storages.values())
 
 
+def _page_range(storage: torch.UntypedStorage) -> tuple[int, int]:
+    """Start address and length of the whole pages inside ``storage`` (its unaligned edges excluded)."""
+    page = mmap.PAGESIZE
+    start = -(-storage.data_ptr() // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    return start, max(0, end - start)
+
+
+def _discard_pages(storage: torch.UntypedStorage) -> None:
+    """Give the storage's physical pages back to the OS, keeping its addresses (Linux ``MADV_DONTNEED``).
+
+    The range stays mapped: the next touch of a page maps a fresh zero page, so the KV cache comes back lazily,
+    zero-filled, and only where vLLM writes. The unaligned edges (under one page each) keep their old values.
+    """
+    start, length = _page_range(storage)
+    if length and _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) failed on the KV cache ({length} bytes)")
+    if length and ctypes.c_uint64.from_address(start).value != 0:
+        # Not private anonymous memory (e.g. shared): the pages kept their data. Zero them the slow way.
+        torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)).zero_()
+
+
 def release_kv_cache(worker: Any) -> int:
-    """Free the KV cache memory of ``worker`` for real, keeping its tensors (now backed by 0 bytes).
+    """Free the KV cache memory of ``worker`` for real, keeping its tensors and their addresses.
 
     The per-layer KV tensors vLLM bound to the attention layers and to the model runner are views of a few
-    storages; shrinking those storages to 0 bytes returns the memory to the allocator while every view object stays
-    in place, so :func:`restore_kv_cache` needs no re-binding. CPU only: on CUDA, CUDA graphs hold the addresses.
+    storages. Their physical pages go back to the OS (``MADV_DONTNEED``) while every view and address stays, so
+    :func:`restore_kv_cache` has nothing to re-bind or re-allocate: pages come back zero-filled on first touch, and
+    only those vLLM writes (a rollout that uses a small part of the cache costs only that part). Elsewhere than Linux
+    the storages are shrunk to 0 bytes and re-allocated zero-filled instead. CPU only: on CUDA see
+    :mod:`vllm_standby.kv_sleep_backend`.
 
     Args:
         worker: The vLLM worker (passed by ``collective_rpc``).
@@ -47,30 +79,38 @@ def release_kv_cache(worker: Any) -> int:
         return 0
     released = [(storage, storage.nbytes()) for storage in _kv_cache_storages(worker)]
     for storage, _ in released:
-        storage.resize_(0)
+        if _LIBC is not None:
+            _discard_pages(storage)
+        else:
+            storage.resize_(0)
     _RELEASED[worker] = released
     return sum(nbytes for _, nbytes in released)
 
 
 def restore_kv_cache(worker: Any) -> int:
-    """Re-allocate the KV cache released by :func:`release_kv_cache`, zero-filled as vLLM allocates it.
+    """Bring back the KV cache released by :func:`release_kv_cache`, zero-filled as vLLM allocates it.
+
+    On Linux nothing is allocated here: the released pages fault back in, zero-filled, when vLLM writes them.
 
     Args:
         worker: The vLLM worker (passed by ``collective_rpc``).
 
     Returns:
-        Bytes allocated (0 when nothing was released).
+        Bytes of KV cache usable again (0 when nothing was released).
     """
     released = _RELEASED.pop(worker, [])
-    for storage, nbytes in released:
-        storage.resize_(nbytes)
-        # resize_ leaves the new bytes uninitialised; vLLM's allocator starts from torch.zeros.
-        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,)).zero_()
+    if _LIBC is None:
+        for storage, nbytes in released:
+            storage.resize_(nbytes)
+            # resize_ leaves the new bytes uninitialised; vLLM's allocator starts from torch.zeros.
+            torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,)).zero_()
     return sum(nbytes for _, nbytes in released)
 
 
 def kv_cache_nbytes(worker: Any) -> int:
-    """Bytes currently held by the worker's KV cache storages."""
+    """Bytes currently usable by the worker's KV cache (0 while released)."""
+    if worker in _RELEASED:
+        return 0
     return sum(storage.nbytes() for storage in _kv_cache_storages(worker))
 
 
