@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-import torch
 from conftest import KV_CACHE_BYTES, PROMPTS, greedy_vllm
 
 pytestmark = pytest.mark.slow
@@ -47,7 +46,7 @@ def _touch_kv_cache(worker) -> int:
 
     storages = _worker._kv_cache_storages(worker)
     for storage in storages:
-        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),)).zero_()
+        _worker.zero_storage(storage)
     return len(storages)
 
 

@@ -61,6 +61,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
             raise TypeError(f"args must be a LongContextGRPOConfig, got {type(args).__name__}.")
         check_train_dataset(kwargs.get("train_dataset"))
         shared_llm = None
+        # On CUDA without shared weights, TRL's own sleep()/wake_up() calls do the KV-only standby (see below).
+        kv_standby_by_trl = False
         if args is not None and args.use_vllm and args.vllm_mode == "colocate":
             # vLLM's CPU build repacks weights at load time; our patches keep them updatable in place. They must be
             # live before TRL builds the engine inside `super().__init__`.
@@ -75,6 +77,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 # On CUDA the KV cache can only be released from vLLM's CuMem pool, which TRL's sleep mode turns on;
                 # with vllm_standby enabled, TRL's own sleep()/wake_up() calls release and restore the KV cache only.
                 args.vllm_enable_sleep_mode = True
+                kv_standby_by_trl = True
         self._shares_vllm_weights = shared_llm is not None
         try:
             super().__init__(model, reward_funcs, args=args, **kwargs)
@@ -99,13 +102,19 @@ class LongContextGRPOTrainer(GRPOTrainer):
         self.checkpoint_offloader = CheckpointOffloader()
         self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))
         self._forward_redirection = ForwardRedirection()
+        # `grpo_mini_batch=None` on CUDA: the planner's choice per (sequences, length, completion), made once.
+        self._planned_mini_batches: dict[tuple[int, int, int], int] = {}
         guard_reward_functions(self)  # errors name the reward function and the step
         # A custom `rollout_func` may call vLLM outside `_generate_single_turn`, where the KV cache must be live.
-        self._kv_standby = (
-            self.use_vllm and self.vllm_mode == "colocate" and self.rollout_func is None and _resolve_kv_standby(args)
-        ) or (self.use_vllm and _uses_vllm_sleep_for_standby(args))
         # Who releases and restores it: this trainer around each rollout, or TRL's sleep-mode calls (CUDA, no sharing).
-        self._kv_standby_here = self._kv_standby and not (shared_llm is None and _uses_vllm_sleep_for_standby(args))
+        self._kv_standby_here = (
+            not kv_standby_by_trl
+            and self.use_vllm
+            and self.vllm_mode == "colocate"
+            and self.rollout_func is None
+            and _resolve_kv_standby(args)
+        )
+        self._kv_standby = kv_standby_by_trl or self._kv_standby_here
         if self.use_vllm:
             import vllm
 
@@ -241,12 +250,11 @@ class LongContextGRPOTrainer(GRPOTrainer):
     def _planned_mini_batch(self, model, sequences: int, length: int, completion: int, free_bytes=None) -> int:
         """`grpo_mini_batch=None`: on CUDA the largest mini batch the memory planner fits in the free memory.
 
-        Decided once per `(sequences, length)` and logged when it splits the batch; elsewhere `sequences`.
+        Decided once per `(sequences, length, completion)` and logged when it splits the batch; elsewhere `sequences`.
         """
         if free_bytes is None and self.accelerator.device.type != "cuda":
             return sequences
-        planned = getattr(self, "_planned_mini_batches", {})
-        self._planned_mini_batches = planned
+        planned = self._planned_mini_batches
         key = (sequences, length, completion)
         if key not in planned:
             from .memory.planner import auto_chunk_sizes

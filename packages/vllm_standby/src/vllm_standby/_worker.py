@@ -37,6 +37,11 @@ def _kv_cache_storages(worker: Any) -> list[torch.UntypedStorage]:
     return list(storages.values())
 
 
+def zero_storage(storage: torch.UntypedStorage) -> None:
+    """Write zeros over every byte of ``storage`` (on its device)."""
+    torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),)).zero_()
+
+
 def _page_range(storage: torch.UntypedStorage) -> tuple[int, int]:
     """Start address and length of the whole pages inside ``storage`` (its unaligned edges excluded)."""
     page = mmap.PAGESIZE
@@ -56,7 +61,7 @@ def _discard_pages(storage: torch.UntypedStorage) -> None:
         raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) failed on the KV cache ({length} bytes)")
     if length and ctypes.c_uint64.from_address(start).value != 0:
         # Not private anonymous memory (e.g. shared): the pages kept their data. Zero them the slow way.
-        torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)).zero_()
+        zero_storage(storage)
 
 
 def release_kv_cache(worker: Any) -> int:
@@ -102,8 +107,7 @@ def restore_kv_cache(worker: Any) -> int:
     if _LIBC is None:
         for storage, nbytes in released:
             storage.resize_(nbytes)
-            # resize_ leaves the new bytes uninitialised; vLLM's allocator starts from torch.zeros.
-            torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,)).zero_()
+            zero_storage(storage)  # resize_ leaves the new bytes uninitialised; vLLM starts from torch.zeros
     return sum(nbytes for _, nbytes in released)
 
 
