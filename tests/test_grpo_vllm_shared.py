@@ -91,3 +91,24 @@ def test_full_finetuning_refuses_shared_weights(tmp_path):
         LongContextGRPOTrainer(
             model="unused", reward_funcs=copy_letter_reward, args=args, train_dataset=make_copy_letter_dataset(8)
         )
+
+
+def test_quantized_model_refuses_shared_weights_before_loading(tmp_path):
+    """QLoRA: shared weights are views of unquantized vLLM layers; asked for explicitly, a clear error comes before any
+    model or engine is built (the model path does not even exist)."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+    from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
+
+    args = LongContextGRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, use_vllm=True, vllm_mode="colocate", vllm_shared_weights=True,
+        model_init_kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True)},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="does not support quantized \\(QLoRA\\) models"):
+        LongContextGRPOTrainer(
+            model=str(tmp_path / "not-loaded"), reward_funcs=copy_letter_reward, args=args,
+            train_dataset=make_copy_letter_dataset(8), peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        )  # fmt: skip
+    assert not (tmp_path / "not-loaded").exists()

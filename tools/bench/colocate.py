@@ -222,7 +222,8 @@ def cmd_grpo(args) -> dict:
     else:
         from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
 
-        config = LongContextGRPOConfig(vllm_gpu_memory_utilization=args.vllm_util or 0.95, **common)
+        config = LongContextGRPOConfig(vllm_gpu_memory_utilization=args.vllm_util or 0.95,
+                                       vllm_merge_adapter=args.merge_adapter, **common)  # fmt: skip
         trainer = LongContextGRPOTrainer(
             model=path, reward_funcs=reward, args=config, train_dataset=dataset, peft_config=lora
         )
@@ -238,6 +239,7 @@ def cmd_grpo(args) -> dict:
         "mean_completion_length": statistics.mean(lengths) if lengths else None,
         "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
         "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
+        "merge_adapter": getattr(trainer, "_adapter_merger", None) is not None,
     }  # fmt: skip
 
 
@@ -344,19 +346,23 @@ def run_child(argv: list[str], timeout: int) -> dict:
 
 
 def cmd_all(args) -> None:
-    plan = [
-        (["throughput", "--engine", "plain"], 300),
-        (["throughput", "--engine", "standby"], 300),
-        (["grpo", "--trainer", "trl", "--length", str(args.length), "--steps", str(args.steps)], 600),
-        (["grpo", "--trainer", "ours", "--length", str(args.length), "--steps", str(args.steps)], 600),
-        (["two-copies-32b"], 300),
-        (["shared-32b", "--lengths", *map(str, args.lengths_32b)], 600),
-    ]
-    only = set(args.only or [])
+    steps = ["--length", str(args.length), "--steps", str(args.steps)]
+    plan = {
+        "throughput-plain": (["throughput", "--engine", "plain"], 300),
+        "throughput-standby": (["throughput", "--engine", "standby"], 300),
+        "grpo-trl": (["grpo", "--trainer", "trl", *steps], 600),
+        "grpo-ours": (["grpo", "--trainer", "ours", *steps], 600),
+        "grpo-ours-merged": (["grpo", "--trainer", "ours", "--merge-adapter", *steps], 600),
+        "two-copies-32b": (["two-copies-32b"], 300),
+        "shared-32b": (["shared-32b", "--lengths", *map(str, args.lengths_32b)], 600),
+    }
+    unknown = sorted(set(args.only or []) - set(plan))
+    if unknown:
+        raise SystemExit(f"--only takes {sorted(plan)}, got {unknown}.")
     rows = []
     env = environment(torch.device("cuda"), ("vllm", "trl", "transformers", "peft"))
-    for argv, timeout in plan:
-        if only and argv[0] not in only:
+    for name, (argv, timeout) in plan.items():
+        if args.only and name not in args.only:
             continue
         rows.append(run_child(argv, timeout))
         print(json.dumps(rows[-1])[:2000], flush=True)
@@ -366,9 +372,11 @@ def cmd_all(args) -> None:
 
 
 def summary(rows: list[dict]) -> str:
-    by = {(r.get("what"), r.get("engine") or r.get("trainer")): r for r in rows}
+    by = {(r.get("what"), (r.get("engine") or r.get("trainer")) + ("-merged" if r.get("merge_adapter") else "")): r
+          for r in rows if r.get("what")}  # fmt: skip
     plain, standby = by.get(("throughput", "plain"), {}), by.get(("throughput", "standby"), {})
     trl, ours = by.get(("grpo_step", "trl"), {}), by.get(("grpo_step", "ours"), {})
+    merged = by.get(("grpo_step", "ours-merged"), {})
     table = [
         ["rollout tok/s plain / standby / after resume", plain.get("tok_s"), standby.get("tok_s"),
          standby.get("tok_s_after_resume")],
@@ -376,7 +384,10 @@ def summary(rows: list[dict]) -> str:
          standby.get("gap_to_total_minus_weights_GiB"), standby.get("greedy_identical")],
         ["GRPO s/step TRL sleep / ours / ratio", trl.get("s_per_step"), ours.get("s_per_step"),
          trl.get("s_per_step") / ours["s_per_step"] if trl.get("s_per_step") and ours.get("s_per_step") else None],
-        ["GRPO peak GiB TRL / ours", trl.get("peak_allocated_GiB"), ours.get("peak_allocated_GiB"), None],
+        ["GRPO s/step TRL sleep / ours merged / ratio", trl.get("s_per_step"), merged.get("s_per_step"),
+         trl.get("s_per_step") / merged["s_per_step"] if trl.get("s_per_step") and merged.get("s_per_step") else None],
+        ["GRPO peak GiB TRL / ours / ours merged", trl.get("peak_allocated_GiB"), ours.get("peak_allocated_GiB"),
+         merged.get("peak_allocated_GiB")],
     ]  # fmt: skip
     return markdown_table(["measure", "a", "b", "c"], table)
 
@@ -391,6 +402,11 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--vllm-util", type=float, help="vLLM gpu_memory_utilization of ours (default 0.95).")
+    p.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="ours: vllm_merge_adapter=True (rollouts on merged weights instead of vLLM's LoRA kernels).",
+    )
     sub.add_parser("two-copies-32b")
     p = sub.add_parser("shared-32b")
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
@@ -399,7 +415,7 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lengths-32b", type=int, nargs="+", default=[16384, 32768])
-    p.add_argument("--only", nargs="*", help="Subcommands to run (default: all).")
+    p.add_argument("--only", nargs="*", help="Measurements to run, by name (default: all; see cmd_all).")
     p.add_argument("--out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

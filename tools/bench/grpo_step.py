@@ -39,8 +39,35 @@ from _common import GIB, environment, free_cuda, is_oom, markdown_table  # noqa:
 PROVIDERS = ("trl", "ours", "ours-no-offload")
 
 
-def build_model(preset: str, lora_rank: int):
-    """Random bf16 model of the preset's architecture on CUDA, LoRA on all linear layers, checkpointing on."""
+def quantize_decoder_linears(model) -> int:
+    """Replace every linear layer of the decoder layers by a bitsandbytes NF4 `Linear4bit` (double quantization, bf16
+    compute), quantizing the random bf16 weights in place on the GPU, as `BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)` loads a checkpoint. Embeddings, norms and the
+    lm_head stay bf16. Returns the number of layers quantized."""
+    import bitsandbytes as bnb
+
+    count = 0
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                              compute_dtype=torch.bfloat16, compress_statistics=True,
+                                              quant_type="nf4", device="meta")  # fmt: skip
+                quantized.weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+                ).to(child.weight.device)
+                setattr(parent, name, quantized)
+                count += 1
+        torch.cuda.empty_cache()
+    model.is_loaded_in_4bit = True
+    return count
+
+
+def build_model(preset: str, lora_rank: int, mode: str = "lora"):
+    """Random bf16 model of the preset's architecture on CUDA (`qlora`: decoder linears in NF4), LoRA on all linear
+    layers (bf16 adapters for QLoRA, as TRL casts them), checkpointing on."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
@@ -71,32 +98,46 @@ def build_model(preset: str, lora_rank: int):
         add_fused_lm_head = None
     if add_fused_lm_head is not None:
         add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
+    if mode == "qlora":
+        quantize_decoder_linears(model)
     model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear"))
+    if mode == "qlora":
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
     model.enable_input_require_grads()
     model.train()
     return model, shape
 
 
-def trl_logps(model, input_ids, attention_mask, keep, offloader):
+def trl_logps(model, input_ids, attention_mask, keep, offloader, sizes=None):
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :-keep] = -100
     outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
     return outputs.log_probs[:, -keep:]
 
 
-def ours_logps(model, input_ids, attention_mask, keep, offloader):
+def ours_logps(model, input_ids, attention_mask, keep, offloader, sizes=(None, 1)):
+    """What `LongContextGRPOTrainer._get_per_token_logps_and_entropies` runs: `sizes = (mini batch, MLP tiles)`."""
     from longctx_kernels import selective_logprobs
+    from trl_longctx.memory import tile_mlps
     from trl_longctx.model_heads import decoder_and_lm_head
 
     decoder, lm_head = decoder_and_lm_head(model)
-    context = offloader.offload(model) if offloader is not None else contextlib.nullcontext()
-    with context:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    hidden = hidden[:, -keep - 1 : -1].to(lm_head.weight.dtype)
-    return selective_logprobs(hidden, lm_head.weight, input_ids[:, -keep:])
+    mini_batch, tiles = sizes
+    mini_batch = mini_batch or input_ids.size(0)
+    logps = []
+    for start in range(0, input_ids.size(0), mini_batch):
+        ids, mask = input_ids[start : start + mini_batch], attention_mask[start : start + mini_batch]
+        context = offloader.offload(model) if offloader is not None else contextlib.nullcontext()
+        with context, tile_mlps(model, tiles):
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = hidden[:, -keep - 1 : -1].to(lm_head.weight.dtype)
+        logps.append(selective_logprobs(hidden, lm_head.weight, ids[:, -keep:]))
+    return torch.cat(logps)
 
 
-def make_step(provider, model, optimizer, input_ids, keep, offloader):
+def make_step(provider, model, optimizer, input_ids, keep, offloader, sizes=(None, 1)):
     attention_mask = torch.ones_like(input_ids)
     logps_fn = trl_logps if provider == "trl" else ours_logps
     advantages = torch.randn(input_ids.size(0), 1, device=input_ids.device)
@@ -104,7 +145,7 @@ def make_step(provider, model, optimizer, input_ids, keep, offloader):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logps = logps_fn(model, input_ids, attention_mask, keep, offloader)
+            logps = logps_fn(model, input_ids, attention_mask, keep, offloader, sizes)
         # TRL's loss with num_iterations=1: ratio exp(logp - logp.detach()) = 1, gradient = advantage.
         loss = -(torch.exp(logps - logps.detach()) * advantages).mean()
         loss.backward()
@@ -114,12 +155,18 @@ def make_step(provider, model, optimizer, input_ids, keep, offloader):
 
 
 def measure(step, repeats: int) -> tuple[list[float], float]:
-    """Seconds per step (first call included as warm-up, not timed) and the peak allocated GiB."""
+    """Seconds per step (first call included as warm-up, not timed; `repeats=0`: the first call timed, pinned
+    buffer allocation included) and the peak allocated GiB."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    if repeats == 0:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        return [time.perf_counter() - start], torch.cuda.max_memory_allocated() / GIB
     step()
     torch.cuda.synchronize()
-    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
@@ -128,25 +175,42 @@ def measure(step, repeats: int) -> tuple[list[float], float]:
     return seconds, torch.cuda.max_memory_allocated() / GIB
 
 
-def predicted_gib(shape, provider: str, args, length: int) -> float:
+def predicted_gib(shape, provider: str, args, length: int, sizes=(None, 1)) -> float:
     from trl_longctx.memory import plan_memory
     from trl_longctx.memory.planner import TrainSetup
 
-    setup = TrainSetup.for_path(provider, args.num_generations, args.prompt_length, length, lora_rank=args.lora_rank)
+    setup = TrainSetup.for_path(provider, args.num_generations, args.prompt_length, length, lora_rank=args.lora_rank,
+                                mode=args.mode, grpo_mini_batch=sizes[0], tiled_mlp_chunks=sizes[1])  # fmt: skip
     return plan_memory(shape, setup).allocated / GIB
+
+
+def ours_sizes(shape, args, length: int, optimizer) -> tuple[int | None, int]:
+    """`(mini batch, MLP tiles)` of the `ours` provider: `--mini-batch`/`--mlp-tiles`, or what the trainer's planner
+    picks on this GPU for what is free now (`LongContextGRPOTrainer._planned_sizes` on the first step)."""
+    from trl_longctx.memory.planner import auto_chunk_sizes
+
+    free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    sizes = auto_chunk_sizes(shape, free, args.num_generations, args.prompt_length, length, mode=args.mode,
+                             lora_rank=args.lora_rank, tile_mlps=args.mlp_tiles is None,
+                             grpo_mini_batch=args.mini_batch, optimizer_states_allocated=bool(optimizer.state))  # fmt: skip
+    return args.mini_batch or sizes.grpo_mini_batch, args.mlp_tiles or sizes.tiled_mlp_chunks
 
 
 def run(args) -> list[dict]:
     from trl_longctx.memory import CheckpointOffloader
 
-    model, shape = build_model(args.model, args.lora_rank)
+    model, shape = build_model(args.model, args.lora_rank, args.mode)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     offloader = CheckpointOffloader()
     rows, done_oom = [], set()
     for length in args.lengths:
         for provider in args.providers:
-            row = {"provider": provider, "model": args.model, "L": length, "B": args.num_generations}
-            row["predicted_GiB"] = predicted_gib(shape, provider, args, length)
+            row = {"provider": provider, "model": args.model, "L": length, "B": args.num_generations,
+                   "prompt_length": args.prompt_length, "mode": args.mode}  # fmt: skip
+            sizes = ours_sizes(shape, args, length, optimizer) if provider == "ours" else (None, 1)
+            if provider == "ours":
+                row["mini_batch"], row["mlp_tiles"] = sizes
+            row["predicted_GiB"] = predicted_gib(shape, provider, args, length, sizes)
             if provider in done_oom:
                 rows.append({**row, "status": "skipped (OOM at a shorter L)"})
                 continue
@@ -154,7 +218,7 @@ def run(args) -> list[dict]:
             ids = torch.randint(
                 0, shape.vocab_size, (args.num_generations, args.prompt_length + length), device="cuda"
             )
-            step = make_step(provider, model, optimizer, ids, length, offloader if provider == "ours" else None)
+            step = make_step(provider, model, optimizer, ids, length, offloader if provider == "ours" else None, sizes)
             try:
                 seconds, peak = measure(step, args.repeats)
             except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else is re-raised
@@ -183,7 +247,20 @@ def main(argv=None) -> None:
     parser.add_argument("--num-generations", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--lora-rank", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1, help="Timed steps per point (after one warm-up step).")
+    parser.add_argument(
+        "--mode",
+        choices=("lora", "qlora"),
+        default="lora",
+        help="qlora: decoder linears in bitsandbytes NF4 (double quantization), bf16 adapters.",
+    )
+    parser.add_argument("--mini-batch", type=int, help="ours: sequences per decoder pass (default: the planner's).")
+    parser.add_argument("--mlp-tiles", type=int, help="ours: MLP tiles (default: the planner's; 1 = untiled).")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="Timed steps per point after one warm-up step; 0: one step, timed (no warm-up).",
+    )
     parser.add_argument("--out", help="JSON output path (rewritten after every point).")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -9,7 +9,7 @@ cd "$REPO_ROOT"
 declare -A INSTALL=(
     [kernels]="-e packages/kernels[test,triton]"
     [vllm_standby]="-e packages/vllm_standby[cpu,test]"
-    [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test]"
+    [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test,qlora]"
     [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test] -e ."
 )
 declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby [trl_longctx]=.venvs/trl_longctx

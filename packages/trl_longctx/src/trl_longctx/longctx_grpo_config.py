@@ -55,9 +55,9 @@ class LongContextGRPOConfig(GRPOConfig):
             Run each decoder MLP (gate/up/down) over this many tiles of the mini-batch's `B * T` tokens, each tile
             recomputed in its own backward, so the backward holds one tile's `[tile, intermediate_size]` tensors
             instead of `[B * T, intermediate_size]` ones (`trl_longctx.memory.tile_mlps`); costs about one more MLP
-            forward per layer. `1` turns it off. `None` tiles only where one `[B * T, intermediate_size]` tensor
-            exceeds 2**27 elements (256 MiB in bf16; from about 11K tokens for Qwen3-8B), in tiles no larger than
-            that or the hidden state `[B * T, hidden_size]`, whichever is larger.
+            forward per layer. `1` turns it off. `None`: on CUDA the memory planner tiles only when the untiled
+            step does not fit in the free memory even one sequence per decoder pass, with the fewest tiles that fit
+            (tiles of at least 8,192 tokens); elsewhere untiled.
         retry_on_oom (`bool`, *optional*, defaults to `True`):
             When a training step runs out of memory, undo it (its partial gradients and metrics), halve
             `grpo_mini_batch` and the logit chunk for the rest of the run, log the old and new values and retry the
@@ -128,7 +128,7 @@ class LongContextGRPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Tiles of the B*T tokens each decoder MLP runs over, recomputed per tile in the backward (1: off). "
-            "None: tiled only where one [B*T, intermediate_size] tensor exceeds 2**27 elements."
+            "None: on CUDA the fewest tiles the memory planner needs to fit the step (none when it fits untiled)."
         },
     )
     retry_on_oom: bool = field(

@@ -69,7 +69,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
             import vllm_standby
 
             vllm_standby.enable()
-            if _resolve_shared_weights(args, model, kwargs.get("peft_config")):
+            if _resolve_shared_weights(args, model, kwargs.get("peft_config"), kwargs.get("quantization_config")):
                 model, shared_llm = _shared_model_and_engine(model, args, kwargs["peft_config"])
                 # TRL must not build a second engine (a second copy of the weights): ours is attached below.
                 args.use_vllm = False
@@ -247,13 +247,18 @@ class LongContextGRPOTrainer(GRPOTrainer):
             return default_chunk_size(vocab_size)
         return max(1, mini_batch * math.ceil(completion_length / multiplier))
 
-    def _planned_mini_batch(self, model, sequences: int, length: int, completion: int, free_bytes=None) -> int:
-        """`grpo_mini_batch=None`: on CUDA the largest mini batch the memory planner fits in the free memory.
+    def _planned_sizes(self, model, sequences: int, length: int, completion: int, free_bytes=None) -> tuple[int, int]:
+        """`(mini batch, MLP tiles)` of one log-prob pass: the configured values, with `None` resolved.
 
-        Decided once per `(sequences, length, completion)` and logged when it splits the batch; elsewhere `sequences`.
+        On CUDA (or with `free_bytes` given) the memory planner picks what is `None`: the largest mini batch, then the
+        fewest MLP tiles, that fit in the free memory; decided once per `(sequences, length, completion)` and logged
+        when it splits the batch or tiles. Elsewhere `None` means all sequences and no tiling.
         """
+        fixed_batch, fixed_tiles = self.args.grpo_mini_batch, self.args.tiled_mlp_chunks
+        if fixed_batch is not None and fixed_tiles is not None:
+            return fixed_batch, fixed_tiles
         if free_bytes is None and self.accelerator.device.type != "cuda":
-            return sequences
+            return fixed_batch or sequences, fixed_tiles or 1
         planned = self._planned_mini_batches
         key = (sequences, length, completion)
         if key not in planned:
@@ -265,15 +270,16 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 )
             sizes = auto_chunk_sizes(
                 model.config, free_bytes, sequences, length - completion, completion,
-                mode="lora" if hasattr(model, "peft_config") else "full",
-                offload_checkpoints=self._offload_checkpoints(), optimizer_states_allocated=self.state.global_step > 0,
+                mode=_training_mode(model), offload_checkpoints=self._offload_checkpoints(),
+                optimizer_states_allocated=self.state.global_step > 0, tile_mlps=fixed_tiles is None,
+                grpo_mini_batch=fixed_batch,
             )  # fmt: skip
-            planned[key] = sizes.grpo_mini_batch
-            if sizes.grpo_mini_batch < sequences:
+            planned[key] = (fixed_batch or sizes.grpo_mini_batch, fixed_tiles or sizes.tiled_mlp_chunks)
+            if planned[key][0] < sequences or planned[key][1] > 1:
                 logger.warning(
-                    "grpo_mini_batch=None: the memory planner runs %d of %d sequences per decoder pass "
+                    "The memory planner runs %d of %d sequences per decoder pass with %d MLP tile(s) "
                     "(%.1f GiB free, %d + %d tokens each).",
-                    sizes.grpo_mini_batch, sequences, free_bytes / 2**30, length - completion, completion,
+                    *planned[key], sequences, free_bytes / 2**30, length - completion, completion,
                 )  # fmt: skip
         return planned[key]
 
@@ -314,8 +320,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         weight, bias = (full_tensor(t) for t in head)
         transform = logit_transform_from_config(unwrapped.config)
         sequences = batch_size or input_ids.size(0)
-        mini_batch = self.args.grpo_mini_batch or self._planned_mini_batch(unwrapped, sequences, input_ids.size(1),
-                                                                           logits_to_keep)  # fmt: skip
+        mini_batch, mlp_tiles = self._planned_sizes(unwrapped, sequences, input_ids.size(1), logits_to_keep)
         chunk_size = self._logit_chunk_size(mini_batch, logits_to_keep, weight.size(0))
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), mini_batch):
@@ -323,7 +328,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
             with (
                 self.accelerator.autocast(),
                 self.checkpoint_offloader.offload(unwrapped, self._offload_checkpoints()),
-                tile_mlps(unwrapped, self.args.tiled_mlp_chunks),
+                tile_mlps(unwrapped, mlp_tiles),
             ):
                 hidden = decoder(
                     input_ids=ids, attention_mask=attention_mask[start : start + mini_batch], use_cache=False
@@ -353,6 +358,13 @@ class LongContextGRPOTrainer(GRPOTrainer):
         return logps, entropies, None
 
 
+def _training_mode(model) -> str:
+    """The planner's mode of `model`: "qlora" (LoRA on 4-bit bitsandbytes weights), "lora" or "full"."""
+    if not hasattr(model, "peft_config"):
+        return "full"
+    return "qlora" if getattr(model, "is_loaded_in_4bit", False) else "lora"
+
+
 def _resolve_kv_standby(args: LongContextGRPOConfig | None) -> bool:
     """`vllm_kv_standby` with `None` resolved: on where vllm_standby implements it (CPU; CUDA with vLLM 0.25-0.28)."""
     from vllm_standby import kv_standby_supported
@@ -376,12 +388,21 @@ def _uses_vllm_sleep_for_standby(args: LongContextGRPOConfig) -> bool:
     return current_platform.is_cuda() and _resolve_kv_standby(args)
 
 
-def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config) -> bool:
-    """`vllm_shared_weights` with `None` resolved: on for a LoRA run from a model path on vLLM's CPU platform."""
+def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config, quantization_config=None) -> bool:
+    """`vllm_shared_weights` with `None` resolved: on for a LoRA run from a model path where KV standby runs."""
     from vllm_standby import kv_standby_supported
 
     requested = args.vllm_shared_weights
     if requested is False:
+        return False
+    if quantization_config is not None or "quantization_config" in (args.model_init_kwargs or {}):
+        # `vllm_standby.shared_hf_model` builds views of unquantized vLLM layers only; vLLM's bitsandbytes layers
+        # hold packed shards with per-shard quantization states, which it does not map (yet).
+        if requested:
+            raise ValueError(
+                "vllm_shared_weights=True does not support quantized (QLoRA) models yet: shared weights are views of "
+                "unquantized vLLM layers. Allowed with quantization_config: False or None (automatic: off)."
+            )
         return False
     if peft_config is None or getattr(peft_config, "peft_type", None) is None or peft_config.peft_type.value != "LORA":
         if requested:

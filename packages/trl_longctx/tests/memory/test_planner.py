@@ -3,6 +3,7 @@ the fitted factor reproducible, `auto_chunk_sizes` properties, flag errors, conf
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,7 @@ def test_auto_chunk_sizes_monotone_in_free_memory(backend, args, free_gib):
             sizes = auto_chunk_sizes(QWEN3_8B, gib * GIB, *args, logprob_backend=backend)
             assert sizes.grpo_mini_batch >= previous[0] and sizes.logit_chunk_tokens >= previous[1], (gib, sizes)
             previous = sizes
-    assert previous == (args[0], default_logit_chunk_tokens(QWEN3_8B.vocab_size))
+    assert previous == (args[0], default_logit_chunk_tokens(QWEN3_8B.vocab_size), 1)
 
 
 def test_auto_chunk_sizes_fit_with_margin_and_are_the_largest():
@@ -233,7 +234,7 @@ def test_auto_chunk_sizes_shrink_the_chunk_last_and_never_return_zero():
     assert _need(QWEN3_8B, tight, args) <= at_cap - 1 < _need(QWEN3_8B, tight._replace(
         logit_chunk_tokens=2 * tight.logit_chunk_tokens), args)  # fmt: skip
     with pytest.warns(UserWarning, match="No chunk sizes fit"):
-        assert auto_chunk_sizes(QWEN3_8B, 1.0, 6, 256, 4096) == (1, 1)
+        assert auto_chunk_sizes(QWEN3_8B, 1.0, 6, 256, 4096) == (1, 1, 1)
     for n in (1, 3, 6, 7):
         sizes = auto_chunk_sizes(QWEN3_8B, 200 * GIB, n, 256, 1024)
         assert sizes.grpo_mini_batch == n and sizes.logit_chunk_tokens >= 1
@@ -327,3 +328,43 @@ def test_longctx_grpo_plan_command(capsys):
 
     main(["plan", "--model", "llama3.1-8b", "--gpu-memory-gib", "80", "--mode", "qlora", "--paths", "ours"])
     assert "GPU (80 GiB), ours (offloaded checkpoints + selective_logprobs)" in capsys.readouterr().out
+
+
+def test_mlp_tiles_shrink_the_recompute_and_never_go_below_min_tile_tokens():
+    """Tiling divides the MLP's per-token terms: the predicted peak falls with more tiles, towards the attention's
+    share; `mlp_tile_counts` keeps tiles of at least `MIN_TILE_TOKENS` tokens."""
+    from trl_longctx.memory.planner import MIN_TILE_TOKENS, layer_recompute_bytes_per_token, mlp_tile_counts
+
+    for mode in ("lora", "qlora", "full"):
+        per_token = [sum(layer_recompute_bytes_per_token(QWEN3_8B, mode, t).values()) for t in (1, 2, 3, 8)]
+        assert per_token == sorted(per_token, reverse=True) and per_token[0] > 1.5 * per_token[-1], mode
+    assert mlp_tile_counts(MIN_TILE_TOKENS - 1) == [1]
+    counts = mlp_tile_counts(2 * (256 + 131072))
+    assert counts[0] == 1 and counts[1] == 2 and 2 * (256 + 131072) // counts[-1] >= MIN_TILE_TOKENS
+
+
+def test_auto_chunk_sizes_tile_only_when_untiled_does_not_fit():
+    args = (2, 256, 131072)
+    # Plenty of memory: untiled, both sequences in one pass.
+    cap = default_logit_chunk_tokens(QWEN3_8B.vocab_size)
+    assert auto_chunk_sizes(QWEN3_8B, 300 * GIB, *args, tile_mlps=True) == (2, cap, 1)
+    # Between "one sequence untiled" and "two": the mini-batch halves before any tiling.
+    one_untiled = auto_chunk_sizes(QWEN3_8B, 300 * GIB, *args, grpo_mini_batch=1)
+    assert one_untiled.tiled_mlp_chunks == 1
+    # An H100's worth: untiled does not fit even one sequence, tiles do (the fewest that fit).
+    sizes = auto_chunk_sizes(QWEN3_8B, 30 * GIB, *args, tile_mlps=True, mode="qlora")
+    assert sizes.tiled_mlp_chunks > 1
+    fewer = TrainSetup(*args, mode="qlora", grpo_mini_batch=sizes.grpo_mini_batch,
+                       tiled_mlp_chunks=sizes.tiled_mlp_chunks - 1)  # fmt: skip
+    assert plan_memory(QWEN3_8B, fewer).allocated > plan_memory(
+        QWEN3_8B, replace(fewer, tiled_mlp_chunks=sizes.tiled_mlp_chunks)).allocated  # fmt: skip
+    # Without `tile_mlps` nothing is tiled, whatever the memory.
+    with pytest.warns(UserWarning, match="No chunk sizes fit"):
+        assert auto_chunk_sizes(QWEN3_8B, 20 * GIB, *args, mode="qlora").tiled_mlp_chunks == 1
+
+
+def test_longest_completion_with_tiling_is_longer():
+    setup = TrainSetup.for_path("ours", 2, 256, 1024, mode="qlora")
+    untiled = longest_completion(QWEN3_8B, setup, 79.2)
+    tiled = longest_completion(QWEN3_8B, setup, 79.2, tile_mlps=True)
+    assert tiled > untiled > 0

@@ -84,8 +84,9 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
         torch.testing.assert_close(grad, plain_grads[name], **TOLERANCES["grads"], msg=name)
 
 
-def test_planned_mini_batch_follows_free_memory(tiny_model_dir, tmp_path):
-    """`grpo_mini_batch=None` on CUDA asks the planner; here the free memory is given, as the GPU would report it."""
+def test_planned_sizes_follow_free_memory(tiny_model_dir, tmp_path):
+    """`grpo_mini_batch=None`, `tiled_mlp_chunks=None` on CUDA ask the planner: the largest mini batch first, MLP
+    tiles only when even one sequence does not fit untiled. Here the free memory is given, as the GPU reports it."""
     trainer = LongContextGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         reward_funcs=lambda completions, **kw: [0.0] * len(completions),
@@ -94,8 +95,15 @@ def test_planned_mini_batch_follows_free_memory(tiny_model_dir, tmp_path):
         peft_config=LoraConfig(r=4, target_modules="all-linear"),
     )
     model = trainer.model
-    assert trainer._planned_mini_batch(model, 8, 1000, 900) == 8  # CPU: the batch TRL passes, no planner
-    assert trainer._planned_mini_batch(model, 8, 4096, 4000, free_bytes=2**40) == 8
-    assert trainer._planned_mini_batch(model, 8, 4096, 3900, free_bytes=2**20) == 1  # nothing fits: 1, never 0
-    tight = trainer._planned_mini_batch(model, 8, 65536, 65000, free_bytes=2**30)
-    assert 1 <= tight < 8 and 8 % tight == 0
+    assert trainer._planned_sizes(model, 8, 1000, 900) == (8, 1)  # CPU: the batch TRL passes, untiled, no planner
+    assert trainer._planned_sizes(model, 8, 4096, 4000, free_bytes=2**40) == (8, 1)
+    assert trainer._planned_sizes(model, 8, 4096, 3900, free_bytes=2**20)[0] == 1  # nothing fits: 1, never 0
+    tight_batch, tight_tiles = trainer._planned_sizes(model, 8, 65536, 65000, free_bytes=3 * 2**30)
+    assert 1 <= tight_batch < 8 and 8 % tight_batch == 0 and tight_tiles == 1
+    # One sequence of 262,144 tokens: the planner predicts ~2.4 GiB untiled, ~2.0 GiB with two MLP tiles.
+    batch, tiles = trainer._planned_sizes(model, 1, 262144, 262000, free_bytes=2.3 * 2**30)
+    assert batch == 1 and tiles > 1
+    trainer.args.tiled_mlp_chunks = 1  # fixed by the user: the planner may not tile
+    trainer._planned_mini_batches.clear()
+    with pytest.warns(UserWarning, match="No chunk sizes fit"):
+        assert trainer._planned_sizes(model, 1, 262144, 262000, free_bytes=2.3 * 2**30) == (1, 1)

@@ -27,6 +27,7 @@ from .planner import (
     PATHS,
     ModelShape,
     TrainSetup,
+    fewest_mlp_tiles,
     longest_completion,
     plan_memory,
 )
@@ -34,6 +35,8 @@ from .presets import PRESETS, load_model_shape
 
 DEFAULT_MODELS = ("qwen3-8b", "llama3.1-8b")
 DEFAULT_PATHS = ("ours", "trl")
+# Paths that tile the MLPs when the untiled step does not fit (what `LongContextGRPOTrainer` does on CUDA).
+TILING_PATHS = ("ours",)
 # Measured rows of `tools/bench/grpo_step.py` on the lent H200 (paths relative to the repository root) and which
 # providers of each file count: the first run's `ours` rows were taken with the offloader bug that kept every layer
 # input on the GPU (docs/benchmarks.md), its `trl` and `ours-no-offload` rows are valid.
@@ -77,6 +80,14 @@ def bench_shape(model: str) -> ModelShape:
     """The model `tools/bench/grpo_step.py` builds for a preset: Qwen3 layers (q/k norms) with the preset's sizes."""
     shape = load_model_shape(model)
     return ModelShape(**{**shape.__dict__, "qk_norm": True})
+
+
+def bench_setup(row: dict) -> TrainSetup:
+    """The `TrainSetup` of one row of `tools/bench/grpo_step.py` (rows before MLP tiling and QLoRA lack the keys)."""
+    return TrainSetup.for_path(
+        row["provider"], row["B"], row.get("prompt_length", BENCH_PROMPT_LENGTH), row["L"],
+        mode=row.get("mode", "lora"), tiled_mlp_chunks=row.get("mlp_tiles", 1), grpo_mini_batch=row.get("mini_batch"),
+    )  # fmt: skip
 
 
 def make_plan_parser() -> argparse.ArgumentParser:
@@ -144,8 +155,13 @@ def format_plan(model: str, paths: list[str], setup_kwargs: dict, gpus: dict[str
     lines.append("")
     for gpu, gib in gpus.items():
         for path in paths:
+            # Our trainer tiles the MLPs on CUDA when the untiled step does not fit (`tiled_mlp_chunks=None`).
+            tiling = path in TILING_PATHS
+            tiles = fewest_mlp_tiles(shape, setups[path], gib * GIB) if tiling else None
             verdict = "fits" if plans[path].total <= gib * GIB else "does NOT fit"
-            longest = longest_completion(shape, setups[path], gib)
+            if tiles is not None and tiles > 1:
+                verdict = f"fits with {tiles} MLP tiles"
+            longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling)
             lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
     return "\n".join(lines)
@@ -158,7 +174,7 @@ def calibration_points(root: Path | str = ".") -> list[tuple[ModelShape, TrainSe
         data = json.loads((Path(root) / name).read_text())
         for row in data["rows"]:
             if row.get("status") == "ok" and row["provider"] in providers:
-                setup = TrainSetup.for_path(row["provider"], row["B"], BENCH_PROMPT_LENGTH, row["L"])
+                setup = bench_setup(row)
                 held_out = (row["provider"], row["L"]) in HELD_OUT
                 points.append((bench_shape(row["model"]), setup, row["GiB"] * GIB, held_out))
     return points
@@ -205,7 +221,7 @@ def bench_rows(files: dict[str, tuple[str, ...]] | list[str], root: Path | str =
         for row in data["rows"]:
             if row.get("status") != "ok" or row["provider"] not in providers:
                 continue
-            setup = TrainSetup.for_path(row["provider"], row["B"], BENCH_PROMPT_LENGTH, row["L"])
+            setup = bench_setup(row)
             predicted = plan_memory(bench_shape(row["model"]), setup).allocated / GIB
             rows.append({"provider": row["provider"], "model": row["model"], "L": row["L"], "B": row["B"],
                          "measured_GiB": row["GiB"], "predicted_GiB": predicted,

@@ -111,6 +111,9 @@ ACTIVATION_SCALE = 1.0059
 # workspaces, which `max_memory_allocated` does not count but the GPU's memory does.
 FRAGMENTATION = 0.05
 CUDA_CONTEXT_GIB = 0.75
+# Tiled MLPs (`tile_mlps`) use tiles of at least this many tokens: smaller tiles run the matmuls inefficiently
+# (8 tiles of 512 tokens cost +85% time in `tiled_mlp.py`'s measurement, 3 tiles of ~22K tokens +4.8%).
+MIN_TILE_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,7 @@ class TrainSetup:
         logit_chunk_tokens: Tokens per chunk of the torch backend; `None` = `longctx_kernels.default_chunk_size`.
         grpo_mini_batch: Sequences per decoder pass (`m`); `None` = all `B`.
         logprob_backend: `"triton"` (CUDA default) or `"torch"` (chunked) backend of `selective_logprobs`.
+        tiled_mlp_chunks: Tiles of each decoder MLP call (`trl_longctx.memory.tile_mlps`); 1 = untiled.
     """
 
     num_generations: int
@@ -210,9 +214,10 @@ class TrainSetup:
     logit_chunk_tokens: int | None = None
     grpo_mini_batch: int | None = None
     logprob_backend: str = "triton"
+    tiled_mlp_chunks: int = 1
 
     def __post_init__(self):
-        for name in ("num_generations", "prompt_length", "completion_length", "lora_rank"):
+        for name in ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks"):
             _check_int(name, getattr(self, name), 0 if name == "prompt_length" else 1)
         for name in ("logit_chunk_tokens", "grpo_mini_batch"):
             if getattr(self, name) is not None:
@@ -273,13 +278,17 @@ class MemoryPlan:
                        ("total", self.total / GIB)]  # fmt: skip
 
 
-def layer_recompute_bytes_per_token(shape: ModelShape, mode: str = "lora") -> dict[str, int]:
+def layer_recompute_bytes_per_token(shape: ModelShape, mode: str = "lora", tiles: int = 1) -> dict[str, float]:
     """Bytes per token alive at the peak of one decoder layer's backward, by kind (formulas: module docstring).
 
     LoRA (fp32 adapters): the peak is the down adapter's input cast (`[N, I]` to fp32, then back to bf16 by
     autocast), the last op of the recompute. QLoRA (TRL casts its adapters to bf16, so nothing is cast) and full
     fine-tuning save the q/k/v input and the MLP product themselves; their peak is the backward of the product:
     saved tensors and three `[N, I]` gradients (of the product, of silu(gate) and of up).
+
+    With the MLP in `tiles` tiles (`tile_mlps`), everything the MLP holds per token (its `[N, I]` tensors and the
+    gate/up adapter inputs) is held for one tile at a time: those terms are divided by `tiles`; the tiles' outputs,
+    kept until they are concatenated, add one `[N, H]` bf16 tensor.
 
     Returns:
         `{"saved for backward", "forward values", "adapter cast", "gradients"}`, bytes per token.
@@ -289,15 +298,16 @@ def layer_recompute_bytes_per_token(shape: ModelShape, mode: str = "lora") -> di
     saved += BF16 * (2 * q + 2 * kv) + FP32 * shape.num_attention_heads  # SDPA's q, k, v, output; logsumexp
     if shape.qk_norm:
         saved += FP32 * (q + kv)  # q_norm and k_norm: fp32 upcasts
-    saved += BF16 * 3 * i  # gate (SiLU's input), up and silu(gate) (the product's inputs)
+    mlp_saved = BF16 * 3 * i  # gate (SiLU's input), up and silu(gate) (the product's inputs)
+    tile_outputs = BF16 * h if tiles > 1 else 0
     if mode != "lora":
         # The q/k/v input and the product, saved by the linears (or bf16 adapters) that read them.
-        saved += BF16 * (h + i)
-        return {"saved for backward": saved, "forward values": 0, "adapter cast": 0,
-                "gradients": BF16 * h + 3 * BF16 * i}  # fmt: skip
-    saved += BF16 * (3 * h + q + 2 * h)  # bf16 copies of the q, k, v, o, gate, up adapter inputs
-    live = BF16 * h + BF16 * h + BF16 * i + BF16 * h  # residual, MLP input, product, down output
-    return {"saved for backward": saved, "forward values": live, "adapter cast": (FP32 + BF16) * i,
+        saved += BF16 * h + (mlp_saved + BF16 * i) / tiles
+        return {"saved for backward": saved, "forward values": tile_outputs, "adapter cast": 0,
+                "gradients": BF16 * h + 3 * BF16 * i / tiles}  # fmt: skip
+    saved += BF16 * (3 * h + q) + (mlp_saved + BF16 * 2 * h) / tiles  # bf16 copies of the adapter inputs
+    live = BF16 * h + BF16 * h + BF16 * i / tiles + BF16 * h + tile_outputs  # residual, MLP input, product, down out
+    return {"saved for backward": saved, "forward values": live, "adapter cast": (FP32 + BF16) * i / tiles,
             "gradients": 2 * BF16 * h}  # fmt: skip
 
 
@@ -444,7 +454,7 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
     # mini-batch has been back-propagated, every layer has its gradient.
     done_before = layers if j < len(batches) - 1 else 0
     layers_done = max(done_before, layers - 2 if offload and layers >= 3 else 0)
-    recompute = sum(layer_recompute_bytes_per_token(shape, setup.mode).values()) * tokens
+    recompute = sum(layer_recompute_bytes_per_token(shape, setup.mode, setup.tiled_mlp_chunks).values()) * tokens
     a = {
         **_static_bytes(shape, setup, layers_done),
         "checkpointed layer inputs on GPU": BF16 * h * tokens * current_inputs + inputs_before,
@@ -460,15 +470,39 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
     return {"layer recompute": a, "log-prob step": {**b, **shared}}
 
 
-def longest_completion(shape: ModelShape, setup: TrainSetup, gpu_memory_gib: float, multiple: int = 256) -> int:
+def mlp_tile_counts(tokens: int) -> list[int]:
+    """MLP tile counts worth trying for a decoder pass of `tokens` flattened tokens, fewest first: 1 (untiled), then
+    2, 3, ... while each tile keeps at least `MIN_TILE_TOKENS` tokens."""
+    return [1, *range(2, tokens // MIN_TILE_TOKENS + 1)]
+
+
+def fewest_mlp_tiles(shape: ModelShape, setup: TrainSetup, budget_bytes: float) -> int | None:
+    """The fewest MLP tiles (`mlp_tile_counts`) whose predicted total fits in `budget_bytes`; None if none does."""
+    tokens = setup.mini_batches()[0] * (setup.prompt_length + setup.completion_length)
+    for tiles in mlp_tile_counts(tokens):
+        if plan_memory(shape, replace(setup, tiled_mlp_chunks=tiles)).total <= budget_bytes:
+            return tiles
+    return None
+
+
+def longest_completion(
+    shape: ModelShape, setup: TrainSetup, gpu_memory_gib: float, multiple: int = 256, *, tile_mlps: bool = False
+) -> int:
     """The longest completion (a multiple of `multiple` tokens) whose predicted total fits in `gpu_memory_gib`.
+
+    Args:
+        tile_mlps: Let each length use the fewest MLP tiles that fit (as `LongContextGRPOTrainer` does on CUDA with
+            `tiled_mlp_chunks=None`); otherwise `setup.tiled_mlp_chunks` for every length.
 
     Returns:
         The length in tokens; 0 when not even `multiple` tokens fit.
     """
 
     def fits(length: int) -> bool:
-        return plan_memory(shape, replace(setup, completion_length=length * multiple)).total <= gpu_memory_gib * GIB
+        at = replace(setup, completion_length=length * multiple)
+        if tile_mlps:
+            return fewest_mlp_tiles(shape, at, gpu_memory_gib * GIB) is not None
+        return plan_memory(shape, at).total <= gpu_memory_gib * GIB
 
     if not fits(1):
         return 0
@@ -485,10 +519,12 @@ def longest_completion(shape: ModelShape, setup: TrainSetup, gpu_memory_gib: flo
 
 class ChunkSizes(NamedTuple):
     """Chunk sizes of the log-prob pass: `grpo_mini_batch` sequences per decoder pass, `logit_chunk_tokens` tokens per
-    log-softmax chunk (the torch backend's `chunk_size`; the Triton backend tiles on its own)."""
+    log-softmax chunk (the torch backend's `chunk_size`; the Triton backend tiles on its own), `tiled_mlp_chunks`
+    tiles per decoder MLP call (1: untiled)."""
 
     grpo_mini_batch: int
     logit_chunk_tokens: int
+    tiled_mlp_chunks: int = 1
 
 
 def auto_chunk_sizes(
@@ -505,8 +541,11 @@ def auto_chunk_sizes(
     margin: float = 0.10,
     optimizer_states_allocated: bool = False,
     max_logit_chunk_tokens: int | None = None,
+    tile_mlps: bool = False,
+    grpo_mini_batch: int | None = None,
 ) -> ChunkSizes:
-    """The largest mini-batch and logit chunk whose predicted step fits in `free_bytes` with a `margin`.
+    """The largest mini-batch and logit chunk (and, with `tile_mlps`, the fewest MLP tiles) whose predicted step fits
+    in `free_bytes` with a `margin`.
 
     What must fit is the predicted peak (`plan_memory`) minus what is resident when `free_bytes` is read: the weights
     and the LoRA parameters, and the AdamW states once `optimizer_states_allocated` (after the first optimizer step).
@@ -516,7 +555,10 @@ def auto_chunk_sizes(
     The mini-batch is the largest divisor of `num_sequences` that fits with the full chunk (`max_logit_chunk_tokens`,
     default `longctx_kernels.default_chunk_size`: 256 MiB of fp32 logits); the chunk is then the largest power of two
     up to that cap that fits. The chunk shrinks only at mini-batch 1, so both sizes grow monotonically with
-    `free_bytes`. When nothing fits, `(1, 1)` is returned with a warning: sizes are never 0.
+    `free_bytes`. With `tile_mlps`, when no mini-batch fits untiled, the fewest MLP tiles (`mlp_tile_counts`) that
+    fit are taken, with the largest mini-batch that fits with them: each tile costs compute, a smaller mini-batch
+    does not. The chunk then shrinks at mini-batch 1 with the most tiles. When nothing fits, `(1, 1, most tiles)`
+    is returned with a warning: sizes are never 0.
 
     Args:
         model_config: A `ModelShape`, a transformers config or a `config.json` dict.
@@ -528,9 +570,12 @@ def auto_chunk_sizes(
         margin: Fraction of the predicted need kept free, >= 0.
         optimizer_states_allocated: Whether AdamW's states already exist (then they are resident, not needed).
         max_logit_chunk_tokens: Cap of the chunk; `None` = `default_logit_chunk_tokens(vocab_size)`.
+        tile_mlps: Whether MLP tiles may be chosen (otherwise `tiled_mlp_chunks` is 1).
+        grpo_mini_batch: A mini-batch fixed by the user (a divisor of `num_sequences`); `None` = chosen here.
 
     Returns:
-        `ChunkSizes(grpo_mini_batch, logit_chunk_tokens)`, both `>= 1`; the mini-batch divides `num_sequences`.
+        `ChunkSizes(grpo_mini_batch, logit_chunk_tokens, tiled_mlp_chunks)`, all `>= 1`; the mini-batch divides
+        `num_sequences`.
 
     Example:
         >>> from trl_longctx.memory.planner import auto_chunk_sizes
@@ -546,24 +591,38 @@ def auto_chunk_sizes(
                       offload_checkpoints=offload_checkpoints, logprob_backend=logprob_backend)  # fmt: skip
     resident = _resident_bytes(shape, base, optimizer_states_allocated)
 
-    def fits(mini_batch: int, chunk: int) -> bool:
-        plan = plan_memory(shape, replace(base, grpo_mini_batch=mini_batch, logit_chunk_tokens=chunk))
-        return (plan.allocated - resident) * (1 + margin) <= free_bytes
+    def fits(mini_batch: int, chunk: int, tiles: int = 1) -> bool:
+        setup = replace(base, grpo_mini_batch=mini_batch, logit_chunk_tokens=chunk, tiled_mlp_chunks=tiles)
+        return (plan_memory(shape, setup).allocated - resident) * (1 + margin) <= free_bytes
 
-    for mini_batch in sorted((d for d in range(1, num_sequences + 1) if num_sequences % d == 0), reverse=True):
+    def tile_counts(mini_batch: int) -> list[int]:
+        return mlp_tile_counts(mini_batch * (prompt_len + completion_len))[1:] if tile_mlps else []
+
+    mini_batches = sorted((d for d in range(1, num_sequences + 1) if num_sequences % d == 0), reverse=True)
+    if grpo_mini_batch is not None:
+        _check_int("grpo_mini_batch", grpo_mini_batch, 1)
+        mini_batches = [min(grpo_mini_batch, num_sequences)]
+    for mini_batch in mini_batches:
         if fits(mini_batch, cap):
             return ChunkSizes(mini_batch, cap)
+    # Fewest tiles first (each tile costs compute, a smaller mini-batch does not), then the largest mini-batch.
+    for tiles, mini_batch in sorted((t, -m) for m in mini_batches for t in tile_counts(m)):
+        if fits(-mini_batch, cap, tiles):
+            return ChunkSizes(-mini_batch, cap, tiles)
+    smallest = mini_batches[-1]
+    most_tiles = max([1, *tile_counts(smallest)])
     chunk = 1 << (cap.bit_length() - 1)  # powers of two below the cap
     while chunk >= 1:
-        if fits(1, chunk):
-            return ChunkSizes(1, chunk)
+        if fits(smallest, chunk, most_tiles):
+            return ChunkSizes(smallest, chunk, most_tiles)
         chunk //= 2
     warnings.warn(
         f"No chunk sizes fit: {num_sequences} x ({prompt_len} + {completion_len}) tokens need more than "
-        f"{free_bytes / GIB:.1f} GiB free even one sequence at a time; using grpo_mini_batch=1, logit chunk 1.",
+        f"{free_bytes / GIB:.1f} GiB free even {smallest} sequence(s) at a time; using grpo_mini_batch={smallest}, "
+        f"logit chunk 1, {most_tiles} MLP tiles.",
         stacklevel=2,
     )
-    return ChunkSizes(1, 1)
+    return ChunkSizes(smallest, 1, most_tiles)
 
 
 def _resident_bytes(shape: ModelShape, setup: TrainSetup, optimizer_states_allocated: bool) -> float:

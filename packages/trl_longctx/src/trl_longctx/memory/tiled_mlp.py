@@ -23,7 +23,8 @@ layer and step (counted: 3 + 4 tile forwards in the backward of a layer in 4 til
 Qwen3-8B-sized layers with LoRA under bf16 autocast, forward + backward (automatic tiles): at 65,536 tokens the
 backward's peak fell from 19.5 to 11.0 GiB for 4.8% more time, at 32,768 from 9.8 to 5.5 GiB for 7%; gradients stayed
 as close to an fp32 reference as untiled ones. Small tiles are slow (8 tiles of 512 tokens: +85% time), hence
-automatic tiling only where the intermediates dominate the layer's memory (`auto_mlp_chunks`).
+`tile_mlps(model, None)` tiles only where the intermediates dominate the layer's memory (`auto_mlp_chunks`);
+`LongContextGRPOTrainer` instead asks the memory planner for the fewest tiles that fit (none when untiled fits).
 """
 
 from __future__ import annotations
