@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,6 +161,7 @@ def measure(step, repeats: int) -> tuple[list[float], float]:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     seconds = []
+    MEMORY_AFTER_STEP.clear()
     if repeats == 0:
         start = time.perf_counter()
         step()
@@ -172,7 +174,17 @@ def measure(step, repeats: int) -> tuple[list[float], float]:
         step()
         torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+        MEMORY_AFTER_STEP.append((torch.cuda.memory_allocated() / GIB, _rss_gib()))
     return seconds, torch.cuda.max_memory_allocated() / GIB
+
+
+# (GPU allocated GiB, host RSS GiB) after each timed step of the last `measure` (growth check over many steps).
+MEMORY_AFTER_STEP: list[tuple[float, float]] = []
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
 def predicted_gib(shape, provider: str, args, length: int, sizes=(None, 1)) -> float:
@@ -228,6 +240,8 @@ def run(args) -> list[dict]:
                 done_oom.add(provider)
                 rows.append({**row, "status": "OOM"})
             else:
+                if len(MEMORY_AFTER_STEP) >= 10:  # many steps: the growth check (allocated and RSS after each)
+                    row["memory_after_step_GiB"] = list(MEMORY_AFTER_STEP)
                 rows.append({**row, "status": "ok", "s": sorted(seconds)[len(seconds) // 2], "s_all": seconds,
                              "GiB": peak, "pinned_host_GiB": offloader.pool_bytes / GIB if provider == "ours" else 0.0})  # fmt: skip
             del step, ids
