@@ -104,4 +104,7 @@ def test_nothing_left_allocated_or_pinned_after_steps():
     model.zero_grad(set_to_none=True)
     del model
     gc.collect()
+    # cuBLAS keeps a workspace per (handle, stream) in the caching allocator (here two streams: compute and the
+    # offloader's copies); torch frees them on request. What is left then is ours.
+    torch._C._cuda_clearCublasWorkspaces()
     assert torch.cuda.memory_allocated() < 2**20  # weights, grads and activations all gone
