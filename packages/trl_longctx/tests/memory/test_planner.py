@@ -368,3 +368,22 @@ def test_longest_completion_with_tiling_is_longer():
     untiled = longest_completion(QWEN3_8B, setup, 79.2)
     tiled = longest_completion(QWEN3_8B, setup, 79.2, tile_mlps=True)
     assert tiled > untiled > 0
+
+
+def test_pinned_host_bytes_match_the_h100_run_and_bound_the_longest_completion():
+    """The H100 QLoRA run pinned 87.64 GiB at 2 x (256 + 163,840) tokens (docs/bench/grpo_step_qlora_h100_*_b.json)."""
+    from trl_longctx.memory.planner import pinned_host_bytes
+
+    rows = json.loads((ROOT / "docs/bench/grpo_step_qlora_h100_2026-11-22_b.json").read_text())["rows"]
+    measured = {row["L"]: row["pinned_host_GiB"] for row in rows}
+    for length, gib in measured.items():
+        setup = TrainSetup.for_path("ours", 2, 256, length, mode="qlora")
+        predicted = pinned_host_bytes(QWEN3_8B, setup) / GIB
+        assert abs(predicted / gib - 1) < 0.01, (length, predicted, gib)  # buffers round up to 2 MiB only
+    assert pinned_host_bytes(QWEN3_8B, TrainSetup.for_path("trl", 2, 256, 4096)) == 0
+    setup = TrainSetup.for_path("ours", 2, 256, 1024, mode="qlora")
+    unlimited = longest_completion(QWEN3_8B, setup, 79.2, tile_mlps=True)
+    limited = longest_completion(QWEN3_8B, setup, 79.2, tile_mlps=True, host_memory_gib=109.0)
+    assert limited < unlimited
+    assert pinned_host_bytes(QWEN3_8B, replace(setup, completion_length=limited)) <= 109 * GIB
+    assert pinned_host_bytes(QWEN3_8B, replace(setup, completion_length=limited + 256)) > 109 * GIB

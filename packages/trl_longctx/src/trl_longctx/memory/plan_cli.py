@@ -29,12 +29,17 @@ from .planner import (
     TrainSetup,
     fewest_mlp_tiles,
     longest_completion,
+    pinned_host_bytes,
     plan_memory,
 )
 from .presets import PRESETS, load_model_shape
 
 DEFAULT_MODELS = ("qwen3-8b", "llama3.1-8b")
 DEFAULT_PATHS = ("ours", "trl")
+# Host RAM of the lent GPU machines (../shared/GPU.md, `free -g`): what the offloaded checkpoints can pin, less room
+# for the process itself.
+HOST_GIB = {"H100 80GB": 125.0, "H200 141GB": 125.0}
+HOST_RESERVE_GIB = 16.0
 # Paths that tile the MLPs when the untiled step does not fit (what `LongContextGRPOTrainer` does on CUDA).
 TILING_PATHS = ("ours",)
 # Measured rows of `tools/bench/grpo_step.py` on the lent H200 (paths relative to the repository root) and which
@@ -97,6 +102,11 @@ def make_plan_parser() -> argparse.ArgumentParser:
                         help=f"Presets ({', '.join(sorted(PRESETS))}) or config.json paths.")  # fmt: skip
     parser.add_argument("--gpu", nargs="+", default=list(GPUS_GIB), help=f"GPUs, of {', '.join(GPUS_GIB)}.")
     parser.add_argument("--gpu-memory-gib", type=float, help="Memory of one GPU, GiB (instead of --gpu).")
+    parser.add_argument(
+        "--host-memory-gib",
+        type=float,
+        help="Host memory the offloaded checkpoints may pin, GiB (default: the lent machines' less 16).",
+    )
     parser.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), help=f"Of {', '.join(PATHS)}.")
     parser.add_argument("--num-generations", type=int, default=2, help="Sequences per step on the GPU.")
     parser.add_argument("--prompt-length", type=int, default=256)
@@ -119,6 +129,8 @@ def _checked(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
         if not args.gpu_memory_gib > 0:
             raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib}.")
         gpus = {"GPU": args.gpu_memory_gib}
+    if args.host_memory_gib is not None and not args.host_memory_gib > 0:
+        raise ValueError(f"--host-memory-gib must be > 0, got {args.host_memory_gib}.")
     flags = {"num_generations": args.num_generations, "prompt_length": args.prompt_length,
              "completion_length": args.completion_length, "lora_rank": args.lora_rank}  # fmt: skip
     for name, value in flags.items():
@@ -135,8 +147,13 @@ def _checked(args: argparse.Namespace) -> tuple[dict[str, float], dict]:
     return gpus, {**flags, "mode": args.mode, "grpo_mini_batch": args.grpo_mini_batch}
 
 
-def format_plan(model: str, paths: list[str], setup_kwargs: dict, gpus: dict[str, float]) -> str:
-    """The table printed by `longctx-grpo plan` for one model: components by path, then the longest completions."""
+def format_plan(
+    model: str, paths: list[str], setup_kwargs: dict, gpus: dict[str, float], host_gib: float | None = None
+) -> str:
+    """The table printed by `longctx-grpo plan` for one model: components by path, then the longest completions.
+
+    `host_gib`: host memory the offloaded checkpoints may pin; `None` = the lent machine's (`HOST_GIB`) less
+    `HOST_RESERVE_GIB` for a known GPU, unlimited for `--gpu-memory-gib`."""
     shape = load_model_shape(model)
     b, p, length = (setup_kwargs[k] for k in ("num_generations", "prompt_length", "completion_length"))
     setups = {path: TrainSetup(**{**setup_kwargs, **PATHS[path]}) for path in paths}
@@ -152,6 +169,8 @@ def format_plan(model: str, paths: list[str], setup_kwargs: dict, gpus: dict[str
         cells = [dict(plan.rows_gib()).get(name) for plan in plans.values()]
         lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines.append("| peak is in | " + " | ".join(plan.phase for plan in plans.values()) + " |")
+    host = [pinned_host_bytes(shape, setup) / GIB for setup in setups.values()]
+    lines.append("| pinned host memory (offloaded inputs) | " + " | ".join(f"{h:.2f}" for h in host) + " |")
     lines.append("")
     for gpu, gib in gpus.items():
         for path in paths:
@@ -161,7 +180,9 @@ def format_plan(model: str, paths: list[str], setup_kwargs: dict, gpus: dict[str
             verdict = "fits" if plans[path].total <= gib * GIB else "does NOT fit"
             if tiles is not None and tiles > 1:
                 verdict = f"fits with {tiles} MLP tiles"
-            longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling)
+            host = host_gib if host_gib is not None else HOST_GIB.get(gpu)
+            host = None if host is None else host - (HOST_RESERVE_GIB if host_gib is None else 0)
+            longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling, host_memory_gib=host)
             lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
     return "\n".join(lines)
@@ -297,6 +318,10 @@ def main(argv: list[str]) -> None:
             print(f"wrote {args.write_predictions}")
             return
         gpus, setup_kwargs = _checked(args)
-        print("\n\n".join(format_plan(model, args.paths, setup_kwargs, gpus) for model in args.model))
+        print(
+            "\n\n".join(
+                format_plan(model, args.paths, setup_kwargs, gpus, args.host_memory_gib) for model in args.model
+            )
+        )
     except ValueError as error:
         raise SystemExit(f"longctx-grpo plan: {error}") from None
