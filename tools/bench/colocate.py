@@ -246,6 +246,17 @@ def cmd_grpo(args) -> dict:
 # ---------------------------------------------------------------- 32B
 
 
+def kv_token_capacity(llm) -> int:
+    """Tokens the engine's KV cache holds (`num_gpu_blocks * block_size`): the longest rollout it can run at once."""
+    cache = llm.llm_engine.vllm_config.cache_config
+    return int(cache.num_gpu_blocks * cache.block_size)
+
+
+def longest_rollout(kv_tokens: int, generations: int = 2) -> int:
+    """Longest completion per sequence for `generations` sequences of `PROMPT_LEN + L` tokens in `kv_tokens`."""
+    return max(0, kv_tokens // generations - PROMPT_LEN)
+
+
 def cmd_two_copies_32b(args) -> dict:
     """TRL's colocate layout: the trainer's model on the GPU first, then vLLM's own copy."""
     from transformers import AutoModelForCausalLM
@@ -262,7 +273,9 @@ def cmd_two_copies_32b(args) -> dict:
         except Exception as exc:  # noqa: BLE001 - the failure is the measurement
             row["attempts"].append({"gpu_memory_utilization": utilization, "error": str(exc)[:300]})
         else:
-            row["attempts"].append({"gpu_memory_utilization": utilization, "started": True})
+            kv_tokens = kv_token_capacity(llm)
+            row["attempts"].append({"gpu_memory_utilization": utilization, "started": True, "kv_tokens": kv_tokens,
+                                    "longest_rollout_2_sequences": longest_rollout(kv_tokens)})  # fmt: skip
             del llm
             break
     del model
@@ -284,6 +297,9 @@ def cmd_shared_32b(args) -> dict:
                                   max_model_len=max_len, skip_tokenizer_init=True, enable_lora=True, max_lora_rank=32,
                                   max_loras=1, max_num_batched_tokens=4096, max_num_seqs=2)  # fmt: skip
     row = {"what": "32b_shared", "vllm_util": args.vllm_util, "kv_cache_GiB": llm.kv_cache_nbytes() / GIB, "steps": []}
+    row["kv_tokens"] = kv_token_capacity(llm)
+    row["longest_rollout_2_sequences"] = longest_rollout(row["kv_tokens"])
+    print(json.dumps({"progress": "engine", **row}), flush=True)
     llm.standby()
     model = vllm_standby.shared_hf_model(llm)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -337,8 +353,11 @@ def run_child(argv: list[str], timeout: int) -> dict:
     print("$", " ".join(argv), flush=True)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s"}
+    except subprocess.TimeoutExpired as exc:
+        # Keep what the child printed before it was stopped (one JSON line per finished point).
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        partial = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s", "partial": partial}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"what": argv[0], "args": argv, "status": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
