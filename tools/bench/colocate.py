@@ -284,12 +284,12 @@ def cmd_two_copies_32b(args) -> dict:
 
 def cmd_shared_32b(args) -> dict:
     """One copy: vLLM holds the weights, the trainer's model is views of them, KV cache released for training."""
+    from grpo_step import ours_logps
     from peft import LoraConfig, get_peft_model
 
     import vllm_standby
-    from longctx_kernels import selective_logprobs
     from trl_longctx.memory import CheckpointOffloader
-    from trl_longctx.model_heads import decoder_and_lm_head
+    from trl_longctx.memory.planner import ModelShape, auto_chunk_sizes
 
     path = model_dir("qwen3-32b", 262144, weights=False)
     max_len = PROMPT_LEN + max(args.lengths) + 8
@@ -309,27 +309,32 @@ def cmd_shared_32b(args) -> dict:
     row["after_standby_used_GiB"] = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / GIB
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     offloader = CheckpointOffloader()
-    decoder, lm_head = decoder_and_lm_head(model)
+    shape = ModelShape.from_config(model.config)
     for length in args.lengths:
         ids = torch.randint(3, 151936, (2, PROMPT_LEN + length), device="cuda")
+        # What the trainer runs: the planner's mini batch and MLP tiles for the memory free now (`_planned_sizes`).
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        sizes = auto_chunk_sizes(shape, free, 2, PROMPT_LEN, length, tile_mlps=True,
+                                 optimizer_states_allocated=bool(optimizer.state))  # fmt: skip
+        sizes = (sizes.grpo_mini_batch, sizes.tiled_mlp_chunks) if args.planned else (None, 1)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         try:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16), offloader.offload(model):
-                hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            logps = selective_logprobs(hidden[:, -length - 1 : -1], lm_head.weight, ids[:, -length:])
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logps = ours_logps(model, ids, torch.ones_like(ids), length, offloader, sizes)
             (-(logps.exp() * torch.randn_like(logps)).mean()).backward()
             optimizer.step()
             torch.cuda.synchronize()
         except torch.OutOfMemoryError:
-            row["steps"].append({"L": length, "status": "OOM"})
+            row["steps"].append({"L": length, "status": "OOM", "mini_batch": sizes[0], "mlp_tiles": sizes[1]})
             break
         finally:
-            hidden = logps = None
+            logps = None
             torch.cuda.empty_cache()
-        row["steps"].append({"L": length, "status": "ok", "s": time.perf_counter() - t,
-                             "peak_allocated_GiB": torch.cuda.max_memory_allocated() / GIB})  # fmt: skip
+        row["steps"].append({"L": length, "status": "ok", "s": time.perf_counter() - t, "mini_batch": sizes[0],
+                             "mlp_tiles": sizes[1], "peak_allocated_GiB": torch.cuda.max_memory_allocated() / GIB,
+                             "free_before_GiB": free / GIB})  # fmt: skip
         print(json.dumps(row["steps"][-1]), flush=True)
     offloader.release()
     # The trainer's LoRA weights and Adam states stay resident during the next rollout; the KV cache must fit beside.
@@ -430,6 +435,12 @@ def main(argv=None) -> None:
     p = sub.add_parser("shared-32b")
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     p.add_argument("--vllm-util", type=float, default=0.9)
+    p.add_argument(
+        "--planned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Mini batch and MLP tiles from the trainer's planner (--no-planned: whole batch, untiled).",
+    )
     p = sub.add_parser("all")
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)
