@@ -120,3 +120,28 @@ def greedy_hf(model, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
         )
         result.append(out[0, len(p) :].tolist())
     return result
+
+
+# bf16 (CUDA): vLLM's LoRA kernels and transformers' bf16 matmuls round differently, so a greedy path may take the
+# other token of a near-tie. A token is accepted when the float32 model scores it within this many logits of its own
+# argmax on the same prefix (teacher forcing); an adapter applied wrongly moves logits by whole units.
+BF16_GREEDY_LOGIT_GAP = 0.125
+
+
+@torch.no_grad()
+def assert_greedy_equivalent(model, outputs: list[list[int]], prompts=PROMPTS) -> None:
+    """`outputs` (vLLM's greedy tokens) are `model`'s greedy tokens: exactly in float32 (CPU), and in bf16 each token
+    within `BF16_GREEDY_LOGIT_GAP` of the float32 model's best logit on the same prefix."""
+    if VLLM_DTYPE != "bfloat16":
+        assert outputs == greedy_hf(model, prompts), "vLLM's greedy tokens differ from transformers'"
+        return
+    model = copy.deepcopy(model).to("cuda", torch.float32)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        ids = torch.tensor([prompt + out], device="cuda")
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        chosen = logits.gather(-1, torch.tensor(out, device="cuda")[:, None]).squeeze(-1)
+        gaps = logits.max(-1).values - chosen
+        assert gaps.max().item() <= BF16_GREEDY_LOGIT_GAP, (
+            f"prompt {prompt}: vLLM's token at step {gaps.argmax().item()} is {gaps.max().item():.3f} logits below "
+            f"the float32 argmax (allowed {BF16_GREEDY_LOGIT_GAP}); gaps {gaps.tolist()}"
+        )
