@@ -112,3 +112,19 @@ def test_quantized_model_refuses_shared_weights_before_loading(tmp_path):
             train_dataset=make_copy_letter_dataset(8), peft_config=LoraConfig(r=4, target_modules="all-linear"),
         )  # fmt: skip
     assert not (tmp_path / "not-loaded").exists()
+
+
+def test_merge_adapter_default_follows_the_platform(tmp_path):
+    """`vllm_merge_adapter=None`: merged rollouts on CUDA (measured faster there), the in-memory LoRA request on vLLM's
+    CPU build; an explicit value always wins."""
+    from vllm.platforms import current_platform
+
+    from trl_longctx import LongContextGRPOConfig
+    from trl_longctx.vllm_shared import resolve_merge_adapter
+
+    def resolved(value):
+        return resolve_merge_adapter(LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True,
+                                                           vllm_merge_adapter=value))  # fmt: skip
+
+    assert resolved(None) is current_platform.is_cuda()
+    assert resolved(True) is True and resolved(False) is False

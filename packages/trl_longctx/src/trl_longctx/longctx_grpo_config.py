@@ -66,8 +66,9 @@ class LongContextGRPOConfig(GRPOConfig):
         vllm_merge_adapter (`bool` or `None`, *optional*, defaults to `None`):
             With `vllm_shared_weights`, merge the LoRA adapter into the shared base weights for each rollout and copy
             the base weights back afterwards from a host copy (exact), so vLLM decodes plain weights instead of
-            running LoRA kernels; `False` hands vLLM the adapter as an in-memory LoRA request. `None`: `False` for now
-            (merged rollouts are tested on CPU but not yet measured on a GPU).
+            running LoRA kernels; `False` hands vLLM the adapter as an in-memory LoRA request. `None`: `True` on
+            CUDA (a GRPO step measured 11.2 s merged against 15.9 s with vLLM's LoRA kernels on an H200), `False` on
+            vLLM's CPU build.
     """
 
     grpo_mini_batch: int | None = field(
@@ -143,7 +144,7 @@ class LongContextGRPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "With shared vLLM weights, merge the adapter into them for each rollout and restore them exactly "
-            "afterwards (vLLM decodes without LoRA kernels). None: off until measured on a GPU."
+            "afterwards (vLLM decodes without LoRA kernels). None: on with CUDA, off on vLLM's CPU build."
         },
     )
 
