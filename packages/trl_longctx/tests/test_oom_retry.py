@@ -74,14 +74,23 @@ def test_lowered_chunk_sizes(current, length, vocab, expected):
         assert lowered.logit_chunk_rows <= max(1, current.logit_chunk_rows // 2)
 
 
-def test_rows_follow_the_trainers_chunk_size():
+def test_trainer_chunk_follows_the_one_rule():
+    """The trainer's chunk is `logit_chunk_rows`: the 256 MiB default or `mini_batch * ceil(L / multiplier)` rows,
+    capped at the mini batch's tokens (explicit values, so a change of the rule shows here)."""
+    from longctx_kernels import default_chunk_size
     from trl_longctx import LongContextGRPOTrainer
 
-    for multiplier in (None, 1, 3, 64):
-        for mini_batch, length, vocab in ((4, 7, 48), (8, 1000, 151_936), (1, 5, 2**20)):
-            trainer = SimpleNamespace(args=SimpleNamespace(logit_chunk_multiplier=multiplier))
-            chunk = LongContextGRPOTrainer._logit_chunk_size(trainer, mini_batch, length, vocab)
-            assert logit_chunk_rows(mini_batch, multiplier, length, vocab) == min(chunk, mini_batch * length)
+    cases = [  # (multiplier, mini_batch, completion length, vocab, expected rows)
+        (None, 8, 1000, 151_936, default_chunk_size(151_936)),
+        (None, 1, 5, 48, 5),  # the default chunk is larger than the 5 tokens there are
+        (1, 4, 7, 48, 28),
+        (3, 4, 7, 48, 12),  # 4 * ceil(7 / 3)
+        (64, 8, 1000, 151_936, 128),  # 8 * ceil(1000 / 64)
+    ]
+    for multiplier, mini_batch, length, vocab, expected in cases:
+        trainer = SimpleNamespace(args=SimpleNamespace(logit_chunk_multiplier=multiplier))
+        assert LongContextGRPOTrainer._logit_chunk_size(trainer, mini_batch, length, vocab) == expected
+        assert logit_chunk_rows(mini_batch, multiplier, length, vocab) == expected
 
 
 def test_real_allocation_failures_are_recognized():

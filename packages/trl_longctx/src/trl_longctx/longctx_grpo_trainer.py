@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 
 import torch
 from trl import GRPOTrainer
 
-from longctx_kernels import default_chunk_size, selective_logprobs
+from longctx_kernels import selective_logprobs
 
 from . import oom_retry
 from .checkpoints import atomic_checkpoint
@@ -242,10 +241,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
         return (prompt_ids, *rest)
 
     def _logit_chunk_size(self, mini_batch: int, completion_length: int, vocab_size: int) -> int:
-        multiplier = self.args.logit_chunk_multiplier
-        if multiplier is None:
-            return default_chunk_size(vocab_size)
-        return max(1, mini_batch * math.ceil(completion_length / multiplier))
+        """Rows of one logit chunk: `logit_chunk_multiplier`'s rule, in one place for the step and its OOM retry."""
+        return oom_retry.logit_chunk_rows(mini_batch, self.args.logit_chunk_multiplier, completion_length, vocab_size)
 
     def _planned_sizes(self, model, sequences: int, length: int, completion: int, free_bytes=None) -> tuple[int, int]:
         """`(mini batch, MLP tiles)` of one log-prob pass: the configured values, with `None` resolved.
