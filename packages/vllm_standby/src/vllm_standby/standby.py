@@ -25,6 +25,9 @@ class StandbyLLM(LLM):
 
     Args:
         *args: Passed to ``vllm.LLM``.
+        fast_start: Start with :func:`vllm_standby.fast_start.fast_start_kwargs` (CUDA graphs only for decode batches
+            of up to ``max_num_seqs`` sequences, which must then be given) under
+            :func:`vllm_standby.fast_start.startup_gc_guard`. Values passed here win over its settings.
         **kwargs: Passed to ``vllm.LLM``.
 
     Example:
@@ -34,7 +37,7 @@ class StandbyLLM(LLM):
         >>> llm.generate(prompts, params)  # resumes first  # doctest: +SKIP
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fast_start: bool = False, **kwargs: Any) -> None:
         from vllm.platforms import current_platform
 
         enable()
@@ -44,7 +47,14 @@ class StandbyLLM(LLM):
                 raise ValueError("StandbyLLM on CUDA needs enable_sleep_mode=True (allowed: True or unset)")
             kwargs["enable_sleep_mode"] = True
         self._standby = False
-        super().__init__(*args, **kwargs)
+        if not fast_start:
+            super().__init__(*args, **kwargs)
+            return
+        from vllm_standby.fast_start import fast_start_kwargs, startup_gc_guard
+
+        kwargs = fast_start_kwargs(**kwargs)
+        with startup_gc_guard():
+            super().__init__(*args, **kwargs)
 
     @property
     def is_standby(self) -> bool:
