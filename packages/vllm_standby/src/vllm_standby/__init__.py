@@ -16,6 +16,8 @@ _LAZY = {
     "restore_kv_cache": "vllm_standby.kv_cache",
     "kv_cache_nbytes": "vllm_standby.kv_cache",
     "kv_standby_supported": "vllm_standby.kv_cache",
+    "fast_start_kwargs": "vllm_standby.fast_start",
+    "startup_gc_guard": "vllm_standby.fast_start",
 }
 
 
@@ -38,6 +40,7 @@ __all__ = [
     "applied_patches",
     "check_vllm_version",
     "enable",
+    "fast_start_kwargs",
     "is_active",
     "is_enabled",
     "kv_cache_nbytes",
@@ -47,4 +50,5 @@ __all__ = [
     "release_kv_cache",
     "restore_kv_cache",
     "shared_hf_model",
+    "startup_gc_guard",
 ]
