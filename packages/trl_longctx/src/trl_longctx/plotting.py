@@ -35,6 +35,13 @@ def plot_reward_curve(records: list[dict], path: str | os.PathLike, window: int 
     ax.set_title("GRPO reward")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as a PNG under a temporary name, close it, then rename it to `path`."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)

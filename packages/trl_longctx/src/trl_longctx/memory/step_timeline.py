@@ -171,6 +171,8 @@ def plot_memory_timelines(panels: dict[str, dict[str, Any]], path: str | os.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..plotting import save_figure
+
     colors = ["#9e9e9e", "#1f77b4", "#aec7e8", "#d62728", "#ff7f0e", "#2ca02c"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), dpi=110, sharey=True, squeeze=False)
     for ax, (label, series) in zip(axes[0], panels.items(), strict=True):
@@ -188,9 +190,4 @@ def plot_memory_timelines(panels: dict[str, dict[str, Any]], path: str | os.Path
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
