@@ -93,24 +93,41 @@ def test_full_finetuning_refuses_shared_weights(tmp_path):
         )
 
 
-def test_quantized_model_refuses_shared_weights_before_loading(tmp_path):
-    """QLoRA: shared weights are views of unquantized vLLM layers; asked for explicitly, a clear error comes before any
-    model or engine is built (the model path does not even exist)."""
+_NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+
+
+@pytest.mark.parametrize(
+    ("quantization", "merge", "message"),
+    [
+        ({"load_in_4bit": True}, None, "need BitsAndBytesConfig\\(load_in_4bit=True, bnb_4bit_quant_type='nf4'\\)"),
+        ({"load_in_8bit": True}, None, "need BitsAndBytesConfig\\(load_in_4bit=True, bnb_4bit_quant_type='nf4'\\)"),
+        (_NF4, True, "vllm_merge_adapter=True cannot merge a LoRA adapter into 4-bit shared weights"),
+        (_NF4, None, "has no bitsandbytes quantization"),
+    ],
+    ids=["fp4", "8bit", "nf4-merged", "nf4-vllm-without-bnb"],
+)
+def test_quantized_model_refusals_come_before_loading(tmp_path, quantization, merge, message):
+    """QLoRA with shared weights asked for explicitly: what cannot work is refused with the reason and the allowed
+    values before any model or engine is built (the model path does not even exist)."""
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
     from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
     from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
+    from vllm_standby.shared_4bit import bitsandbytes_in_vllm
 
+    if message.startswith("has no") and bitsandbytes_in_vllm():
+        pytest.skip("this vLLM has bitsandbytes: the QLoRA engine would be built")
     args = LongContextGRPOConfig(
         output_dir=str(tmp_path), use_cpu=True, use_vllm=True, vllm_mode="colocate", vllm_shared_weights=True,
-        model_init_kwargs={"quantization_config": BitsAndBytesConfig(load_in_4bit=True)},
+        vllm_merge_adapter=merge, model_init_kwargs={"quantization_config": BitsAndBytesConfig(**quantization)},
     )  # fmt: skip
-    with pytest.raises(ValueError, match="does not support quantized \\(QLoRA\\) models"):
+    with pytest.raises(ValueError, match=message) as error:
         LongContextGRPOTrainer(
             model=str(tmp_path / "not-loaded"), reward_funcs=copy_letter_reward, args=args,
             train_dataset=make_copy_letter_dataset(8), peft_config=LoraConfig(r=4, target_modules="all-linear"),
         )  # fmt: skip
+    assert "Allowed" in str(error.value)
     assert not (tmp_path / "not-loaded").exists()
 
 

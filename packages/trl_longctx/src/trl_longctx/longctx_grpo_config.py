@@ -39,8 +39,11 @@ class LongContextGRPOConfig(GRPOConfig):
         vllm_shared_weights (`bool` or `None`, *optional*, defaults to `None`):
             In colocate mode with a LoRA `peft_config` and the model given as a path, build vLLM first and make the
             trainer's frozen base weights views of vLLM's tensors (one copy in memory); each update reaches vLLM as
-            an in-memory adapter under a fresh id instead of merged weights. Full fine-tuning refuses it. `None`
-            turns it on for LoRA runs where KV standby is implemented (CPU; CUDA with vLLM 0.25-0.28).
+            an in-memory adapter under a fresh id instead of merged weights. Full fine-tuning refuses it. With a
+            4-bit NF4 `quantization_config` (QLoRA), vLLM quantizes the checkpoint itself (`quantization=
+            "bitsandbytes"`, vLLM 0.25-0.28) and the trainer's layers are bitsandbytes `Linear4bit` views of its
+            shards; the adapter then always reaches vLLM as a LoRA request. `None` turns it on for LoRA and QLoRA runs
+            where KV standby (and, for QLoRA, vLLM's bitsandbytes) is implemented (CPU; CUDA with vLLM 0.25-0.28).
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.

@@ -68,8 +68,14 @@ class LongContextGRPOTrainer(GRPOTrainer):
             import vllm_standby
 
             vllm_standby.enable()
-            if _resolve_shared_weights(args, model, kwargs.get("peft_config"), kwargs.get("quantization_config")):
-                model, shared_llm = _shared_model_and_engine(model, args, kwargs["peft_config"])
+            init_kwargs = args.model_init_kwargs or {}
+            quantization = kwargs.get("quantization_config") or init_kwargs.get("quantization_config")
+            if _resolve_shared_weights(args, model, kwargs.get("peft_config"), quantization):
+                model, shared_llm = _shared_model_and_engine(
+                    model, args, kwargs["peft_config"], quantized=quantization is not None
+                )
+                # The model is built (vLLM quantized it in 4 bits when asked): TRL must not load or quantize another.
+                kwargs.pop("quantization_config", None)
                 # TRL must not build a second engine (a second copy of the weights): ours is attached below.
                 args.use_vllm = False
             elif _uses_vllm_sleep_for_standby(args):
@@ -392,15 +398,22 @@ def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config, qua
     requested = args.vllm_shared_weights
     if requested is False:
         return False
-    if quantization_config is not None or "quantization_config" in (args.model_init_kwargs or {}):
-        # `vllm_standby.shared_hf_model` builds views of unquantized vLLM layers only; vLLM's bitsandbytes layers
-        # hold packed shards with per-shard quantization states, which it does not map (yet).
-        if requested:
+    if quantization_config is not None:
+        if requested and args.vllm_merge_adapter:
             raise ValueError(
-                "vllm_shared_weights=True does not support quantized (QLoRA) models yet: shared weights are views of "
-                "unquantized vLLM layers. Allowed with quantization_config: False or None (automatic: off)."
+                "vllm_merge_adapter=True cannot merge a LoRA adapter into 4-bit shared weights (QLoRA). Allowed with "
+                "a quantization_config and vllm_shared_weights=True: False or None (automatic: off)."
             )
-        return False
+        problem = _shared_4bit_problem(quantization_config)
+        if problem is not None:
+            if requested:
+                raise ValueError(
+                    f"vllm_shared_weights=True with a quantized (QLoRA) model: {problem}. Allowed here: False or None "
+                    "(automatic: off)."
+                )
+            return False
+        if args.vllm_merge_adapter:
+            return False  # merged rollouts asked for: only possible with TRL's own (unshared) engine
     if peft_config is None or getattr(peft_config, "peft_type", None) is None or peft_config.peft_type.value != "LORA":
         if requested:
             raise ValueError(
@@ -421,16 +434,35 @@ def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config, qua
     return True if requested else kv_standby_supported()
 
 
-def _shared_model_and_engine(model_path: str, args: LongContextGRPOConfig, peft_config):
-    """Build the colocated engine, then the trainer's base model as views of its weights (one copy in memory)."""
+def _shared_4bit_problem(quantization_config) -> str | None:
+    """Why this quantization cannot be shared with vLLM, or `None` when it can: vLLM (0.25-0.28) quantizes the
+    checkpoint to bitsandbytes 4-bit NF4 itself, and the trainer's layers are views of its shards."""
+    from vllm_standby.shared_4bit import bitsandbytes_in_vllm
+
+    if not getattr(quantization_config, "load_in_4bit", False) or (
+        getattr(quantization_config, "bnb_4bit_quant_type", None) != "nf4"
+    ):
+        return "shared 4-bit weights need BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'), as vLLM quantizes"
+    if not bitsandbytes_in_vllm():
+        import vllm
+
+        return f"vLLM {vllm.__version__} has no bitsandbytes quantization (vLLM 0.25-0.28 on CUDA have it)"
+    return None
+
+
+def _shared_model_and_engine(model_path: str, args: LongContextGRPOConfig, peft_config, quantized: bool = False):
+    """Build the colocated engine, then the trainer's base model as views of its weights (one copy in memory); with
+    `quantized`, vLLM quantizes the checkpoint to bitsandbytes NF4 and the trainer gets `Linear4bit` views (QLoRA)."""
     from accelerate import PartialState
 
     from vllm_standby import shared_hf_model
 
     from .vllm_shared import build_shared_engine, resolve_merge_adapter
 
-    enable_lora = not resolve_merge_adapter(args)
-    llm = build_shared_engine(model_path, args, PartialState(), lora_rank=peft_config.r, enable_lora=enable_lora)
+    enable_lora = not resolve_merge_adapter(args, quantized)
+    llm = build_shared_engine(
+        model_path, args, PartialState(), lora_rank=peft_config.r, enable_lora=enable_lora, quantized=quantized
+    )
     hf_model = shared_hf_model(llm)
     hf_model.name_or_path = hf_model.config._name_or_path = model_path
     return hf_model.train(), llm

@@ -29,7 +29,7 @@ class AdapterStandbyLLM(StandbyLLM):
 
 
 def build_shared_engine(
-    model_path: str, args, accelerator, lora_rank: int, enable_lora: bool = True
+    model_path: str, args, accelerator, lora_rank: int, enable_lora: bool = True, quantized: bool = False
 ) -> AdapterStandbyLLM:
     """Build the colocated engine as TRL's colocate mode does, with LoRA enabled and the weights' own dtype (and, on
     CUDA, `vllm_standby`'s fast start).
@@ -40,6 +40,7 @@ def build_shared_engine(
         accelerator: The trainer's accelerator (its process index seeds sampling, as in TRL).
         lora_rank: Rank of the trainer's LoRA adapter (vLLM's `max_lora_rank`).
         enable_lora: Build vLLM's LoRA support (off when the adapter is merged into the shared weights instead).
+        quantized: vLLM quantizes the checkpoint to bitsandbytes 4-bit NF4 at load (QLoRA with shared weights).
     """
     os.environ["RANK"] = str(accelerator.process_index)
     os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
@@ -64,6 +65,7 @@ def build_shared_engine(
         max_num_batched_tokens=4096,
         logprobs_mode="processed_logprobs",
         trust_remote_code=args.trust_remote_code,
+        **({"quantization": "bitsandbytes"} if quantized else {}),
         **({"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1} if enable_lora else {}),
     )
 
@@ -115,7 +117,7 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
     args = trainer.args
     return SharedWeightsVLLMGeneration(
         llm,
-        merge_adapter=resolve_merge_adapter(args),
+        merge_adapter=resolve_merge_adapter(args, getattr(trainer.model, "is_loaded_in_4bit", False)),
         model=trainer.model,
         accelerator=trainer.accelerator,
         processing_class=trainer.processing_class,
@@ -139,8 +141,9 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
     )
 
 
-def resolve_merge_adapter(args) -> bool:
-    """`vllm_merge_adapter` with `None` resolved: on with CUDA, off (an in-memory LoRA request) elsewhere.
+def resolve_merge_adapter(args, quantized: bool = False) -> bool:
+    """`vllm_merge_adapter` with `None` resolved: on with CUDA, off (an in-memory LoRA request) elsewhere and for 4-bit
+    (QLoRA) weights, which an adapter cannot be merged into.
 
     Measured on an H200 (docs/benchmarks.md): vLLM's LoRA kernels decode a 2-sequence group at 0.63 x plain speed,
     and a GRPO step (Qwen3-1.7B, 4,096 tokens) took 15.90 s with the LoRA request against 11.21 s merged. On the CPU
@@ -148,6 +151,8 @@ def resolve_merge_adapter(args) -> bool:
     gain, so the request stays the default there."""
     if args.vllm_merge_adapter is not None:
         return args.vllm_merge_adapter
+    if quantized:
+        return False
     from vllm.platforms import current_platform
 
     return current_platform.is_cuda()

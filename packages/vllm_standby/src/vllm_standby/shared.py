@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from vllm_standby import _worker
+from vllm_standby.shared_4bit import Packed4bitShard, is_packed_4bit, linear_4bit_view, split_packed_4bit
 
 
 def _vllm_model(llm: Any) -> torch.nn.Module:
@@ -22,17 +23,30 @@ def _vllm_model(llm: Any) -> torch.nn.Module:
     return models[0]
 
 
-def _split_packed(vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor in the checkpoint's naming: packed weights (qkv_proj, gate_up_proj) cut into row views."""
+def _split_packed(
+    vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Module
+) -> dict[str, torch.Tensor | Packed4bitShard]:
+    """Name -> tensor in the checkpoint's naming: packed weights (qkv_proj, gate_up_proj) cut into row views; a
+    bitsandbytes 4-bit weight becomes its shards (packed codes + quantization state, see `shared_4bit`)."""
     packed = getattr(vllm_model, "packed_modules_mapping", {}) or {}
     modules = dict(vllm_model.named_modules())
-    views: dict[str, torch.Tensor] = {}
-    for name, tensor in vllm_params.items():
+    views: dict[str, torch.Tensor | Packed4bitShard] = {}
+    for name, param in vllm_params.items():
         module_name, _, leaf = name.rpartition(".")
         # With enable_lora, vLLM wraps layers: `qkv_proj.base_layer.weight` holds the base weight.
         hf_module_name = module_name.removesuffix(".base_layer")
         packed_name = hf_module_name.rpartition(".")[2]
         parts = packed.get(packed_name)
+        if is_packed_4bit(param):
+            shards = split_packed_4bit(param)
+            parts = parts or [packed_name]
+            if len(shards) != len(parts):
+                raise RuntimeError(f"cannot split 4-bit {name} into {parts}: {len(shards)} shards")
+            prefix = hf_module_name[: -len(packed_name)]
+            views.update({f"{prefix}{part}.{leaf}": shard for part, shard in zip(parts, shards, strict=True)})
+            continue
+        # detach(): plain tensors sharing storage (vLLM parameters are subclasses that Parameter() refuses to wrap).
+        tensor = param.detach()
         if not parts:
             views[f"{hf_module_name}.{leaf}"] = tensor
             continue
@@ -61,11 +75,14 @@ def shared_hf_model(llm: Any, model_cls: Any = None) -> torch.nn.Module:
 
     q/k/v are row slices of vLLM's ``qkv_proj``, gate/up of ``gate_up_proj``; embeddings and ``lm_head`` are cut to
     the real vocabulary (vLLM pads it). The weights are frozen (``requires_grad=False``): put PEFT LoRA on top.
+    An engine built with ``quantization="bitsandbytes"`` (4-bit, vLLM 0.25-0.28) gives bitsandbytes ``Linear4bit``
+    layers whose packed weights are views of vLLM's shards, each with its own quantization state (QLoRA, one copy);
+    the model is then marked ``is_loaded_in_4bit`` so that PEFT puts its 4-bit LoRA layers on them.
     Writing to them in place changes vLLM's weights too (call ``llm.reset_prefix_cache()`` afterwards).
 
     Args:
         llm: A ``vllm.LLM`` (or :class:`vllm_standby.StandbyLLM`) running in this process, tensor parallel 1,
-            unquantized, created with the vllm_standby patches live (so CPU weights stay plain).
+            unquantized or bitsandbytes 4-bit, created with the vllm_standby patches live (so CPU weights stay plain).
         model_cls: transformers class to build; default ``AutoModelForCausalLM`` from vLLM's HF config.
 
     Returns:
@@ -83,28 +100,39 @@ def shared_hf_model(llm: Any, model_cls: Any = None) -> torch.nn.Module:
 
     vllm_model = _vllm_model(llm)
     config = llm.llm_engine.model_config.hf_config
-    # detach(): plain tensors sharing storage (vLLM parameters are subclasses that Parameter() refuses to wrap).
-    vllm_params = {n: p.detach() for n, p in vllm_model.named_parameters(remove_duplicate=False)}
-    sample = next(iter(vllm_params.values()))
-    views = _split_packed(vllm_params, vllm_model)
+    dtype = llm.llm_engine.model_config.dtype
+    views = _split_packed(dict(vllm_model.named_parameters(remove_duplicate=False)), vllm_model)
+    device = next(vllm_model.parameters()).device
     model_cls = model_cls or transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        hf = model_cls.from_config(config, dtype=sample.dtype)
-    missing = []
-    for name, param in hf.named_parameters(remove_duplicate=True):
+        hf = model_cls.from_config(config, dtype=dtype)
+    missing, quantized = [], 0
+    for name, param in list(hf.named_parameters(remove_duplicate=True)):
         view = views.get(name)
+        module_name, _, leaf = name.rpartition(".")
         if view is None:
             missing.append(name)
+            continue
+        if isinstance(view, Packed4bitShard):
+            # vLLM quantized this layer: the transformers layer becomes a bitsandbytes Linear4bit on the same bytes.
+            if (view.out_features, view.in_features) != tuple(param.shape):
+                raise RuntimeError(f"{name}: vLLM 4-bit shape {view.quant_state.shape} vs transformers {param.shape}")
+            parent_name, _, child = module_name.rpartition(".")
+            bias = views.get(f"{module_name}.bias")
+            hf.get_submodule(parent_name).add_module(child, linear_4bit_view(view, dtype, bias))
+            quantized += 1
             continue
         if view.shape != param.shape:  # vocab padding: keep the first rows
             if view.shape[1:] != param.shape[1:] or view.shape[0] < param.shape[0]:
                 raise RuntimeError(f"{name}: vLLM shape {tuple(view.shape)} vs transformers {tuple(param.shape)}")
             view = view[: param.shape[0]]
-        module_name, _, leaf = name.rpartition(".")
         hf.get_submodule(module_name)._parameters[leaf] = torch.nn.Parameter(view, requires_grad=False)
     if missing:
         raise RuntimeError(f"shared_hf_model: no vLLM tensor for {missing[:8]} ({len(missing)} in all)")
     if getattr(config, "tie_word_embeddings", False):
         hf.tie_weights()
-    _materialize_meta_buffers(hf, config, sample.device)
+    if quantized:
+        # What transformers' bitsandbytes quantizer sets: PEFT then wraps these layers with its 4-bit LoRA layers.
+        hf.is_loaded_in_4bit = True
+    _materialize_meta_buffers(hf, config, device)
     return hf.eval()
