@@ -145,3 +145,48 @@ def test_merge_adapter_default_follows_the_platform(tmp_path):
 
     assert resolved(None) is current_platform.is_cuda()
     assert resolved(True) is True and resolved(False) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (vLLM's bitsandbytes layers)")
+def test_qlora_grpo_with_shared_4bit_weights(tmp_path, monkeypatch):
+    """QLoRA with one copy: vLLM quantizes the checkpoint to NF4, the trainer's Linear4bit layers are views of its
+    shards, the adapter reaches vLLM as a LoRA request, and vLLM samples from the trainer's policy."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+    from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
+    from trl_longctx.tiny_models import save_tiny_model
+    from vllm_standby import _worker
+    from vllm_standby.shared_4bit import bitsandbytes_in_vllm
+
+    if not bitsandbytes_in_vllm():
+        pytest.skip("this vLLM has no bitsandbytes quantization")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    model_dir = save_tiny_model(tmp_path / "model")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    args = LongContextGRPOConfig(
+        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=6, learning_rate=5e-2, logging_steps=1, report_to="none", bf16=True,
+        save_strategy="no", use_vllm=True, vllm_mode="colocate", vllm_max_model_length=64,
+        vllm_gpu_memory_utilization=0.2, disable_tqdm=True, vllm_shared_weights=True,
+        model_init_kwargs={"quantization_config": nf4, "dtype": "bfloat16"},
+    )  # fmt: skip
+    trainer = LongContextGRPOTrainer(
+        model=str(model_dir), reward_funcs=copy_letter_reward, args=args, train_dataset=make_copy_letter_dataset(64),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )  # fmt: skip
+    llm = trainer.vllm_generation.llm
+    vllm_model = llm.collective_rpc(_worker.model_of)[0]
+    assert trainer.model.is_loaded_in_4bit and not trainer.vllm_generation.merge_adapter
+    four_bit = [p for n, p in trainer.model.named_parameters() if p.dtype == torch.uint8]
+    assert len(four_bit) == 7 * trainer.model.config.num_hidden_layers  # q, k, v, o, gate, up, down
+    assert _storage_ptrs(four_bit) <= _storage_ptrs(vllm_model.parameters())
+    trainer.train()
+    base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
+    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 3 and llm.adapter is not None and llm.adapter.lora_int_id >= 3
+    # bf16 on both sides: vLLM's 4-bit GEMM and bitsandbytes' dequantize + matmul round differently.
+    assert all(h["sampling/sampling_logp_difference/mean"] < 0.1 for h in logs)

@@ -229,6 +229,7 @@ def cmd_grpo(args) -> dict:
         )
     init_s = time.perf_counter() - start
     trainer.add_callback(timer.callback)
+    phases = time_phases(trainer, ("_generate_single_turn", "_generate_and_score_completions", "training_step"))
     trainer.train()
     lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
     return {
@@ -240,7 +241,37 @@ def cmd_grpo(args) -> dict:
         "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
         "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
         "merge_adapter": getattr(trainer, "_adapter_merger", None) is not None,
+        # Where a step's time goes (medians after the first step): the rollout (weight sync or merge, KV restore and
+        # release, vLLM's generation), the rest of the batch preparation (TRL's old log-probs for importance
+        # sampling, rewards), and the training step (forward, backward, optimizer).
+        "rollout_s": _median_after_first(phases["_generate_single_turn"]),
+        "scoring_s": _median_after_first(phases["_generate_and_score_completions"])
+        - _median_after_first(phases["_generate_single_turn"]),
+        "train_s": _median_after_first(phases["training_step"]),
     }  # fmt: skip
+
+
+def time_phases(trainer, names) -> dict[str, list[float]]:
+    """Wrap the trainer's methods `names` (on the instance) to record the seconds of each call, GPU synchronized."""
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        method = getattr(trainer, name)
+
+        def timed(*args, _method=method, _name=name, **kwargs):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                seconds[_name].append(time.perf_counter() - begin)
+
+        setattr(trainer, name, timed)
+    return seconds
+
+
+def _median_after_first(values: list[float]) -> float | None:
+    return statistics.median(values[1:] or values) if values else None
 
 
 # ---------------------------------------------------------------- 32B
@@ -412,6 +443,8 @@ def summary(rows: list[dict]) -> str:
          trl.get("s_per_step") / merged["s_per_step"] if trl.get("s_per_step") and merged.get("s_per_step") else None],
         ["GRPO peak GiB TRL / ours / ours merged", trl.get("peak_allocated_GiB"), ours.get("peak_allocated_GiB"),
          merged.get("peak_allocated_GiB")],
+        *[[f"GRPO {phase} TRL / ours / ours merged", trl.get(phase), ours.get(phase), merged.get(phase)]
+          for phase in ("rollout_s", "scoring_s", "train_s")],
     ]  # fmt: skip
     return markdown_table(["measure", "a", "b", "c"], table)
 
