@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_load_general_plugins_leaves_patches_live():
     load_general_plugins()
     assert vllm_standby.is_active()
     for patch in vllm_standby.applied_patches():
-        assert getattr(patch.target, patch.name) is patch.replacement
+        # Static lookup: a patched classmethod is stored as the descriptor, `getattr` would give a bound method.
+        assert inspect.getattr_static(patch.target, patch.name) is patch.replacement
         assert getattr(patch.replacement, "__vllm_standby__", False)
 
 
