@@ -10,6 +10,17 @@ from trl import GRPOConfig
 # training step; we reject it at configuration time, before any model is loaded.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
+# Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code),
+# plus "off"; a test checks that the two lists agree.
+COMPILE_DECODER_SETTINGS = (
+    "off",
+    "eager",
+    "layers",
+    "layers-dynamic",
+    "layers-mark-dynamic",
+    "layers-max-autotune-no-cudagraphs",
+    "model",
+)
 
 
 @dataclass
@@ -72,6 +83,15 @@ class LongContextGRPOConfig(GRPOConfig):
             running LoRA kernels; `False` hands vLLM the adapter as an in-memory LoRA request. `None`: `True` on
             CUDA (a GRPO step measured 11.2 s merged against 15.9 s with vLLM's LoRA kernels on an H200), `False` on
             vLLM's CPU build.
+        compile_decoder_layers (`str` or `None`, *optional*, defaults to `None`):
+            `torch.compile` the decoder of the training path, applied once before the first step
+            (`trl_longctx.compile_regions.compile_decoder_layers`): `"layers"` compiles each decoder layer (one graph
+            shared by all layers; automatic dynamic shapes after the first new length), `"layers-dynamic"` with
+            `dynamic=True`, `"layers-mark-dynamic"` with the sequence dimension marked dynamic from the first step,
+            `"layers-max-autotune-no-cudagraphs"` with that inductor mode, `"model"` the whole decoder under one
+            `torch.compile`. Checkpoint offloading stays eager around each compiled layer; tiled MLPs run eager
+            inside it. Forwards with a KV cache (transformers' `generate`) stay eager. `None`, `"off"` or `"eager"`:
+            not compiled.
     """
 
     grpo_mini_batch: int | None = field(
@@ -150,6 +170,14 @@ class LongContextGRPOConfig(GRPOConfig):
             "afterwards (vLLM decodes without LoRA kernels). None: on with CUDA, off on vLLM's CPU build."
         },
     )
+    compile_decoder_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile setting of the training path's decoder (trl_longctx.compile_regions): 'layers' "
+            "compiles each decoder layer. None or 'off': eager.",
+            "choices": list(COMPILE_DECODER_SETTINGS),
+        },
+    )
 
     def __post_init__(self):
         if self.vllm_merge_adapter is not None and not isinstance(self.vllm_merge_adapter, bool):
@@ -169,6 +197,11 @@ class LongContextGRPOConfig(GRPOConfig):
         _check_positive_or_none("tiled_mlp_chunks", self.tiled_mlp_chunks)
         if self.logprob_backend not in LOGPROB_BACKENDS:
             raise ValueError(f"logprob_backend must be one of {list(LOGPROB_BACKENDS)}, got {self.logprob_backend!r}.")
+        if self.compile_decoder_layers is not None and self.compile_decoder_layers not in COMPILE_DECODER_SETTINGS:
+            raise ValueError(
+                f"compile_decoder_layers must be None or one of {list(COMPILE_DECODER_SETTINGS)}, "
+                f"got {self.compile_decoder_layers!r}."
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}.")
         if self.use_vllm_when_available:

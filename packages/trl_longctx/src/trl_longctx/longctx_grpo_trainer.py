@@ -13,6 +13,7 @@ from longctx_kernels import selective_logprobs
 
 from . import oom_retry
 from .checkpoints import atomic_checkpoint
+from .compile_regions import compile_decoder_layers
 from .distributed import ForwardRedirection, full_tensor
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .longctx_grpo_config import LongContextGRPOConfig
@@ -103,6 +104,11 @@ class LongContextGRPOTrainer(GRPOTrainer):
             from .merged_rollout import AdapterMerger
 
             self._adapter_merger = AdapterMerger(self.accelerator.unwrap_model(self.model))
+        compile_setting = getattr(self.args, "compile_decoder_layers", None)
+        if compile_setting not in (None, "off"):
+            # Once, on the model our log-prob path runs (the PEFT model, not an accelerate wrapper); lazy: each
+            # shape compiles at its first forward.
+            compile_decoder_layers(self.accelerator.unwrap_model(self.model), compile_setting)
         # One offloader for the whole run: its pinned buffers are reused by every step and freed at train end.
         self.checkpoint_offloader = CheckpointOffloader()
         self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))

@@ -107,6 +107,9 @@ class _TiledMLPForward:
         self.chunks = chunks
         self.intermediate_size = getattr(module, "intermediate_size", None) or module.gate_proj.out_features
 
+    # Eager inside a compiled decoder layer (`trl_longctx.compile_regions`): one graph break instead of a guard on
+    # this per-step, per-layer object, which would recompile the layer for every layer and step.
+    @torch.compiler.disable
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self.chunks
         if chunks is None:
