@@ -241,14 +241,25 @@ def cmd_grpo(args) -> dict:
         "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
         "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
         "merge_adapter": getattr(trainer, "_adapter_merger", None) is not None,
-        # Where a step's time goes (medians after the first step): the rollout (weight sync or merge, KV restore and
-        # release, vLLM's generation), the rest of the batch preparation (TRL's old log-probs for importance
-        # sampling, rewards), and the training step (forward, backward, optimizer).
-        "rollout_s": _median_after_first(phases["_generate_single_turn"]),
-        "scoring_s": _median_after_first(phases["_generate_and_score_completions"])
-        - _median_after_first(phases["_generate_single_turn"]),
-        "train_s": _median_after_first(phases["training_step"]),
+        # Where a step's time goes (medians after the first step). TRL nests them: `training_step` prepares its batch
+        # (`_generate_and_score_completions`, which calls `_generate_single_turn`) before forward and backward. So:
+        # the rollout (weight sync or merge, KV restore and release, vLLM's generation), the rest of the batch
+        # preparation (TRL's old log-probs for importance sampling, rewards), and training (forward, backward).
+        **_phase_split(phases),
     }  # fmt: skip
+
+
+def _phase_split(phases: dict[str, list[float]]) -> dict[str, float | None]:
+    rollout, prepare, step = (phases[n] for n in ("_generate_single_turn", "_generate_and_score_completions",
+                                                  "training_step"))  # fmt: skip
+    if not (len(rollout) == len(prepare) == len(step) and step):
+        return {"rollout_s": None, "scoring_s": None, "train_s": None, "training_step_s": None}
+    return {
+        "rollout_s": _median_after_first(rollout),
+        "scoring_s": _median_after_first([p - r for p, r in zip(prepare, rollout)]),
+        "train_s": _median_after_first([s - p for s, p in zip(step, prepare)]),
+        "training_step_s": _median_after_first(step),
+    }
 
 
 def time_phases(trainer, names) -> dict[str, list[float]]:
