@@ -145,3 +145,31 @@ def assert_greedy_equivalent(model, outputs: list[list[int]], prompts=PROMPTS) -
             f"prompt {prompt}: vLLM's token at step {gaps.argmax().item()} is {gaps.max().item():.3f} logits below "
             f"the float32 argmax (allowed {BF16_GREEDY_LOGIT_GAP}); gaps {gaps.tolist()}"
         )
+
+
+def _report_errors(target, errors, *args) -> None:
+    import traceback
+
+    try:
+        target(*args)
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+
+
+def run_in_child(target, *args, timeout: float = 600) -> None:
+    """Run `target(*args)` in a fresh (spawned) process and fail with its traceback if it raises.
+
+    For GPU tests that need their own vLLM engine: one sleep-mode engine lives per process (its CuMem allocator is a
+    process-wide singleton), and the session's `vllm_llm` lives in this one. `target` must be a module-level function.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.Queue()
+    child = context.Process(target=_report_errors, args=(target, errors, *args))
+    child.start()
+    child.join(timeout=timeout)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, errors.get() if not errors.empty() else f"child exit code {child.exitcode}"

@@ -6,47 +6,42 @@ the installed package), and one sleep-mode engine lives per process (the session
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import traceback
 
 import pytest
 import torch
+from conftest import run_in_child
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
-def _plain_engine_check(model_dir: str, errors) -> None:
-    try:
-        os.environ["VLLM_STANDBY"] = "1"
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        import vllm
-        from conftest import greedy_vllm
+def _plain_engine_check(model_dir: str) -> None:
+    os.environ["VLLM_STANDBY"] = "1"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm
+    from conftest import greedy_vllm
 
-        import vllm_standby
+    import vllm_standby
 
-        llm = vllm.LLM(
-            model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=128, max_num_seqs=4,
-            gpu_memory_utilization=0.2, enable_sleep_mode=True, seed=0,
-        )  # fmt: skip
-        assert vllm_standby.is_enabled(), "the entry point did not run: is vllm_standby installed (pip install)?"
-        weight = llm.apply_model(lambda model: model)[0].model.layers[0].mlp.down_proj.weight
-        checksum = weight.float().sum().item()
-        before = greedy_vllm(llm)
-        free, total = torch.cuda.mem_get_info()
-        used_awake = total - free
-        llm.sleep(level=1)
-        free, total = torch.cuda.mem_get_info()
-        released = used_awake - (total - free)
-        # 0.2 of the GPU minus weights and activations is KV cache: several GiB, all of it released.
-        assert released > 0.1 * total, f"sleep released {released / 2**30:.2f} GiB"
-        # KV-only: the weights stay mapped and unchanged while asleep (stock level-1 sleep unmaps them).
-        assert weight.float().sum().item() == checksum
-        llm.wake_up()
-        assert greedy_vllm(llm) == before
-    except BaseException:
-        errors.put(traceback.format_exc())
-        raise
+    llm = vllm.LLM(
+        model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=128, max_num_seqs=4,
+        gpu_memory_utilization=0.2, enable_sleep_mode=True, seed=0,
+    )  # fmt: skip
+    assert vllm_standby.is_enabled(), "the entry point did not run: is vllm_standby installed (pip install)?"
+    weight = llm.apply_model(lambda model: model)[0].model.layers[0].mlp.down_proj.weight
+    checksum = weight.float().sum().item()
+    before = greedy_vllm(llm)
+    free, total = torch.cuda.mem_get_info()
+    used_awake = total - free
+    llm.sleep(level=1)
+    free, total = torch.cuda.mem_get_info()
+    released = used_awake - (total - free)
+    # 0.2 of the GPU minus weights and activations is KV cache: several GiB, all of it released.
+    assert released > 0.1 * total, f"sleep released {released / 2**30:.2f} GiB"
+    # KV-only: the weights stay mapped and unchanged while asleep (stock level-1 sleep unmaps them).
+    assert weight.float().sum().item() == checksum
+    llm.wake_up()
+    assert greedy_vllm(llm) == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (KV-only sleep through vLLM's CuMem pool)")
@@ -55,9 +50,4 @@ def test_env_switch_gives_plain_llm_kv_only_sleep(tiny_qwen3_dir):
 
     if not kv_standby_supported():
         pytest.skip("KV-only standby is not implemented for this vLLM version")
-    context = multiprocessing.get_context("spawn")
-    errors = context.Queue()
-    child = context.Process(target=_plain_engine_check, args=(str(tiny_qwen3_dir), errors))
-    child.start()
-    child.join(timeout=600)
-    assert child.exitcode == 0, errors.get() if not errors.empty() else f"child exit code {child.exitcode}"
+    run_in_child(_plain_engine_check, str(tiny_qwen3_dir))

@@ -9,11 +9,9 @@ sleep-mode engine per process: the session's engine lives in this one).
 
 from __future__ import annotations
 
-import multiprocessing
-import traceback
-
 import pytest
 import torch
+from conftest import run_in_child
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -110,76 +108,70 @@ def test_unknown_layout_is_refused():
         split_packed_4bit(param)
 
 
-def _real_engine_check(model_dir: str, errors) -> None:
+def _real_engine_check(model_dir: str) -> None:
     """Child process: a real vLLM bitsandbytes engine, its shared transformers model, pointers and generations."""
-    try:
-        import peft
-        from conftest import BF16_GREEDY_LOGIT_GAP, LORA_RANK, PROMPTS, greedy_vllm
+    import peft
+    from conftest import BF16_GREEDY_LOGIT_GAP, LORA_RANK, PROMPTS, greedy_vllm
 
-        import vllm_standby
+    import vllm_standby
 
-        vllm_standby.register()
-        llm = vllm_standby.StandbyLLM(
-            model_dir, dtype="bfloat16", quantization="bitsandbytes", enforce_eager=True, max_model_len=128,
-            max_num_seqs=4, kv_cache_memory_bytes=64 * 2**20, seed=0, enable_lora=True, max_lora_rank=LORA_RANK,
-            max_loras=1,
-        )  # fmt: skip
-        hf = vllm_standby.shared_hf_model(llm)
-        vm = llm.apply_model(lambda model: model)[0]
-        assert hf.is_loaded_in_4bit
-        for hl, vl in zip(hf.model.layers, vm.model.layers, strict=True):
-            qkv = vl.self_attn.qkv_proj.base_layer.weight
-            offsets = [int(o) for o in qkv.bnb_shard_offsets]
-            for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                layer = getattr(hl.self_attn, name)
-                assert isinstance(layer, bnb.nn.Linear4bit), type(layer)
-                assert layer.weight.data_ptr() == qkv.data_ptr() + offsets[index], name
-                assert layer.weight.quant_state is qkv.bnb_quant_state[index], name
-            down = vl.mlp.down_proj.base_layer.weight
-            assert hl.mlp.down_proj.weight.data_ptr() == down.data_ptr()
+    vllm_standby.register()
+    llm = vllm_standby.StandbyLLM(
+        model_dir, dtype="bfloat16", quantization="bitsandbytes", enforce_eager=True, max_model_len=128,
+        max_num_seqs=4, kv_cache_memory_bytes=64 * 2**20, seed=0, enable_lora=True, max_lora_rank=LORA_RANK,
+        max_loras=1,
+    )  # fmt: skip
+    hf = vllm_standby.shared_hf_model(llm)
+    vm = llm.apply_model(lambda model: model)[0]
+    assert hf.is_loaded_in_4bit
+    for hl, vl in zip(hf.model.layers, vm.model.layers, strict=True):
+        qkv = vl.self_attn.qkv_proj.base_layer.weight
+        offsets = [int(o) for o in qkv.bnb_shard_offsets]
+        for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            layer = getattr(hl.self_attn, name)
+            assert isinstance(layer, bnb.nn.Linear4bit), type(layer)
+            assert layer.weight.data_ptr() == qkv.data_ptr() + offsets[index], name
+            assert layer.weight.quant_state is qkv.bnb_quant_state[index], name
+        down = vl.mlp.down_proj.base_layer.weight
+        assert hl.mlp.down_proj.weight.data_ptr() == down.data_ptr()
 
-        def check_tokens(model, outputs):
-            # bf16 on both sides (vLLM's bnb GEMM vs transformers' Linear4bit): each greedy token within the gap of
-            # the transformers model's best logit on the same prefix (teacher forcing).
-            for prompt, out in zip(PROMPTS, outputs, strict=True):
-                ids = torch.tensor([prompt + out], device="cuda")
-                with torch.no_grad():
-                    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-                chosen = logits.gather(1, torch.tensor(out, device="cuda")[:, None])[:, 0]
-                gap = (logits.max(dim=1).values - chosen).max().item()
-                assert gap <= BF16_GREEDY_LOGIT_GAP, f"vLLM's token is {gap:.3f} logits below transformers' best"
+    def check_tokens(model, outputs):
+        # bf16 on both sides (vLLM's bnb GEMM vs transformers' Linear4bit): each greedy token within the gap of
+        # the transformers model's best logit on the same prefix (teacher forcing).
+        for prompt, out in zip(PROMPTS, outputs, strict=True):
+            ids = torch.tensor([prompt + out], device="cuda")
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            chosen = logits.gather(1, torch.tensor(out, device="cuda")[:, None])[:, 0]
+            gap = (logits.max(dim=1).values - chosen).max().item()
+            assert gap <= BF16_GREEDY_LOGIT_GAP, f"vLLM's token is {gap:.3f} logits below transformers' best"
 
-        check_tokens(hf, greedy_vllm(llm))
-        lora = peft.get_peft_model(
-            hf, peft.LoraConfig(r=LORA_RANK, target_modules="all-linear", init_lora_weights=False)
-        )
-        assert lora.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight.data_ptr() == (
-            vm.model.layers[0].self_attn.qkv_proj.base_layer.weight.data_ptr()
-        )
-        # The adapter through vLLM's LoRA kernels on its 4-bit layers: teacher-forced log-probs of the same tokens,
-        # with and without the adapter, in vLLM and in transformers. The adapter moves them by whole units (a random
-        # init_lora_weights=False adapter); vLLM must reproduce that move within 10% (bf16 LoRA kernels in vLLM,
-        # float32 adapter matmuls in PEFT), and agree without it.
-        request = vllm_standby.lora_request(lora)
-        sequences = [p + o for p, o in zip(PROMPTS, greedy_vllm(llm, lora_request=request), strict=True)]
-        vllm_base, vllm_lora = _vllm_token_logprobs(llm, sequences), _vllm_token_logprobs(llm, sequences, request)
-        hf_lora = _hf_token_logprobs(lora, sequences)
-        with lora.disable_adapter():
-            hf_base = _hf_token_logprobs(lora, sequences)
-        effect = (hf_lora - hf_base).norm()
-        assert effect > 1.0, f"the random adapter barely moved the log-probs ({effect:.3f})"
-        error = ((vllm_lora - vllm_base) - (hf_lora - hf_base)).norm()
-        base_gap = (vllm_base - hf_base).abs().max()
-        print(f"4-bit LoRA: adapter effect {effect:.3f}, vLLM error {error:.3f}, base max gap {base_gap:.4f}")
-        assert base_gap < 0.1, f"vLLM and transformers disagree by {base_gap:.3f} without the adapter"
-        assert error <= 0.1 * effect, f"vLLM's adapter effect is off by {error:.3f} of {effect:.3f}"
-        before = greedy_vllm(llm)
-        llm.standby()
-        llm.resume()
-        assert greedy_vllm(llm) == before
-    except BaseException:
-        errors.put(traceback.format_exc())
-        raise
+    check_tokens(hf, greedy_vllm(llm))
+    lora = peft.get_peft_model(hf, peft.LoraConfig(r=LORA_RANK, target_modules="all-linear", init_lora_weights=False))
+    assert lora.base_model.model.model.layers[0].self_attn.q_proj.get_base_layer().weight.data_ptr() == (
+        vm.model.layers[0].self_attn.qkv_proj.base_layer.weight.data_ptr()
+    )
+    # The adapter through vLLM's LoRA kernels on its 4-bit layers: teacher-forced log-probs of the same tokens,
+    # with and without the adapter, in vLLM and in transformers. The adapter moves them by whole units (a random
+    # init_lora_weights=False adapter); vLLM must reproduce that move within 10% (bf16 LoRA kernels in vLLM,
+    # float32 adapter matmuls in PEFT), and agree without it.
+    request = vllm_standby.lora_request(lora)
+    sequences = [p + o for p, o in zip(PROMPTS, greedy_vllm(llm, lora_request=request), strict=True)]
+    vllm_base, vllm_lora = _vllm_token_logprobs(llm, sequences), _vllm_token_logprobs(llm, sequences, request)
+    hf_lora = _hf_token_logprobs(lora, sequences)
+    with lora.disable_adapter():
+        hf_base = _hf_token_logprobs(lora, sequences)
+    effect = (hf_lora - hf_base).norm()
+    assert effect > 1.0, f"the random adapter barely moved the log-probs ({effect:.3f})"
+    error = ((vllm_lora - vllm_base) - (hf_lora - hf_base)).norm()
+    base_gap = (vllm_base - hf_base).abs().max()
+    print(f"4-bit LoRA: adapter effect {effect:.3f}, vLLM error {error:.3f}, base max gap {base_gap:.4f}")
+    assert base_gap < 0.1, f"vLLM and transformers disagree by {base_gap:.3f} without the adapter"
+    assert error <= 0.1 * effect, f"vLLM's adapter effect is off by {error:.3f} of {effect:.3f}"
+    before = greedy_vllm(llm)
+    llm.standby()
+    llm.resume()
+    assert greedy_vllm(llm) == before
 
 
 def _vllm_token_logprobs(llm, sequences, lora_request=None) -> torch.Tensor:
@@ -213,9 +205,4 @@ def test_real_vllm_4bit_engine_is_shared(tiny_qwen3_dir):
 
     if not bitsandbytes_in_vllm():
         pytest.skip("this vLLM has no bitsandbytes quantization")
-    context = multiprocessing.get_context("spawn")
-    errors = context.Queue()
-    child = context.Process(target=_real_engine_check, args=(str(tiny_qwen3_dir), errors))
-    child.start()
-    child.join(timeout=600)
-    assert child.exitcode == 0, errors.get() if not errors.empty() else f"child exit code {child.exitcode}"
+    run_in_child(_real_engine_check, str(tiny_qwen3_dir))
