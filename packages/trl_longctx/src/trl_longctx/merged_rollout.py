@@ -7,7 +7,8 @@ as a LoRA request makes it decode through LoRA kernels, measured at 0.63 x the s
 weights, as TRL's copy does) and copies the base weights back afterwards from a host copy taken once: the base is
 frozen, so the copy never goes stale, and restoring by copy (not by subtracting the delta again) is exact in bf16.
 Cost: host memory for the adapted base weights (pinned on CUDA), one host-to-device copy of them per rollout.
-Opt-in (`vllm_merge_adapter=True`) until its speed is measured on a GPU.
+On by default with CUDA (`vllm_merge_adapter=None`): a GRPO step measured 11.2 s merged against 15.9 s with the
+LoRA request on an H200.
 """
 
 from __future__ import annotations
