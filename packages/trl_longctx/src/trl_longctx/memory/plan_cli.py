@@ -33,6 +33,7 @@ from .planner import (
     plan_memory,
 )
 from .presets import PRESETS, load_model_shape
+from .rollout_kv import kv_bytes_per_token, min_vllm_utilization, rollout_kv_tokens, vllm_weight_bytes
 
 DEFAULT_MODELS = ("qwen3-8b", "llama3.1-8b")
 DEFAULT_PATHS = ("ours", "trl")
@@ -185,7 +186,23 @@ def format_plan(
             longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling, host_memory_gib=host)
             lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
+    lines += ["", _rollout_line(shape, b, p, length, setup_kwargs["mode"], gpus)]
     return "\n".join(lines)
+
+
+def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: int, mode: str, gpus: dict) -> str:
+    """The colocated vLLM side (shared weights, KV standby): the rollout's KV cache and the utilization it needs."""
+    if mode == "qlora":
+        return "vLLM side: not modeled for 4-bit weights (QLoRA)."
+    tokens = rollout_kv_tokens(sequences, prompt, completion)
+    need = ", ".join(
+        f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib):.2f}" for gpu, gib in gpus.items()
+    )
+    return (
+        f"vLLM side (colocated, one copy of the weights: {vllm_weight_bytes(shape) / GIB:.2f} GiB): the rollout of "
+        f"{sequences} x ({prompt} + {completion}) tokens needs {tokens} KV tokens x {kv_bytes_per_token(shape)} B = "
+        f"{tokens * kv_bytes_per_token(shape) / GIB:.2f} GiB; vllm_gpu_memory_utilization: {need}."
+    )
 
 
 def calibration_points(root: Path | str = ".") -> list[tuple[ModelShape, TrainSetup, float, bool]]:

@@ -1,0 +1,58 @@
+"""The vLLM side of a colocated GRPO step: the KV cache a rollout needs and the `gpu_memory_utilization` that holds it.
+
+Plain Python, like the planner. With shared weights and KV standby the two sides take turns on one GPU: while the
+trainer runs, vLLM holds only the (shared) weights; for a rollout it maps its KV cache back. vLLM's budget is
+`gpu_memory_utilization * GPU memory` for its own tensors: the weights (one bf16 copy: `2 * params` bytes), the
+activations of its profiled forward and sampler, and the KV cache, which gets the rest. A rollout of `n` sequences of
+`P + L` tokens needs `n * ceil((P + L) / 16) * 16` tokens of it (blocks of 16 tokens), at `2 * layers * kv_heads *
+head_dim * 2` bytes per token (K and V, bf16).
+
+Checked against vLLM 0.25 on the lent H200 (139.8 GiB; `docs/bench/colocate_*_2026-11-22*.json`): Qwen3-32B at 0.9
+held 256,736 KV tokens in 62.75 GiB (262,144 B per token, as the formula gives) beside 61.0 GiB of weights (the
+formula: 61.0), i.e. 2.07 GiB of other vLLM memory; Qwen3-1.7B at 0.95 held 128.46 GiB of KV cache beside 3.20 GiB of
+weights (formula: 3.20): 1.15 GiB other; Qwen3-32B at 0.5 beside a second, trainer-held copy: 24,192 tokens, 3.0 GiB
+other. `VLLM_OTHER_GIB` is the largest of those, so the utilization printed is enough on all three.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .planner import BF16, GIB, ModelShape
+
+KV_BLOCK_TOKENS = 16
+# vLLM memory that is neither weights nor KV cache (profiled activations, sampler, CUDA graphs), measured 1.15-3.0 GiB
+# with `max_num_batched_tokens=4096` (TRL's and our colocate setting); the upper end is used.
+VLLM_OTHER_GIB = 3.0
+
+
+def kv_bytes_per_token(shape: ModelShape) -> int:
+    """Bytes of vLLM's bf16 KV cache per token: K and V of every layer."""
+    return 2 * shape.num_hidden_layers * shape.kv_size * BF16
+
+
+def vllm_weight_bytes(shape: ModelShape) -> int:
+    """Bytes of one bf16 copy of the weights, as vLLM holds them (shared with the trainer under shared weights)."""
+    return BF16 * (shape.linear_params() + shape.other_params())
+
+
+def rollout_kv_tokens(sequences: int, prompt_length: int, completion_length: int) -> int:
+    """KV tokens that `sequences` sequences of `prompt_length + completion_length` tokens take at once (whole blocks)."""
+    blocks = math.ceil((prompt_length + completion_length) / KV_BLOCK_TOKENS)
+    return sequences * blocks * KV_BLOCK_TOKENS
+
+
+def min_vllm_utilization(
+    shape: ModelShape, sequences: int, prompt_length: int, completion_length: int, gpu_gib: float
+) -> float:
+    """The smallest `gpu_memory_utilization` whose KV cache holds the whole rollout at once (may exceed 1)."""
+    need = vllm_weight_bytes(shape) + rollout_kv_tokens(sequences, prompt_length, completion_length) * (
+        kv_bytes_per_token(shape)
+    )
+    return (need + VLLM_OTHER_GIB * GIB) / (gpu_gib * GIB)
+
+
+def kv_tokens_at(shape: ModelShape, utilization: float, gpu_gib: float) -> int:
+    """KV tokens vLLM gets at `utilization` of a `gpu_gib` GPU (with `VLLM_OTHER_GIB`: a lower bound)."""
+    free = utilization * gpu_gib * GIB - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB
+    return max(0, int(free // kv_bytes_per_token(shape)))

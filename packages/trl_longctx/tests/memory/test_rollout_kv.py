@@ -1,0 +1,56 @@
+"""The vLLM side of the plan against what vLLM 0.25 allocated on the lent H200 (docs/bench/colocate_*_2026-11-22*)."""
+
+import pytest
+
+from trl_longctx.memory.planner import GIB
+from trl_longctx.memory.presets import PRESETS
+from trl_longctx.memory.rollout_kv import (
+    kv_bytes_per_token,
+    kv_tokens_at,
+    min_vllm_utilization,
+    rollout_kv_tokens,
+    vllm_weight_bytes,
+)
+
+H200_GIB = 139.80072021484375
+# (preset, utilization, measured KV tokens) of the three engines the benchmarks started.
+MEASURED_KV_TOKENS = [
+    ("qwen3-32b", 0.9, 256_736),  # shared weights (colocate.py shared-32b)
+    ("qwen3-1.7b", 0.95, round(128.462890625 * GIB / (2 * 28 * 8 * 128 * 2))),  # standby throughput engine
+    ("qwen3-32b", 0.5, 24_192),  # beside TRL's second copy, held by the trainer (not in vLLM's budget)
+]
+
+
+def test_kv_bytes_per_token_match_vllm():
+    # 62.75 GiB for 256,736 tokens at 32B: 262,446 B per token measured (CuMem rounds allocations up), 262,144 computed.
+    assert kv_bytes_per_token(PRESETS["qwen3-32b"]) == 262_144
+    assert kv_bytes_per_token(PRESETS["qwen3-32b"]) == pytest.approx(62.751953125 * GIB / 256_736, rel=2e-3)
+
+
+@pytest.mark.parametrize(("preset", "measured_gib"), [("qwen3-32b", 61.02472972869873), ("qwen3-1.7b", 3.2048206)])
+def test_weight_bytes_match_measured(preset, measured_gib):
+    assert vllm_weight_bytes(PRESETS[preset]) / GIB == pytest.approx(measured_gib, rel=1e-3)
+
+
+@pytest.mark.parametrize(("preset", "utilization", "measured"), MEASURED_KV_TOKENS)
+def test_kv_tokens_are_a_close_lower_bound(preset, utilization, measured):
+    predicted = kv_tokens_at(PRESETS[preset], utilization, H200_GIB)
+    assert 0.98 * measured <= predicted <= measured
+
+
+def test_rollout_needs_whole_blocks_and_the_32b_rollout_needs_about_0_9():
+    assert rollout_kv_tokens(2, 256, 128_112) == 256_736  # what the 0.9 engine held: 2 x 8,023 blocks of 16
+    assert rollout_kv_tokens(1, 0, 1) == 16
+    # It ran at 0.9; the bound (largest measured non-KV overhead) asks for a little more.
+    assert 0.9 < min_vllm_utilization(PRESETS["qwen3-32b"], 2, 256, 128_112, H200_GIB) < 0.91
+
+
+def test_plan_prints_the_vllm_side(capsys):
+    from trl_longctx.memory.plan_cli import main
+
+    main(["--model", "qwen3-32b", "--gpu", "H200 141GB", "--completion-length", "128112", "--paths", "ours"])
+    out = capsys.readouterr().out
+    assert "one copy of the weights: 61.02 GiB" in out
+    assert "needs 256736 KV tokens x 262144 B = 62.68 GiB; vllm_gpu_memory_utilization: H200 141GB >= 0.91." in out
+    main(["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--mode", "qlora", "--paths", "ours"])
+    assert "vLLM side: not modeled for 4-bit weights (QLoRA)." in capsys.readouterr().out
