@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, environment, markdown_table, summarize  # noqa: E402
+from _common import GIB, _sync, environment, markdown_table, summarize  # noqa: E402
 
 # Cheapest first, so that a run cut short still has the baseline and the main candidates.
 DEFAULT_SETTINGS = (
@@ -74,12 +74,10 @@ def _dynamo_counts() -> dict[str, int]:
 
 
 def _timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     start = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return time.perf_counter() - start
 
 

@@ -30,8 +30,6 @@ from torch import nn
 
 from .model_heads import decoder_and_lm_head
 
-SCOPES = ("none", "layers", "model")
-
 
 @dataclass(frozen=True)
 class CompileSetting:
@@ -128,8 +126,9 @@ def compile_decoder_layers(model: nn.Module, setting: str | CompileSetting) -> i
     if setting.scope == "none":
         return 0
     decoder, _ = decoder_and_lm_head(model)
-    targets = [decoder] if setting.scope == "model" else decoder_layers(model)
-    if any(m._compiled_call_impl is not None for m in [decoder, *decoder_layers(model)]):
+    layers = decoder_layers(model)
+    targets = [decoder] if setting.scope == "model" else layers
+    if any(m._compiled_call_impl is not None for m in [decoder, *layers]):
         raise RuntimeError(f"{type(decoder).__name__} is already compiled; compile_decoder_layers applies once.")
     for module in targets:
         compiled = torch.compile(module._call_impl, **setting.compile_kwargs())

@@ -37,12 +37,12 @@ def _split_packed(
         hf_module_name = module_name.removesuffix(".base_layer")
         packed_name = hf_module_name.rpartition(".")[2]
         parts = packed.get(packed_name)
+        prefix = hf_module_name[: -len(packed_name)]
         if is_packed_4bit(param):
             shards = split_packed_4bit(param)
             parts = parts or [packed_name]
             if len(shards) != len(parts):
                 raise RuntimeError(f"cannot split 4-bit {name} into {parts}: {len(shards)} shards")
-            prefix = hf_module_name[: -len(packed_name)]
             views.update({f"{prefix}{part}.{leaf}": shard for part, shard in zip(parts, shards, strict=True)})
             continue
         # detach(): plain tensors sharing storage (vLLM parameters are subclasses that Parameter() refuses to wrap).
@@ -53,7 +53,6 @@ def _split_packed(
         sizes = list(modules[module_name].output_partition_sizes)
         if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
             raise RuntimeError(f"cannot split {name} {tuple(tensor.shape)} into {parts} of sizes {sizes}")
-        prefix = hf_module_name[: -len(packed_name)]
         for part, view in zip(parts, torch.split(tensor, sizes, dim=0), strict=True):
             views[f"{prefix}{part}.{leaf}"] = view
     return views
