@@ -15,7 +15,8 @@ def _storage_ptrs(tensors):
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter-request", "merged"])
 def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    # No VLLM_CPU_KVCACHE_SPACE: the trainer sizes vLLM's KV cache to the rollout (vllm_kv_cache_sizing="rollout").
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     from peft import LoraConfig
 
     from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
@@ -56,6 +57,12 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
     # One copy in memory: every frozen base weight of the trainer lives in a storage of vLLM's weights.
     assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
     assert kv_cache_nbytes(llm) == 0
+    # The KV cache holds the rollout's 8 sequences of 64 tokens, each rounded up to 256 tokens: K and V of every
+    # layer, float32 (the tiny model's dtype).
+    config, cache = trainer.model.config, llm.llm_engine.vllm_config.cache_config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    assert cache.kv_cache_memory_bytes == 8 * 256 * per_token
+    assert 8 * 64 <= cache.num_gpu_blocks * cache.block_size <= 8 * 256
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
 
     trainer.train()
@@ -78,6 +85,34 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
     assert all(h["sampling/sampling_logp_difference/mean"] < 0.05 for h in logs)
     lora = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
     assert any(p.abs().sum() > 0 for p in lora.values())  # the adapter trained, so vLLM saw a non-trivial one
+
+
+def test_kv_cache_sizing_falls_back_to_the_utilization(tmp_path, monkeypatch):
+    """The rollout size is passed to vLLM only when it is below what the utilization gives; `"utilization"` and the
+    CPU build's VLLM_CPU_KVCACHE_SPACE leave the sizing to vLLM."""
+    from transformers import Qwen3Config
+
+    from trl_longctx import LongContextGRPOConfig
+    from trl_longctx.vllm_shared import rollout_kv_cache_kwargs
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    config = Qwen3Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=32, vocab_size=128, max_position_embeddings=1000)  # fmt: skip
+
+    def kwargs(seqs, **fields):
+        args = LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
+        return rollout_kv_cache_kwargs(config, args, seqs, dtype_bytes=2)
+
+    per_token = 2 * 2 * 32 * 2
+    # No vllm_max_model_length: the model's max_position_embeddings (1000, rounded up to 1024 tokens per sequence).
+    assert kwargs(4) == {"kv_cache_memory_bytes": 4 * 1024 * per_token, "max_model_len": 1000}
+    assert kwargs(4, vllm_max_model_length=300) == {"kv_cache_memory_bytes": 4 * 512 * per_token, "max_model_len": 300}
+    assert kwargs(10**9) == {}  # more than the utilization gives: vLLM sizes it (and preempts when short)
+    assert kwargs(4, vllm_kv_cache_sizing="utilization") == {}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm.platforms import current_platform
+
+    assert (kwargs(4) == {}) is current_platform.is_cpu()
 
 
 def test_full_finetuning_refuses_shared_weights(tmp_path):

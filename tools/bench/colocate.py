@@ -223,14 +223,18 @@ def cmd_grpo(args) -> dict:
         from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
 
         config = LongContextGRPOConfig(vllm_gpu_memory_utilization=args.vllm_util or 0.95,
-                                       vllm_merge_adapter=args.merge_adapter, **common)  # fmt: skip
+                                       vllm_merge_adapter=args.merge_adapter, vllm_kv_cache_sizing=args.kv_sizing,
+                                       **common)  # fmt: skip
         trainer = LongContextGRPOTrainer(
             model=path, reward_funcs=reward, args=config, train_dataset=dataset, peft_config=lora
         )
     init_s = time.perf_counter() - start
     trainer.add_callback(timer.callback)
     phases = time_phases(trainer, ("_generate_single_turn", "_generate_and_score_completions", "training_step"))
+    inside = RolloutParts(trainer)
+    trainer.add_callback(inside.callback)
     trainer.train()
+    cache = trainer.vllm_generation.llm.llm_engine.vllm_config.cache_config
     lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
     return {
         "what": "grpo_step", "trainer": args.trainer, "L": args.length, "init_s": init_s,
@@ -241,6 +245,9 @@ def cmd_grpo(args) -> dict:
         "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
         "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
         "merge_adapter": getattr(trainer, "_adapter_merger", None) is not None,
+        "kv_cache_sizing": getattr(config, "vllm_kv_cache_sizing", "utilization"),
+        "kv_cache_GiB": cache.num_gpu_blocks * cache.block_size * _kv_bytes_per_token(trainer.model.config) / GIB,
+        "rollout_parts_s": inside.medians(),
         # Where a step's time goes (medians after the first step). TRL nests them: `training_step` prepares its batch
         # (`_generate_and_score_completions`, which calls `_generate_single_turn`) before forward and backward. So:
         # the rollout (weight sync or merge, KV restore and release, vLLM's generation), the rest of the batch
@@ -279,6 +286,85 @@ def time_phases(trainer, names) -> dict[str, list[float]]:
 
         setattr(trainer, name, timed)
     return seconds
+
+
+class RolloutParts:
+    """Seconds per step inside the rollout: vLLM's `generate`, `sleep` and `wake_up` (KV release and restore, or TRL's
+    sleep mode), TRL's weight sync, the adapter merge and the copy back of the base weights (ours, merged), and
+    `torch.cuda.empty_cache`. Each call is timed GPU-synchronized; a callback closes each optimizer step."""
+
+    def __init__(self, trainer):
+        from transformers import TrainerCallback
+
+        self.calls: dict[str, list[float]] = {}
+        self.steps: list[dict[str, float]] = []
+        llm = trainer.vllm_generation.llm
+        for name in ("generate", "sleep", "wake_up"):
+            self._wrap(llm, name, f"vllm_{name}")
+        self._wrap(trainer.vllm_generation, "sync_weights", "sync_weights")
+        self._wrap(torch.cuda, "empty_cache", "empty_cache")
+        merger = getattr(trainer, "_adapter_merger", None)
+        if merger is not None:
+            self._wrap_merger(merger)
+        parts = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                parts.steps.append({name: sum(v) for name, v in parts.calls.items()})
+                for values in parts.calls.values():
+                    values.clear()
+
+        self.callback = _Callback()
+
+    def _record(self, key: str, seconds: float) -> None:
+        self.calls.setdefault(key, []).append(seconds)
+
+    def _wrap(self, owner, name: str, key: str) -> None:
+        method = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                self._record(key, time.perf_counter() - begin)
+
+        setattr(owner, name, timed)
+
+    def _wrap_merger(self, merger) -> None:
+        import contextlib
+
+        merged = merger.merged
+
+        @contextlib.contextmanager
+        def timed():
+            block = merged()
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            block.__enter__()
+            torch.cuda.synchronize()
+            self._record("adapter_merge", time.perf_counter() - begin)
+            try:
+                yield
+            finally:
+                begin = time.perf_counter()
+                block.__exit__(None, None, None)
+                torch.cuda.synchronize()
+                self._record("base_weights_restore", time.perf_counter() - begin)
+
+        merger.merged = timed
+
+    def medians(self) -> dict[str, float]:
+        """Median per-step seconds of each part, the first step left out."""
+        names = sorted({name for step in self.steps for name in step})
+        later = self.steps[1:] or self.steps
+        return {name: statistics.median(step.get(name, 0.0) for step in later) for name in names}
+
+
+def _kv_bytes_per_token(config) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
 
 
 def _median_after_first(values: list[float]) -> float | None:
@@ -419,6 +505,10 @@ def cmd_all(args) -> None:
         "grpo-trl": (["grpo", "--trainer", "trl", *steps], 600),
         "grpo-ours": (["grpo", "--trainer", "ours", *steps], 600),
         "grpo-ours-merged": (["grpo", "--trainer", "ours", "--merge-adapter", *steps], 600),
+        "grpo-ours-merged-util": (
+            ["grpo", "--trainer", "ours", "--merge-adapter", "--kv-sizing", "utilization", *steps],
+            600,
+        ),  # fmt: skip
         "two-copies-32b": (["two-copies-32b"], 300),
         "shared-32b": (["shared-32b", "--lengths", *map(str, args.lengths_32b)], 600),
     }
@@ -438,26 +528,27 @@ def cmd_all(args) -> None:
 
 
 def summary(rows: list[dict]) -> str:
-    by = {(r.get("what"), (r.get("engine") or r.get("trainer")) + ("-merged" if r.get("merge_adapter") else "")): r
-          for r in rows if r.get("what")}  # fmt: skip
-    plain, standby = by.get(("throughput", "plain"), {}), by.get(("throughput", "standby"), {})
-    trl, ours = by.get(("grpo_step", "trl"), {}), by.get(("grpo_step", "ours"), {})
-    merged = by.get(("grpo_step", "ours-merged"), {})
+    """Throughput and standby rows, then one line per GRPO variant with its ratio to TRL's s/step."""
+    by = {r.get("engine"): r for r in rows if r.get("what") == "throughput"}
+    plain, standby = by.get("plain", {}), by.get("standby", {})
     table = [
         ["rollout tok/s plain / standby / after resume", plain.get("tok_s"), standby.get("tok_s"),
          standby.get("tok_s_after_resume")],
         ["free after standby vs total - weights (GiB gap)", standby.get("free_after_standby_GiB"),
          standby.get("gap_to_total_minus_weights_GiB"), standby.get("greedy_identical")],
-        ["GRPO s/step TRL sleep / ours / ratio", trl.get("s_per_step"), ours.get("s_per_step"),
-         trl.get("s_per_step") / ours["s_per_step"] if trl.get("s_per_step") and ours.get("s_per_step") else None],
-        ["GRPO s/step TRL sleep / ours merged / ratio", trl.get("s_per_step"), merged.get("s_per_step"),
-         trl.get("s_per_step") / merged["s_per_step"] if trl.get("s_per_step") and merged.get("s_per_step") else None],
-        ["GRPO peak GiB TRL / ours / ours merged", trl.get("peak_allocated_GiB"), ours.get("peak_allocated_GiB"),
-         merged.get("peak_allocated_GiB")],
-        *[[f"GRPO {phase} TRL / ours / ours merged", trl.get(phase), ours.get(phase), merged.get(phase)]
-          for phase in ("rollout_s", "scoring_s", "train_s")],
     ]  # fmt: skip
-    return markdown_table(["measure", "a", "b", "c"], table)
+    out = markdown_table(["measure", "a", "b", "c"], table)
+    grpo = [r for r in rows if r.get("what") == "grpo_step"]
+    trl = next((r["s_per_step"] for r in grpo if r["trainer"] == "trl"), None)
+    lines = []
+    for r in grpo:
+        name = r["trainer"] + ("-merged" if r.get("merge_adapter") else "")
+        name += f" (KV {r.get('kv_cache_sizing')})" if r["trainer"] == "ours" else ""
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in (r.get("rollout_parts_s") or {}).items())
+        lines.append([name, r["L"], r["s_per_step"], trl / r["s_per_step"] if trl else None, r.get("rollout_s"),
+                      r.get("scoring_s"), r.get("train_s"), r.get("kv_cache_GiB"), parts])  # fmt: skip
+    header = ["GRPO", "L", "s/step", "TRL / this", "rollout s", "scoring s", "train s", "KV GiB", "inside rollout s"]
+    return out + "\n\n" + markdown_table(header, lines)
 
 
 def main(argv=None) -> None:
@@ -474,6 +565,12 @@ def main(argv=None) -> None:
         "--merge-adapter",
         action="store_true",
         help="ours: vllm_merge_adapter=True (rollouts on merged weights instead of vLLM's LoRA kernels).",
+    )
+    p.add_argument(
+        "--kv-sizing",
+        choices=("rollout", "utilization"),
+        default="rollout",
+        help="ours: vllm_kv_cache_sizing (rollout: KV cache sized to the rollout; utilization: all of --vllm-util).",
     )
     sub.add_parser("two-copies-32b")
     p = sub.add_parser("shared-32b")

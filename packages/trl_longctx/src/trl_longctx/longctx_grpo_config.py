@@ -10,6 +10,7 @@ from trl import GRPOConfig
 # training step; we reject it at configuration time, before any model is loaded.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
+VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
 # Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code),
 # plus "off"; a test checks that the two lists agree.
 COMPILE_DECODER_SETTINGS = (
@@ -55,6 +56,14 @@ class LongContextGRPOConfig(GRPOConfig):
             "bitsandbytes"`, vLLM 0.25-0.28) and the trainer's layers are bitsandbytes `Linear4bit` views of its
             shards; the adapter then always reaches vLLM as a LoRA request. `None` turns it on for LoRA and QLoRA runs
             where KV standby (and, for QLoRA, vLLM's bitsandbytes) is implemented (CPU; CUDA with vLLM 0.25-0.28).
+        vllm_kv_cache_sizing (`str`, *optional*, defaults to `"rollout"`):
+            How big the shared-weights engine's KV cache is (`vllm_shared_weights`). `"rollout"`: what one rollout
+            can use at once, `max_num_seqs x vllm_max_model_length` tokens (the model's `max_position_embeddings`
+            when `vllm_max_model_length` is `None`), passed to vLLM as `kv_cache_memory_bytes`, when that is below
+            what `vllm_gpu_memory_utilization` would give; a larger cache is never used by a rollout, and mapping
+            it back before each rollout costs time (`trl_longctx.memory.rollout_kv`). `"utilization"`: vLLM's own
+            sizing, all of `vllm_gpu_memory_utilization`. On vLLM's CPU build `VLLM_CPU_KVCACHE_SPACE`, when set,
+            wins over both.
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
@@ -124,6 +133,14 @@ class LongContextGRPOConfig(GRPOConfig):
         metadata={
             "help": "In colocate mode with LoRA, make the trainer's frozen base weights views of vLLM's tensors and "
             "hand the adapter to vLLM in memory. None: on with LoRA where KV standby is implemented."
+        },
+    )
+    vllm_kv_cache_sizing: str = field(
+        default="rollout",
+        metadata={
+            "help": "KV cache of the shared-weights vLLM engine: 'rollout' sizes it to max_num_seqs x max model "
+            "length (capped by vllm_gpu_memory_utilization); 'utilization' lets vLLM take all of it.",
+            "choices": list(VLLM_KV_CACHE_SIZINGS),
         },
     )
     use_vllm_when_available: bool = field(
@@ -201,6 +218,10 @@ class LongContextGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"compile_decoder_layers must be None or one of {list(COMPILE_DECODER_SETTINGS)}, "
                 f"got {self.compile_decoder_layers!r}."
+            )
+        if self.vllm_kv_cache_sizing not in VLLM_KV_CACHE_SIZINGS:
+            raise ValueError(
+                f"vllm_kv_cache_sizing must be one of {list(VLLM_KV_CACHE_SIZINGS)}, got {self.vllm_kv_cache_sizing!r}."
             )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}.")

@@ -8,7 +8,9 @@ from trl_longctx.memory.rollout_kv import (
     kv_bytes_per_token,
     kv_tokens_at,
     min_vllm_utilization,
+    rollout_kv_cache_bytes,
     rollout_kv_tokens,
+    utilization_kv_cache_bytes,
     vllm_weight_bytes,
 )
 
@@ -54,3 +56,19 @@ def test_plan_prints_the_vllm_side(capsys):
     assert "needs 256736 KV tokens x 262144 B = 62.68 GiB; vllm_gpu_memory_utilization: H200 141GB >= 0.91." in out
     main(["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--mode", "qlora", "--paths", "ours"])
     assert "vLLM side: not modeled for 4-bit weights (QLoRA)." in capsys.readouterr().out
+
+
+def test_rollout_kv_cache_bytes_fills_whole_blocks_of_any_size():
+    shape = PRESETS["qwen3-1.7b"]
+    per_token = 2 * 28 * 8 * 128 * 2  # K and V, 28 layers, 8 KV heads of 128, bf16
+    assert kv_bytes_per_token(shape) == per_token and kv_bytes_per_token(shape, dtype_bytes=4) == 2 * per_token
+    # 2 sequences of 256 + 4,096 + 8 tokens: 4,360 rounded up to 4,608 (a multiple of every block size up to 256).
+    assert rollout_kv_cache_bytes(shape, 2, 4360) == 2 * 4608 * per_token
+    assert rollout_kv_cache_bytes(shape, 2, 4608) == 2 * 4608 * per_token
+
+
+def test_utilization_kv_cache_bytes_is_the_token_bound_in_bytes():
+    shape = PRESETS["qwen3-32b"]
+    budget = utilization_kv_cache_bytes(shape, 0.9, int(139.8 * GIB))
+    assert budget // kv_bytes_per_token(shape) == kv_tokens_at(shape, 0.9, 139.8)
+    assert utilization_kv_cache_bytes(shape, 0.1, int(139.8 * GIB)) == 0  # the weights alone do not fit

@@ -26,9 +26,9 @@ KV_BLOCK_TOKENS = 16
 VLLM_OTHER_GIB = 3.0
 
 
-def kv_bytes_per_token(shape: ModelShape) -> int:
-    """Bytes of vLLM's bf16 KV cache per token: K and V of every layer."""
-    return 2 * shape.num_hidden_layers * shape.kv_size * BF16
+def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = BF16) -> int:
+    """Bytes of vLLM's KV cache per token: K and V of every layer, `dtype_bytes` per element (bf16: 2)."""
+    return 2 * shape.num_hidden_layers * shape.kv_size * dtype_bytes
 
 
 def vllm_weight_bytes(shape: ModelShape) -> int:
@@ -56,3 +56,22 @@ def kv_tokens_at(shape: ModelShape, utilization: float, gpu_gib: float) -> int:
     """KV tokens vLLM gets at `utilization` of a `gpu_gib` GPU (with `VLLM_OTHER_GIB`: a lower bound)."""
     free = utilization * gpu_gib * GIB - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB
     return max(0, int(free // kv_bytes_per_token(shape)))
+
+
+# vLLM's KV block sizes (16 on CUDA, larger on some backends and on the CPU build) all divide this: a sequence rounded
+# up to it fills whole blocks whatever the block size.
+KV_SEQUENCE_ROUNDING = 256
+
+
+def rollout_kv_cache_bytes(shape: ModelShape, max_num_seqs: int, max_model_len: int, dtype_bytes: int = BF16) -> int:
+    """Bytes of a KV cache that holds `max_num_seqs` sequences of `max_model_len` tokens at once: the most one rollout
+    can use (vLLM never runs more sequences at once, and none longer). Each sequence is rounded up to
+    `KV_SEQUENCE_ROUNDING` tokens so that it fills whole blocks of any of vLLM's block sizes."""
+    tokens = math.ceil(max_model_len / KV_SEQUENCE_ROUNDING) * KV_SEQUENCE_ROUNDING
+    return max_num_seqs * tokens * kv_bytes_per_token(shape, dtype_bytes)
+
+
+def utilization_kv_cache_bytes(shape: ModelShape, utilization: float, device_bytes: int) -> int:
+    """A lower bound of the KV cache vLLM sizes itself at `utilization` of a device of `device_bytes` bytes: the
+    budget less one bf16 copy of the weights and `VLLM_OTHER_GIB` (0 when nothing is left)."""
+    return max(0, int(utilization * device_bytes - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB))
