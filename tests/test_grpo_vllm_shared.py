@@ -115,6 +115,21 @@ def test_kv_cache_sizing_falls_back_to_the_utilization(tmp_path, monkeypatch):
     assert (kwargs(4) == {}) is current_platform.is_cpu()
 
 
+def test_rollouts_skip_detokenization_unless_stop_strings_need_it():
+    """The shared engine returns token ids only (TRL decodes completions itself); stop strings keep the text."""
+    from vllm import SamplingParams
+
+    from trl_longctx.vllm_shared import token_ids_only
+
+    plain, stopped = SamplingParams(max_tokens=4, logprobs=0), SamplingParams(max_tokens=4, stop=["\n"])
+    ids_only = token_ids_only(plain)
+    assert ids_only.detokenize is False and ids_only.max_tokens == 4 and ids_only.logprobs == 0
+    assert plain.detokenize is True  # a copy: the caller's params are not changed
+    assert token_ids_only(stopped) is stopped and stopped.detokenize is True
+    assert [p.detokenize for p in token_ids_only([plain, stopped])] == [False, True]
+    assert token_ids_only(None) is None
+
+
 def test_full_finetuning_refuses_shared_weights(tmp_path):
     from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
     from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset

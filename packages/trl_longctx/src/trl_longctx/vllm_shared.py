@@ -23,12 +23,33 @@ logger = logging.getLogger(__name__)
 
 
 class AdapterStandbyLLM(StandbyLLM):
-    """A `StandbyLLM` that applies its current LoRA adapter (`self.adapter`) to every `generate` call."""
+    """A `StandbyLLM` that applies its current LoRA adapter (`self.adapter`) to every `generate` call and returns token
+    ids without text where nothing needs the text (`token_ids_only`)."""
 
     adapter = None
 
-    def generate(self, *args: Any, lora_request: Any = None, **kwargs: Any):
-        return super().generate(*args, lora_request=lora_request or self.adapter, **kwargs)
+    def generate(self, prompts: Any, sampling_params: Any = None, *args: Any, lora_request: Any = None, **kwargs: Any):
+        return super().generate(
+            prompts, token_ids_only(sampling_params), *args, lora_request=lora_request or self.adapter, **kwargs
+        )
+
+
+def token_ids_only(sampling_params: Any) -> Any:
+    """Copies of vLLM `SamplingParams` (one or a list) with `detokenize=False`, except those with stop strings.
+
+    TRL's colocate rollout reads only the token ids (and their log-probs) and decodes completions itself, so vLLM's
+    incremental detokenization of every sampled token (and of its log-prob's token) is work on the decode loop's CPU
+    path for nothing. Stop strings need the text: those params are returned as they are. `None` stays `None`.
+    """
+    if sampling_params is None:
+        return None
+    if isinstance(sampling_params, list | tuple):
+        return [token_ids_only(p) for p in sampling_params]
+    if not sampling_params.detokenize or sampling_params.stop:
+        return sampling_params
+    params = sampling_params.clone()
+    params.detokenize = False
+    return params
 
 
 def build_shared_engine(
@@ -190,7 +211,9 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
     args = trainer.args
     return SharedWeightsVLLMGeneration(
         llm,
-        merge_adapter=resolve_merge_adapter(args, getattr(trainer.model, "is_loaded_in_4bit", False)),
+        # The engine was built for one of the two (`_shared_model_and_engine`): with LoRA, the adapter goes as a
+        # request; without, it is merged into the shared weights for each rollout.
+        merge_adapter=llm.llm_engine.vllm_config.lora_config is None,
         model=trainer.model,
         accelerator=trainer.accelerator,
         processing_class=trainer.processing_class,
