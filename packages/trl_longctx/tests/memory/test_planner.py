@@ -294,6 +294,20 @@ def test_plan_prints_both_paths_models_and_gpus(capsys):
     assert out.count("longest completion that fits") == 8  # 2 models x 2 paths x 2 GPUs
 
 
+def test_plan_verdict_counts_host_memory_as_the_longest_completion_does(capsys):
+    """Qwen3-32B, 2 x (256 + 98,304) tokens, one sequence per pass: the H200 holds it, but the offloaded checkpoints
+    (118 GiB) exceed the lent machine's host memory (125 GiB less 16), so the verdict agrees with the longest completion
+    (90,368 tokens) instead of saying "fits"."""
+    plan_main(["--model", "qwen3-32b", "--gpu", "H200 141GB", "--paths", "ours", "--completion-length", "98304",
+               "--grpo-mini-batch", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "98304 completion tokens does NOT fit in host memory (118.43 GiB to pin, 109 GiB allowed)" in out
+    assert "longest completion that fits: 90368 tokens" in out
+    plan_main(["--model", "qwen3-32b", "--gpu", "H200 141GB", "--paths", "ours", "--completion-length", "65536",
+               "--grpo-mini-batch", "1"])  # fmt: skip
+    assert "65536 completion tokens fits;" in capsys.readouterr().out
+
+
 def test_plan_writes_predictions_and_compares_bench(tmp_path, capsys):
     target = tmp_path / "predictions.json"
     plan_main(["--write-predictions", str(target)])

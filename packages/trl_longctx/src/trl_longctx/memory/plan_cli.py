@@ -183,6 +183,10 @@ def format_plan(
                 verdict = f"fits with {tiles} MLP tiles"
             host = host_gib if host_gib is not None else HOST_GIB.get(gpu)
             host = None if host is None else host - (HOST_RESERVE_GIB if host_gib is None else 0)
+            pinned = pinned_host_bytes(shape, setups[path]) / GIB
+            if host is not None and pinned > host and verdict != "does NOT fit":
+                # The GPU holds it, the host cannot pin the offloaded checkpoints: as `longest_completion` counts it.
+                verdict = f"does NOT fit in host memory ({pinned:.2f} GiB to pin, {host:g} GiB allowed)"
             longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling, host_memory_gib=host)
             lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
