@@ -269,22 +269,26 @@ def _phase_split(phases: dict[str, list[float]]) -> dict[str, float | None]:
     }
 
 
+def timed_call(method, record):
+    """`method` wrapped to pass the GPU-synchronized seconds of each call to `record`."""
+
+    def timed(*args, **kwargs):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.cuda.synchronize()
+            record(time.perf_counter() - begin)
+
+    return timed
+
+
 def time_phases(trainer, names) -> dict[str, list[float]]:
     """Wrap the trainer's methods `names` (on the instance) to record the seconds of each call, GPU synchronized."""
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for name in names:
-        method = getattr(trainer, name)
-
-        def timed(*args, _method=method, _name=name, **kwargs):
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            try:
-                return _method(*args, **kwargs)
-            finally:
-                torch.cuda.synchronize()
-                seconds[_name].append(time.perf_counter() - begin)
-
-        setattr(trainer, name, timed)
+        setattr(trainer, name, timed_call(getattr(trainer, name), seconds[name].append))
     return seconds
 
 
@@ -320,18 +324,7 @@ class RolloutParts:
         self.calls.setdefault(key, []).append(seconds)
 
     def _wrap(self, owner, name: str, key: str) -> None:
-        method = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            torch.cuda.synchronize()
-            begin = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                torch.cuda.synchronize()
-                self._record(key, time.perf_counter() - begin)
-
-        setattr(owner, name, timed)
+        setattr(owner, name, timed_call(getattr(owner, name), lambda seconds: self._record(key, seconds)))
 
     def _wrap_merger(self, merger) -> None:
         import contextlib
