@@ -1,10 +1,12 @@
-"""Colocated vLLM that shares the trainer's frozen base weights and takes the LoRA adapter as in-memory tensors.
+"""Colocated vLLM that shares the trainer's frozen base weights; the LoRA adapter reaches it without a second copy.
 
 TRL's colocate mode keeps two copies of the weights (the trainer's and vLLM's) and pushes merged weights into vLLM
-at every step. Here the engine is built first, the trainer's base model is made of views of vLLM's tensors
-(`vllm_standby.shared_hf_model`), and each weight update hands vLLM the current adapter under a fresh id
-(`vllm_standby.lora_request`): one copy of the weights, nothing merged or copied. This module imports vLLM; the
-trainer imports it only when shared weights are on.
+at every step. Here the engine is built first and the trainer's base model is made of views of vLLM's tensors
+(`vllm_standby.shared_hf_model`): one copy of the weights. The adapter is merged into those tensors for the length of
+each rollout and the base restored exactly after (`trl_longctx.merged_rollout`; the default on CUDA), or handed to
+vLLM as in-memory tensors under a fresh id (`vllm_standby.lora_request`; CPU, 4-bit weights). The KV cache is sized
+to one rollout (`rollout_kv_cache_kwargs`). This module imports vLLM; the trainer imports it only when shared weights
+are on.
 """
 
 from __future__ import annotations
@@ -103,8 +105,9 @@ def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -
     "rollout"`), or `{}` for vLLM's own sizing from `vllm_gpu_memory_utilization`.
 
     A rollout runs at most `max_num_seqs` sequences of at most `max_model_len` tokens at once, so a larger cache is
-    never used; it is only mapped back before every rollout (measured 0.61 s for the 128 GiB of a 0.95 engine on an
-    H200). The rollout size is used when it is below a lower bound of what the utilization would give
+    never used, only mapped back before and released after every rollout: 0.41 s per step for the 128.7 GiB of a 0.95
+    engine on an H200, 0.006 s for the 0.98 GiB of a rollout of 2 x 4,360 tokens (docs/benchmarks.md). The rollout
+    size is used when it is below a lower bound of what the utilization would give
     (`trl_longctx.memory.rollout_kv`); otherwise the utilization sizes it, and vLLM preempts when it runs short.
 
     Args:
