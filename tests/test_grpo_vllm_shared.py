@@ -104,15 +104,16 @@ def test_kv_cache_sizing_falls_back_to_the_utilization(tmp_path, monkeypatch):
         return rollout_kv_cache_kwargs(config, args, seqs, dtype_bytes=2)
 
     per_token = 2 * 2 * 32 * 2
-    # No vllm_max_model_length: the model's max_position_embeddings (1000, rounded up to 1024 tokens per sequence).
-    assert kwargs(4) == {"kv_cache_memory_bytes": 4 * 1024 * per_token, "max_model_len": 1000}
+    # 300 tokens per sequence, rounded up to 512 (whole blocks of any vLLM block size).
     assert kwargs(4, vllm_max_model_length=300) == {"kv_cache_memory_bytes": 4 * 512 * per_token, "max_model_len": 300}
-    assert kwargs(10**9) == {}  # more than the utilization gives: vLLM sizes it (and preempts when short)
-    assert kwargs(4, vllm_kv_cache_sizing="utilization") == {}
+    # No vllm_max_model_length: vLLM derives the length (it may differ from max_position_embeddings), and sizes it.
+    assert kwargs(4) == {}
+    assert kwargs(10**9, vllm_max_model_length=300) == {}  # above what the utilization gives: vLLM sizes it
+    assert kwargs(4, vllm_max_model_length=300, vllm_kv_cache_sizing="utilization") == {}
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm.platforms import current_platform
 
-    assert (kwargs(4) == {}) is current_platform.is_cpu()
+    assert (kwargs(4, vllm_max_model_length=300) == {}) is current_platform.is_cpu()
 
 
 def test_rollouts_skip_detokenization_unless_stop_strings_need_it():

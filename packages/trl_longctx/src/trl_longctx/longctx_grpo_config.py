@@ -58,12 +58,12 @@ class LongContextGRPOConfig(GRPOConfig):
             where KV standby (and, for QLoRA, vLLM's bitsandbytes) is implemented (CPU; CUDA with vLLM 0.25-0.28).
         vllm_kv_cache_sizing (`str`, *optional*, defaults to `"rollout"`):
             How big the shared-weights engine's KV cache is (`vllm_shared_weights`). `"rollout"`: what one rollout
-            can use at once, `max_num_seqs x vllm_max_model_length` tokens (the model's `max_position_embeddings`
-            when `vllm_max_model_length` is `None`), passed to vLLM as `kv_cache_memory_bytes`, when that is below
-            what `vllm_gpu_memory_utilization` would give; a larger cache is never used by a rollout, and mapping
-            it back before each rollout costs time (`trl_longctx.memory.rollout_kv`). `"utilization"`: vLLM's own
-            sizing, all of `vllm_gpu_memory_utilization`. On vLLM's CPU build `VLLM_CPU_KVCACHE_SPACE`, when set,
-            wins over both.
+            can use at once, `max_num_seqs x vllm_max_model_length` tokens, passed to vLLM as
+            `kv_cache_memory_bytes`, when `vllm_max_model_length` is set and that is below what
+            `vllm_gpu_memory_utilization` would give; a larger cache is never used by a rollout, and mapping it back
+            before each rollout costs time (`trl_longctx.memory.rollout_kv`). `"utilization"` (and `"rollout"`
+            without `vllm_max_model_length`): vLLM's own sizing, all of `vllm_gpu_memory_utilization`. On vLLM's
+            CPU build `VLLM_CPU_KVCACHE_SPACE`, when set, wins over both.
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
@@ -138,8 +138,9 @@ class LongContextGRPOConfig(GRPOConfig):
     vllm_kv_cache_sizing: str = field(
         default="rollout",
         metadata={
-            "help": "KV cache of the shared-weights vLLM engine: 'rollout' sizes it to max_num_seqs x max model "
-            "length (capped by vllm_gpu_memory_utilization); 'utilization' lets vLLM take all of it.",
+            "help": "KV cache of the shared-weights vLLM engine: 'rollout' sizes it to max_num_seqs x "
+            "vllm_max_model_length (when set; capped by vllm_gpu_memory_utilization); 'utilization' lets vLLM take "
+            "all of it.",
             "choices": list(VLLM_KV_CACHE_SIZINGS),
         },
     )

@@ -124,13 +124,17 @@ def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -
 
     if args.vllm_kv_cache_sizing != "rollout":
         return {}
-    max_model_len = args.vllm_max_model_length or getattr(config.get_text_config(), "max_position_embeddings", None)
+    max_model_len = args.vllm_max_model_length
     on_cpu = current_platform.is_cpu()
     if on_cpu and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         logger.info("vLLM KV cache: VLLM_CPU_KVCACHE_SPACE sets it (vllm_kv_cache_sizing='rollout' not applied).")
         return {}
     if not max_model_len:
-        logger.info("vLLM KV cache: sized by vllm_gpu_memory_utilization (no max model length to size it by).")
+        # vLLM derives the length from several config keys and scales it for some RoPE types (YaRN: x factor), so
+        # `max_position_embeddings` may be shorter or longer than what it would allow: no guess is made here.
+        logger.info(
+            "vLLM KV cache: sized by vllm_gpu_memory_utilization; set vllm_max_model_length to size it to the rollout."
+        )
         return {}
     shape = ModelShape.from_config(config)
     rollout = rollout_kv_cache_bytes(shape, max_num_seqs, max_model_len, dtype_bytes)
