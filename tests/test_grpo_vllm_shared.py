@@ -105,7 +105,7 @@ def test_kv_cache_sizing_falls_back_to_the_utilization(tmp_path, monkeypatch):
 
     per_token = 2 * 2 * 32 * 2
     # 300 tokens per sequence, rounded up to 512 (whole blocks of any vLLM block size).
-    assert kwargs(4, vllm_max_model_length=300) == {"kv_cache_memory_bytes": 4 * 512 * per_token, "max_model_len": 300}
+    assert kwargs(4, vllm_max_model_length=300) == {"kv_cache_memory_bytes": 4 * 512 * per_token}
     # No vllm_max_model_length: vLLM derives the length (it may differ from max_position_embeddings), and sizes it.
     assert kwargs(4) == {}
     assert kwargs(10**9, vllm_max_model_length=300) == {}  # above what the utilization gives: vLLM sizes it

@@ -194,6 +194,9 @@ def cmd_grpo(args) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
 
+    from trl_longctx.memory.planner import ModelShape
+    from trl_longctx.memory.rollout_kv import kv_bytes_per_token
+
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     path = model_dir("qwen3-1.7b", 65536, weights=True)
@@ -246,7 +249,8 @@ def cmd_grpo(args) -> dict:
         "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
         "merge_adapter": getattr(trainer, "_adapter_merger", None) is not None,
         "kv_cache_sizing": getattr(config, "vllm_kv_cache_sizing", "utilization"),
-        "kv_cache_GiB": cache.num_gpu_blocks * cache.block_size * _kv_bytes_per_token(trainer.model.config) / GIB,
+        "kv_cache_GiB": cache.num_gpu_blocks * cache.block_size * kv_bytes_per_token(ModelShape.from_config(
+            trainer.model.config)) / GIB,
         "rollout_parts_s": inside.medians(),
         # Where a step's time goes (medians after the first step). TRL nests them: `training_step` prepares its batch
         # (`_generate_and_score_completions`, which calls `_generate_single_turn`) before forward and backward. So:
@@ -352,12 +356,7 @@ class RolloutParts:
     def medians(self) -> dict[str, float]:
         """Median per-step seconds of each part, the first step left out."""
         names = sorted({name for step in self.steps for name in step})
-        later = self.steps[1:] or self.steps
-        return {name: statistics.median(step.get(name, 0.0) for step in later) for name in names}
-
-
-def _kv_bytes_per_token(config) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+        return {name: _median_after_first([step.get(name, 0.0) for step in self.steps]) for name in names}
 
 
 def _median_after_first(values: list[float]) -> float | None:

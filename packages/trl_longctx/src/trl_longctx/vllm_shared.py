@@ -77,8 +77,6 @@ def build_shared_engine(
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     dtype = (args.model_init_kwargs or {}).get("dtype") or config.dtype
     max_num_seqs = args.per_device_train_batch_size * args.steps_per_generation
-    kv_cache = {"max_model_len": args.vllm_max_model_length}
-    kv_cache.update(rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype)))
     return AdapterStandbyLLM(
         # CUDA: decode-only CUDA graphs up to max_num_seqs and a quieter compile (measured on an H200: engine init
         # 40.0 vs 45.3 s, 11 graphs instead of 562, generation 1.01-1.03 x stock; docs/benchmarks.md).
@@ -86,6 +84,7 @@ def build_shared_engine(
         model=model_path,
         dtype=str(dtype).removeprefix("torch."),
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_len=args.vllm_max_model_length,
         max_num_seqs=max_num_seqs,
         model_impl=args.vllm_model_impl,
         distributed_executor_backend="external_launcher",
@@ -95,16 +94,16 @@ def build_shared_engine(
         logprobs_mode="processed_logprobs",
         trust_remote_code=args.trust_remote_code,
         **({"quantization": "bitsandbytes"} if quantized else {}),
-        **kv_cache,
+        **rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype)),
         **({"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1} if enable_lora else {}),
     )
 
 
 def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -> dict[str, int]:
-    """`kv_cache_memory_bytes` and `max_model_len` for a KV cache sized to one rollout (`vllm_kv_cache_sizing=
-    "rollout"`), or `{}` for vLLM's own sizing from `vllm_gpu_memory_utilization`.
+    """`kv_cache_memory_bytes` for a KV cache sized to one rollout (`vllm_kv_cache_sizing="rollout"`), or `{}` for
+    vLLM's own sizing from `vllm_gpu_memory_utilization`.
 
-    A rollout runs at most `max_num_seqs` sequences of at most `max_model_len` tokens at once, so a larger cache is
+    A rollout runs at most `max_num_seqs` sequences of at most `vllm_max_model_length` tokens at once, so a larger cache is
     never used, only mapped back before and released after every rollout: 0.41 s per step for the 128.7 GiB of a 0.95
     engine on an H200, 0.006 s for the 0.98 GiB of a rollout of 2 x 4,360 tokens (docs/benchmarks.md). The rollout
     size is used when it is below a lower bound of what the utilization would give
@@ -152,7 +151,7 @@ def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -
         "at least %.2f GiB).",
         rollout / 2**30, max_num_seqs, max_model_len, args.vllm_gpu_memory_utilization, budget / 2**30,
     )  # fmt: skip
-    return {"kv_cache_memory_bytes": rollout, "max_model_len": max_model_len}
+    return {"kv_cache_memory_bytes": rollout}
 
 
 def _dtype_bytes(dtype) -> int:

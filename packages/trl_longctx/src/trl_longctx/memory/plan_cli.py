@@ -170,8 +170,8 @@ def format_plan(
         cells = [dict(plan.rows_gib()).get(name) for plan in plans.values()]
         lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
     lines.append("| peak is in | " + " | ".join(plan.phase for plan in plans.values()) + " |")
-    host = [pinned_host_bytes(shape, setup) / GIB for setup in setups.values()]
-    lines.append("| pinned host memory (offloaded inputs) | " + " | ".join(f"{h:.2f}" for h in host) + " |")
+    pinned = {path: pinned_host_bytes(shape, setup) / GIB for path, setup in setups.items()}
+    lines.append("| pinned host memory (offloaded inputs) | " + " | ".join(f"{h:.2f}" for h in pinned.values()) + " |")
     lines.append("")
     for gpu, gib in gpus.items():
         for path in paths:
@@ -183,10 +183,9 @@ def format_plan(
                 verdict = f"fits with {tiles} MLP tiles"
             host = host_gib if host_gib is not None else HOST_GIB.get(gpu)
             host = None if host is None else host - (HOST_RESERVE_GIB if host_gib is None else 0)
-            pinned = pinned_host_bytes(shape, setups[path]) / GIB
-            if host is not None and pinned > host and verdict != "does NOT fit":
+            if host is not None and pinned[path] > host and verdict != "does NOT fit":
                 # The GPU holds it, the host cannot pin the offloaded checkpoints: as `longest_completion` counts it.
-                verdict = f"does NOT fit in host memory ({pinned:.2f} GiB to pin, {host:g} GiB allowed)"
+                verdict = f"does NOT fit in host memory ({pinned[path]:.2f} GiB to pin, {host:g} GiB allowed)"
             longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling, host_memory_gib=host)
             lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip

@@ -52,10 +52,15 @@ def min_vllm_utilization(
     return (need + VLLM_OTHER_GIB * GIB) / (gpu_gib * GIB)
 
 
+def utilization_kv_cache_bytes(shape: ModelShape, utilization: float, device_bytes: float) -> int:
+    """A lower bound of the KV cache vLLM sizes itself at `utilization` of a device of `device_bytes` bytes: the
+    budget less one bf16 copy of the weights and `VLLM_OTHER_GIB` (0 when nothing is left)."""
+    return max(0, int(utilization * device_bytes - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB))
+
+
 def kv_tokens_at(shape: ModelShape, utilization: float, gpu_gib: float) -> int:
     """KV tokens vLLM gets at `utilization` of a `gpu_gib` GPU (with `VLLM_OTHER_GIB`: a lower bound)."""
-    free = utilization * gpu_gib * GIB - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB
-    return max(0, int(free // kv_bytes_per_token(shape)))
+    return utilization_kv_cache_bytes(shape, utilization, gpu_gib * GIB) // kv_bytes_per_token(shape)
 
 
 # vLLM's KV block sizes (16 on CUDA, larger on some backends and on the CPU build) all divide this: a sequence rounded
@@ -69,9 +74,3 @@ def rollout_kv_cache_bytes(shape: ModelShape, max_num_seqs: int, max_model_len: 
     `KV_SEQUENCE_ROUNDING` tokens so that it fills whole blocks of any of vLLM's block sizes."""
     tokens = math.ceil(max_model_len / KV_SEQUENCE_ROUNDING) * KV_SEQUENCE_ROUNDING
     return max_num_seqs * tokens * kv_bytes_per_token(shape, dtype_bytes)
-
-
-def utilization_kv_cache_bytes(shape: ModelShape, utilization: float, device_bytes: int) -> int:
-    """A lower bound of the KV cache vLLM sizes itself at `utilization` of a device of `device_bytes` bytes: the
-    budget less one bf16 copy of the weights and `VLLM_OTHER_GIB` (0 when nothing is left)."""
-    return max(0, int(utilization * device_bytes - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB))
