@@ -39,7 +39,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, markdown_table  # noqa: E402
+from _common import _sync, environment, markdown_table  # noqa: E402
 
 # name -> (fast start, extra engine kwargs, sampling logprobs)
 VARIANTS: dict[str, tuple[bool, dict[str, Any], int | None]] = {
@@ -87,13 +87,13 @@ def run_variant(name: str, smoke: bool, tokens: int) -> dict[str, Any]:
     def sampling(n: int) -> SamplingParams:
         return SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, logprobs=logprobs, seed=0)
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     def ms_per_step(n: int) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         llm.generate(prompts, sampling(n), use_tqdm=False)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync(device)
         return (time.perf_counter() - start) / n * 1e3
 
     ms_per_step(32)  # warm-up
