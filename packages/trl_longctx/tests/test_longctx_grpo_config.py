@@ -16,6 +16,11 @@ def make(**kwargs):
         ("logit_chunk_multiplier", 2.5, "logit_chunk_multiplier must be a positive integer"),
         ("logprob_backend", "cuda", r"logprob_backend must be one of \['auto', 'torch', 'triton'\]"),
         ("loss_type", "ppo", r"loss_type must be one of \['grpo', 'dr_grpo', 'dapo'"),
+        (
+            "vllm_kv_cache_sizing",
+            "max",
+            r"vllm_kv_cache_sizing must be one of \['rollout', 'utilization'\], got 'max'",
+        ),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -27,6 +32,7 @@ def test_defaults_are_automatic():
     config = make()
     assert config.grpo_mini_batch is None and config.logit_chunk_multiplier is None
     assert config.logprob_backend == "auto"
+    assert config.vllm_kv_cache_sizing == "rollout"
 
 
 def test_use_vllm_when_available_follows_installation():
