@@ -410,13 +410,21 @@ def cmd_shared_32b(args) -> dict:
     import vllm_standby
     from trl_longctx.memory import CheckpointOffloader
     from trl_longctx.memory.planner import ModelShape, auto_chunk_sizes
+    from trl_longctx.memory.rollout_kv import rollout_kv_cache_bytes
 
     path = model_dir("qwen3-32b", 262144, weights=False)
     max_len = PROMPT_LEN + max(args.lengths) + 8
+    # As the trainer's vllm_kv_cache_sizing: "rollout" gives vLLM the KV cache of 2 sequences of max_len, the
+    # utilization only caps it; "utilization" lets vLLM fill --vllm-util.
+    kv = {}
+    if args.kv_sizing == "rollout":
+        kv_bytes = rollout_kv_cache_bytes(ModelShape.from_config(qwen3_config("qwen3-32b", 262144)), 2, max_len)
+        kv = {"kv_cache_memory_bytes": kv_bytes}
     llm = vllm_standby.StandbyLLM(model=path, load_format="dummy", dtype="bfloat16", gpu_memory_utilization=args.vllm_util,
                                   max_model_len=max_len, skip_tokenizer_init=True, enable_lora=True, max_lora_rank=32,
-                                  max_loras=1, max_num_batched_tokens=4096, max_num_seqs=2)  # fmt: skip
-    row = {"what": "32b_shared", "vllm_util": args.vllm_util, "kv_cache_GiB": llm.kv_cache_nbytes() / GIB, "steps": []}
+                                  max_loras=1, max_num_batched_tokens=4096, max_num_seqs=2, **kv)  # fmt: skip
+    row = {"what": "32b_shared", "vllm_util": args.vllm_util, "kv_sizing": args.kv_sizing,
+           "kv_cache_GiB": llm.kv_cache_nbytes() / GIB, "steps": []}  # fmt: skip
     row["kv_tokens"] = kv_token_capacity(llm)
     row["longest_rollout_2_sequences"] = longest_rollout(row["kv_tokens"])
     print(json.dumps({"progress": "engine", **row}), flush=True)
@@ -568,6 +576,13 @@ def main(argv=None) -> None:
     p = sub.add_parser("shared-32b")
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     p.add_argument("--vllm-util", type=float, default=0.9)
+    p.add_argument(
+        "--kv-sizing",
+        choices=("rollout", "utilization"),
+        default="rollout",
+        help="rollout: a KV cache of 2 sequences of the longest length (the trainer's default); utilization: all of "
+        "--vllm-util.",
+    )
     p.add_argument(
         "--planned",
         action=argparse.BooleanOptionalAction,

@@ -12,6 +12,8 @@ of one shorter generate: the functions with the most own time and the cumulative
 - ``trainer-no-logprobs``: the same without the sampled token's log-prob (what returning it costs).
 - ``trainer-no-prefix-caching``: `enable_prefix_caching=False` (block hashing off).
 - ``trainer-sync-scheduling``: `async_scheduling=False` (what overlapping the CPU and GPU parts gives).
+- ``trainer-v1-runner``: `VLLM_USE_V2_MODEL_RUNNER=0` (vLLM 0.25 runs dense models on its V2 model runner by
+  default; the V1 runner's decode path is older and differently tuned).
 - ``stock``: `vllm.LLM` with TRL's colocate settings and no fast start (as TRL builds it).
 
 Random Qwen3-1.7B (`colocate.model_dir`, `load_format="dummy"`, no tokenizer), bf16, prompt 256. Not measured yet:
@@ -47,8 +49,11 @@ VARIANTS: dict[str, tuple[bool, dict[str, Any], int | None]] = {
     "trainer-no-logprobs": (True, {}, None),
     "trainer-no-prefix-caching": (True, {"enable_prefix_caching": False}, 0),
     "trainer-sync-scheduling": (True, {"async_scheduling": False}, 0),
+    "trainer-v1-runner": (True, {}, 0),
     "stock": (False, {}, 0),
 }
+# Environment of a variant's child process, beside the parent's.
+VARIANT_ENV: dict[str, dict[str, str]] = {"trainer-v1-runner": {"VLLM_USE_V2_MODEL_RUNNER": "0"}}
 # The decode loop's stages, by function name as cProfile reports them (vLLM 0.25-0.31).
 STAGES = ("execute_model", "sample_tokens", "schedule", "update_from_output", "process_outputs", "_model_forward")
 
@@ -99,7 +104,9 @@ def run_variant(name: str, smoke: bool, tokens: int) -> dict[str, Any]:
     ms_per_step(32)  # warm-up
     row: dict[str, Any] = {"variant": name, "tokens": tokens, "ms_per_step": [ms_per_step(tokens) for _ in range(3)]}
     row["ms_per_step_median"] = statistics.median(row["ms_per_step"])
-    row["async_scheduling"] = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    vllm_config = llm.llm_engine.vllm_config
+    row["async_scheduling"] = vllm_config.scheduler_config.async_scheduling
+    row["v2_model_runner"] = getattr(vllm_config, "use_v2_model_runner", None)
     profiled = max(32, tokens // 4)
     profile = cProfile.Profile()
     profile.enable()
@@ -145,7 +152,8 @@ def main(argv=None) -> None:
             *(["--smoke"] if args.smoke else []),
         ]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            env_vars = {**os.environ, **VARIANT_ENV.get(name, {})}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env_vars)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             row = json.loads(lines[-1]) if lines else {"variant": name, "error": proc.stderr[-2000:]}
         except subprocess.TimeoutExpired:
