@@ -63,6 +63,7 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
     assert cache.kv_cache_memory_bytes == 8 * 256 * per_token
     assert 8 * 64 <= cache.num_gpu_blocks * cache.block_size <= 8 * 256
+    assert cache.enable_prefix_caching is False  # vllm_prefix_caching's default
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
 
     trainer.train()

@@ -21,6 +21,7 @@ def make(**kwargs):
             "max",
             r"vllm_kv_cache_sizing must be one of \['rollout', 'utilization'\], got 'max'",
         ),
+        ("vllm_prefix_caching", "yes", "vllm_prefix_caching must be True or False, got 'yes'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -33,6 +34,7 @@ def test_defaults_are_automatic():
     assert config.grpo_mini_batch is None and config.logit_chunk_multiplier is None
     assert config.logprob_backend == "auto"
     assert config.vllm_kv_cache_sizing == "rollout"
+    assert config.vllm_prefix_caching is False
 
 
 def test_use_vllm_when_available_follows_installation():

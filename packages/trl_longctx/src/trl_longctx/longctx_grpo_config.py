@@ -64,6 +64,13 @@ class LongContextGRPOConfig(GRPOConfig):
             before each rollout costs time (`trl_longctx.memory.rollout_kv`). `"utilization"` (and `"rollout"`
             without `vllm_max_model_length`): vLLM's own sizing, all of `vllm_gpu_memory_utilization`. On vLLM's
             CPU build `VLLM_CPU_KVCACHE_SPACE`, when set, wins over both.
+        vllm_prefix_caching (`bool`, *optional*, defaults to `False`):
+            vLLM's automatic prefix caching in the shared-weights engine (`vllm_shared_weights`). In a GRPO rollout
+            it saves only the prefill of the prompt's other `num_generations - 1` copies (completions are never
+            reused), and costs hashing every completed KV block at each decode step: on an H200, a 2-sequence decode
+            step took 2.31 ms without it and 2.45 ms with it (`tools/bench/decode_loop.py`, docs/benchmarks.md).
+            Turn it on for long prompts with many generations and short completions. TRL's own engine (without
+            shared weights) keeps vLLM's default (on).
         use_vllm_when_available (`bool`, *optional*, defaults to `False`):
             Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding
             `use_vllm`. The log says which one runs.
@@ -144,6 +151,13 @@ class LongContextGRPOConfig(GRPOConfig):
             "choices": list(VLLM_KV_CACHE_SIZINGS),
         },
     )
+    vllm_prefix_caching: bool = field(
+        default=False,
+        metadata={
+            "help": "vLLM's prefix caching in the shared-weights engine: it saves only the prefill of a prompt's "
+            "other generations and costs block hashing at every decode step."
+        },
+    )
     use_vllm_when_available: bool = field(
         default=False,
         metadata={
@@ -206,6 +220,8 @@ class LongContextGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"offload_checkpoints must be True, False or None (automatic), got {self.offload_checkpoints!r}."
             )
+        if not isinstance(self.vllm_prefix_caching, bool):
+            raise ValueError(f"vllm_prefix_caching must be True or False, got {self.vllm_prefix_caching!r}.")
         if not isinstance(self.skip_nonfinite_steps, bool):
             raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
         if not isinstance(self.retry_on_oom, bool):

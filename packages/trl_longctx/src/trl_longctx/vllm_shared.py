@@ -92,6 +92,8 @@ def build_shared_engine(
         # As TRL: vLLM's memory profiler misreads its 32768 default; temperature must reach the sampled logprobs.
         max_num_batched_tokens=4096,
         logprobs_mode="processed_logprobs",
+        # Unlike TRL (vLLM's default): block hashing costs each decode step more than the shared prompt saves.
+        enable_prefix_caching=args.vllm_prefix_caching,
         trust_remote_code=args.trust_remote_code,
         **({"quantization": "bitsandbytes"} if quantized else {}),
         **rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype)),
