@@ -503,7 +503,8 @@ def cmd_all(args) -> None:
         "throughput-plain": (["throughput", "--engine", "plain"], 300),
         "throughput-standby": (["throughput", "--engine", "standby"], 300),
         "grpo-trl": (["grpo", "--trainer", "trl", *steps], 600),
-        "grpo-ours": (["grpo", "--trainer", "ours", *steps], 600),
+        "grpo-ours": (["grpo", "--trainer", "ours", *steps], 600),  # the trainer's defaults (merged on CUDA)
+        "grpo-ours-lora-request": (["grpo", "--trainer", "ours", "--no-merge-adapter", *steps], 600),
         "grpo-ours-merged": (["grpo", "--trainer", "ours", "--merge-adapter", *steps], 600),
         "grpo-ours-merged-util": (
             ["grpo", "--trainer", "ours", "--merge-adapter", "--kv-sizing", "utilization", *steps],
@@ -563,8 +564,10 @@ def main(argv=None) -> None:
     p.add_argument("--vllm-util", type=float, help="vLLM gpu_memory_utilization of ours (default 0.95).")
     p.add_argument(
         "--merge-adapter",
-        action="store_true",
-        help="ours: vllm_merge_adapter=True (rollouts on merged weights instead of vLLM's LoRA kernels).",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ours: vllm_merge_adapter (--merge-adapter: rollouts on merged weights; --no-merge-adapter: vLLM's LoRA "
+        "kernels; unset: the trainer's default, merged on CUDA).",
     )
     p.add_argument(
         "--kv-sizing",

