@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import math
 import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -139,3 +141,31 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """What a benchmark's child process left: its JSON rows (stdout lines starting with "{"), in order, and how it
+    ended. After a timeout the rows are those printed before it was stopped."""
+
+    rows: list[dict[str, Any]]
+    returncode: int | None
+    timed_out: bool
+    stderr: str
+
+
+def run_json_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> ChildRun:
+    """Run `cmd` (a measurement in its own process) for at most `timeout` seconds and collect its JSON rows."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        return ChildRun(_json_rows(_text(exc.stdout)), None, True, _text(exc.stderr))
+    return ChildRun(_json_rows(proc.stdout), proc.returncode, False, proc.stderr)
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _json_rows(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]

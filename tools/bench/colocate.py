@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, environment, markdown_table  # noqa: E402
+from _common import GIB, environment, markdown_table, run_json_child  # noqa: E402
 
 PROMPT_LEN = 256
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/bench_vllm_standby"))
@@ -482,19 +481,14 @@ def cmd_shared_32b(args) -> dict:
 
 def run_child(argv: list[str], timeout: int) -> dict:
     """Run one subcommand in a fresh process; its last stdout line is its JSON row."""
-    cmd = [sys.executable, __file__, *argv]
     print("$", " ".join(argv), flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
+    run = run_json_child([sys.executable, __file__, *argv], timeout)
+    if run.timed_out:
         # Keep what the child printed before it was stopped (one JSON line per finished point).
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        partial = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s", "partial": partial}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"what": argv[0], "args": argv, "status": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
-    return {**json.loads(lines[-1]), "args": argv, "status": "ok"}
+        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s", "partial": run.rows}
+    if run.returncode != 0 or not run.rows:
+        return {"what": argv[0], "args": argv, "status": f"exit {run.returncode}", "stderr": run.stderr[-3000:]}
+    return {**run.rows[-1], "args": argv, "status": "ok"}
 
 
 def cmd_all(args) -> None:
@@ -553,6 +547,8 @@ def summary(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from trl_longctx.longctx_grpo_config import VLLM_KV_CACHE_SIZINGS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("throughput")
@@ -571,7 +567,7 @@ def main(argv=None) -> None:
     )
     p.add_argument(
         "--kv-sizing",
-        choices=("rollout", "utilization"),
+        choices=VLLM_KV_CACHE_SIZINGS,
         default="rollout",
         help="ours: vllm_kv_cache_sizing (rollout: KV cache sized to the rollout; utilization: all of --vllm-util).",
     )
@@ -581,7 +577,7 @@ def main(argv=None) -> None:
     p.add_argument("--vllm-util", type=float, default=0.9)
     p.add_argument(
         "--kv-sizing",
-        choices=("rollout", "utilization"),
+        choices=VLLM_KV_CACHE_SIZINGS,
         default="rollout",
         help="rollout: a KV cache of 2 sequences of the longest length (the trainer's default); utilization: all of "
         "--vllm-util.",

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, _sync, environment, markdown_table, summarize  # noqa: E402
+from _common import GIB, _sync, _text, environment, markdown_table, summarize  # noqa: E402
 
 # Cheapest first, so that a run cut short still has the baseline and the main candidates.
 DEFAULT_SETTINGS = (
@@ -154,10 +154,6 @@ def run_setting(setting: str, args, timeout_s: float) -> dict:
         row["status"] = status
         row["error_tail"] = stderr[-2000:]
     return row
-
-
-def _text(output: bytes | str | None) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def _ratio(row: dict, eager: dict | None, key: str) -> str:

@@ -33,7 +33,6 @@ import json
 import os
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import _sync, environment, markdown_table  # noqa: E402
+from _common import _sync, environment, markdown_table, run_json_child  # noqa: E402
 
 # name -> (fast start, extra engine kwargs, sampling logprobs)
 VARIANTS: dict[str, tuple[bool, dict[str, Any], int | None]] = {
@@ -153,13 +152,11 @@ def main(argv=None) -> None:
             str(tokens),
             *(["--smoke"] if args.smoke else []),
         ]
-        try:
-            env_vars = {**os.environ, **VARIANT_ENV.get(name, {})}
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env_vars)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            row = json.loads(lines[-1]) if lines else {"variant": name, "error": proc.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
+        run = run_json_child(cmd, args.timeout, env={**os.environ, **VARIANT_ENV.get(name, {})})
+        if run.timed_out:
             row = {"variant": name, "error": f"timeout after {args.timeout} s"}
+        else:
+            row = run.rows[-1] if run.rows else {"variant": name, "error": run.stderr[-2000:]}
         rows.append(row)
         print(json.dumps(row)[:1500], flush=True)
         if args.out:
