@@ -183,22 +183,6 @@ def test_quantized_model_refusals_come_before_loading(tmp_path, quantization, me
     assert not (tmp_path / "not-loaded").exists()
 
 
-def test_merge_adapter_default_follows_the_platform(tmp_path):
-    """`vllm_merge_adapter=None`: merged rollouts on CUDA (measured faster there), the in-memory LoRA request on vLLM's
-    CPU build; an explicit value always wins."""
-    from vllm.platforms import current_platform
-
-    from trl_longctx import LongContextGRPOConfig
-    from trl_longctx.vllm_shared import resolve_merge_adapter
-
-    def resolved(value):
-        return resolve_merge_adapter(LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True,
-                                                           vllm_merge_adapter=value))  # fmt: skip
-
-    assert resolved(None) is current_platform.is_cuda()
-    assert resolved(True) is True and resolved(False) is False
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (vLLM's bitsandbytes layers)")
 def test_qlora_grpo_with_shared_4bit_weights(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ class KVCacheProbe(TrainerCallback):
 def test_kv_cache_is_released_while_training_and_rollouts_work(tmp_path, monkeypatch):
     trainer = colocated_grpo_trainer(tmp_path, monkeypatch, vllm_gpu_memory_utilization=0.1)
     llm = trainer.vllm_generation.llm
-    assert trainer._kv_standby
+    assert trainer.rollout_plan.kv_standby == "trainer"
     assert kv_cache_nbytes(llm) == 0  # released right after the engine was built
     probe = KVCacheProbe(llm)
     trainer.add_callback(probe)

@@ -7,11 +7,13 @@ must not share a process with a sleep-mode one); `all` runs them one after anoth
   64 requests x 1,024 generated tokens (`ignore_eos`), tokens/s. ``standby`` is a `vllm_standby.StandbyLLM` at
   `gpu_memory_utilization=0.95`: it also records free GPU memory after `standby()` against total minus weights,
   standby/resume seconds, throughput after resume and whether greedy outputs stay identical (CUDA graphs valid).
-- ``grpo --trainer trl|ours``: one process per trainer, random Qwen3-1.7B saved to disk with a word-level tokenizer
+- ``grpo --trainer trl|ours|ours-trl-config``: one process per trainer, random Qwen3-1.7B saved to disk with a word-level tokenizer
   of the full vocabulary, LoRA r=32 on all linear layers, 2 generations, prompt 256, completions forced to
   `--length` tokens, `--steps` steps; seconds per step (median after the first) and peak GPU memory. ``trl`` is
   TRL 1.16 `GRPOTrainer` colocate with `vllm_enable_sleep_mode=True` at utilization 0.3 (TRL's default);
-  ``ours`` is `LongContextGRPOTrainer` with its defaults on CUDA (shared weights, KV-only standby) at 0.95.
+  ``ours`` is `LongContextGRPOTrainer` with its defaults on CUDA (shared weights, KV-only standby) at 0.95;
+  ``ours-trl-config`` is TRL's config (sleep mode, 0.3) with only the import changed. Each reports the GPU memory in
+  use between steps as well as the peak.
 - ``two-copies-32b``: TRL's colocate layout for Qwen3-32B (transformers model on the GPU, then a vLLM engine with its
   own copy): whether the engine can start at all. ``shared-32b --lengths``: one copy (vLLM's weights shared by the
   trainer, KV cache released), one training step of the policy log-probs + backward per completion length.
@@ -184,8 +186,12 @@ class StepTimer:
             def on_step_end(self, *a, **k):
                 torch.cuda.synchronize()
                 timer.seconds.append(time.perf_counter() - timer.start)
+                # Between steps: what stays on the GPU while nothing runs (weights, optimizer, vLLM in standby).
+                free, total = torch.cuda.mem_get_info()
+                timer.used_between_steps.append((total - free) / GIB)
 
         self.seconds: list[float] = []
+        self.used_between_steps: list[float] = []
         self.callback = _Callback()
 
 
@@ -216,8 +222,13 @@ def cmd_grpo(args) -> dict:
     timer = StepTimer()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    if args.trainer == "trl":
-        from trl import GRPOConfig, GRPOTrainer
+    if args.trainer in ("trl", "ours-trl-config"):
+        # TRL's colocate config as its docs teach it; "ours-trl-config" changes only the import.
+        if args.trainer == "trl":
+            from trl import GRPOConfig, GRPOTrainer
+        else:
+            from trl_longctx import LongContextGRPOConfig as GRPOConfig
+            from trl_longctx import LongContextGRPOTrainer as GRPOTrainer
 
         config = GRPOConfig(vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.3, **common)
         trainer = GRPOTrainer(model=path, reward_funcs=reward, args=config, train_dataset=dataset, peft_config=lora)
@@ -243,9 +254,12 @@ def cmd_grpo(args) -> dict:
         "s_per_step": statistics.median(timer.seconds[1:] or timer.seconds), "s_all": timer.seconds,
         "peak_allocated_GiB": torch.cuda.max_memory_allocated() / GIB,
         "gpu_used_at_end_GiB": (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / GIB,
+        "gpu_used_between_steps_GiB": statistics.median(timer.used_between_steps[1:] or timer.used_between_steps),
         "mean_completion_length": statistics.mean(lengths) if lengths else None,
         "shared_weights": getattr(trainer, "_shares_vllm_weights", False),
-        "kv_standby": getattr(trainer, "_kv_standby", None), "vllm_util": config.vllm_gpu_memory_utilization,
+        "vllm_util": config.vllm_gpu_memory_utilization,
+        "kv_standby": getattr(getattr(trainer, "rollout_plan", None), "kv_standby", None),
+        "rollout_plan": trainer.rollout_plan.describe() if hasattr(trainer, "rollout_plan") else "TRL",
         "merge_adapter": getattr(trainer, "_adapter_merger", None) is not None,
         "kv_cache_sizing": getattr(config, "vllm_kv_cache_sizing", "utilization"),
         "kv_cache_GiB": cache.num_gpu_blocks * cache.block_size * kv_bytes_per_token(ModelShape.from_config(
@@ -554,7 +568,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("throughput")
     p.add_argument("--engine", choices=("plain", "standby"), required=True)
     p = sub.add_parser("grpo")
-    p.add_argument("--trainer", choices=("trl", "ours"), required=True)
+    p.add_argument("--trainer", choices=("trl", "ours", "ours-trl-config"), required=True)
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--vllm-util", type=float, help="vLLM gpu_memory_utilization of ours (default 0.95).")

@@ -20,6 +20,8 @@ from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import CheckpointOffloader, ReleaseBuffersCallback
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
+from .rollout_plan import resolve_rollout_plan
+from .rollout_standby import kv_cache_for_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -57,53 +59,62 @@ class LongContextGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model, reward_funcs, args: LongContextGRPOConfig | None = None, **kwargs):
-        if args is not None and not isinstance(args, LongContextGRPOConfig):
-            raise TypeError(f"args must be a LongContextGRPOConfig, got {type(args).__name__}.")
+        args = _long_context_args(args, model)
         check_train_dataset(kwargs.get("train_dataset"))
-        shared_llm = None
-        # On CUDA without shared weights, TRL's own sleep()/wake_up() calls do the KV-only standby (see below).
-        kv_standby_by_trl = False
-        if args is not None and args.use_vllm and args.vllm_mode == "colocate":
-            # vLLM's CPU build repacks weights at load time; our patches keep them updatable in place. They must be
-            # live before TRL builds the engine inside `super().__init__`.
+        # How the run generates: decided once, before any model or engine is built (bad requests raise here).
+        self.rollout_plan = plan = resolve_rollout_plan(
+            args, model, kwargs.get("peft_config"), _quantization_config(args, kwargs),
+            has_rollout_func=kwargs.get("rollout_func") is not None,
+        )  # fmt: skip
+        if plan.needs_vllm_standby:
+            # Live before any engine exists: the CPU build's weight patch, the in-memory LoRA loader, KV-only sleep.
             import vllm_standby
 
             vllm_standby.enable()
-            init_kwargs = args.model_init_kwargs or {}
-            quantization = kwargs.get("quantization_config") or init_kwargs.get("quantization_config")
-            if _resolve_shared_weights(args, model, kwargs.get("peft_config"), quantization):
-                model, shared_llm = _shared_model_and_engine(
-                    model, args, kwargs["peft_config"], quantized=quantization is not None
-                )
-                # The model is built (vLLM quantized it in 4 bits when asked): TRL must not load or quantize another.
-                kwargs.pop("quantization_config", None)
-                # TRL must not build a second engine (a second copy of the weights): ours is attached below.
-                args.use_vllm = False
-            elif _uses_vllm_sleep_for_standby(args):
-                # On CUDA the KV cache can only be released from vLLM's CuMem pool, which TRL's sleep mode turns on;
-                # with vllm_standby enabled, TRL's own sleep()/wake_up() calls release and restore the KV cache only.
-                args.vllm_enable_sleep_mode = True
-                kv_standby_by_trl = True
-        self._shares_vllm_weights = shared_llm is not None
-        try:
-            super().__init__(model, reward_funcs, args=args, **kwargs)
-        finally:
-            if shared_llm is not None:
-                args.use_vllm = True
-        if shared_llm is not None:
-            from .vllm_shared import make_generation
+        self._shares_vllm_weights = plan.shared_weights
+        engine = None
+        if plan.shared_weights:
+            from .vllm_shared import build_shared_model_and_engine
 
-            self.use_vllm = True
-            self.vllm_generation = make_generation(self, shared_llm)
-            self._last_loaded_step = -1
-            # Accelerate's `prepare` would call `model.to(accelerator.device)`; on CPU that device can be `cpu:0`
-            # while vLLM's tensors are on `cpu`, and `Tensor.to` then returns copies: the sharing would end silently.
-            self.accelerator.device_placement = False
+            model, engine = build_shared_model_and_engine(model, args, kwargs["peft_config"], plan)
+            # The model is built (vLLM quantized it in 4 bits when asked): TRL must not load or quantize another.
+            kwargs.pop("quantization_config", None)
+        # TRL works on its own view of the config (no second engine with shared weights); `args` stays as given.
+        super().__init__(model, reward_funcs, args=plan.trl_args(args), **kwargs)
+        self.args.use_vllm, self.args.vllm_enable_sleep_mode = args.use_vllm, args.vllm_enable_sleep_mode
+        self._attach_shared_engine(engine)
+        self._prepare_log_prob_path()
+        guard_reward_functions(self)  # errors name the reward function and the step
+        logger.warning(plan.describe())
+        for notice in plan.notices:
+            logger.warning(notice.message())
+        if plan.kv_standby == "trainer":
+            # The engine was built with its KV cache; training starts now, so release it until the first rollout.
+            from vllm_standby import release_kv_cache
+
+            release_kv_cache(self.vllm_generation.llm)
+
+    def _attach_shared_engine(self, engine) -> None:
+        """Use `engine` (built before TRL's `__init__`, sharing the trainer's weights) for rollouts, as TRL's colocate
+        mode would use its own."""
         self._adapter_merger = None
-        if shared_llm is not None and self.vllm_generation.merge_adapter:
+        if engine is None:
+            return
+        from .vllm_shared import make_generation
+
+        self.use_vllm = True
+        self.vllm_generation = make_generation(self, engine)
+        self._last_loaded_step = -1
+        # Accelerate's `prepare` would call `model.to(accelerator.device)`; on CPU that device can be `cpu:0` while
+        # vLLM's tensors are on `cpu`, and `Tensor.to` then returns copies: the sharing would end silently.
+        self.accelerator.device_placement = False
+        if self.rollout_plan.adapter_transport == "merged":
             from .merged_rollout import AdapterMerger
 
             self._adapter_merger = AdapterMerger(self.accelerator.unwrap_model(self.model))
+
+    def _prepare_log_prob_path(self) -> None:
+        """What the fused log-prob pass reuses across steps: compiled layers, the checkpoint offloader, the planner."""
         compile_setting = getattr(self.args, "compile_decoder_layers", None)
         if compile_setting not in (None, "off"):
             # Once, on the model our log-prob path runs (the PEFT model, not an accelerate wrapper); lazy: each
@@ -115,34 +126,6 @@ class LongContextGRPOTrainer(GRPOTrainer):
         self._forward_redirection = ForwardRedirection()
         # `grpo_mini_batch=None` on CUDA: the planner's choice per (sequences, length, completion), made once.
         self._planned_mini_batches: dict[tuple[int, int, int], int] = {}
-        guard_reward_functions(self)  # errors name the reward function and the step
-        # A custom `rollout_func` may call vLLM outside `_generate_single_turn`, where the KV cache must be live.
-        # Who releases and restores it: this trainer around each rollout, or TRL's sleep-mode calls (CUDA, no sharing).
-        self._kv_standby_here = (
-            not kv_standby_by_trl
-            and self.use_vllm
-            and self.vllm_mode == "colocate"
-            and self.rollout_func is None
-            and _resolve_kv_standby(args)
-        )
-        self._kv_standby = kv_standby_by_trl or self._kv_standby_here
-        if self.use_vllm:
-            import vllm
-
-            logger.warning(
-                "Rollouts: vLLM %s (%s mode, in-process, KV-cache standby %s, shared weights %s).",
-                vllm.__version__,
-                self.vllm_mode,
-                "on" if self._kv_standby else "off",
-                "on" if shared_llm is not None else "off",
-            )
-            if self._kv_standby_here:
-                # The engine was built with its KV cache; training starts now, so release it until the first rollout.
-                from vllm_standby import release_kv_cache
-
-                release_kv_cache(self.vllm_generation.llm)
-        else:
-            logger.warning("Rollouts: transformers `generate` (vLLM not used).")
 
     def _move_model_to_device(self, model, device):
         """Transformers' placement, except for weights shared with vLLM: they stay vLLM's tensors, where vLLM put them.
@@ -160,19 +143,18 @@ class LongContextGRPOTrainer(GRPOTrainer):
             super()._save_checkpoint(model, trial)
 
     def _generate_single_turn(self, *args, **kwargs):
-        """TRL's rollout, with vLLM's KV cache restored just before and released right after (colocate mode), and with
-        shared weights in merged mode the adapter merged into them for its length.
+        """TRL's rollout, with vLLM's KV cache restored just before and released right after (`rollout_plan`), and
+        with shared weights in merged mode the adapter merged into them for its length.
 
         Raises:
-            RuntimeError: If vLLM fails; the message names the training step, the original error is chained.
+            RuntimeError: If vLLM fails; the message names the training step and the engine's error (chained). The
+                engine's unfinished requests are aborted and its KV cache released, so the run can checkpoint or go
+                on.
         """
         try:
             with contextlib.ExitStack() as rollout:
-                if self._kv_standby_here:
-                    from vllm_standby import release_kv_cache, restore_kv_cache
-
-                    restore_kv_cache(self.vllm_generation.llm)
-                    rollout.callback(release_kv_cache, self.vllm_generation.llm)
+                if self.rollout_plan.kv_standby == "trainer":
+                    rollout.enter_context(kv_cache_for_rollout(self.vllm_generation.llm))
                 if self._adapter_merger is not None:
                     # Shared weights: vLLM decodes the merged adapter; the base weights come back exactly after.
                     rollout.enter_context(self._adapter_merger.merged())
@@ -374,101 +356,16 @@ def _training_mode(model) -> str:
     return "qlora" if getattr(model, "is_loaded_in_4bit", False) else "lora"
 
 
-def _resolve_kv_standby(args: LongContextGRPOConfig | None) -> bool:
-    """`vllm_kv_standby` with `None` resolved: on where vllm_standby implements it (CPU; CUDA with vLLM 0.25-0.28)."""
-    from vllm_standby import kv_standby_supported
-
-    requested = None if args is None else args.vllm_kv_standby
-    supported = kv_standby_supported()
-    if requested and not supported:
-        raise ValueError(
-            "vllm_kv_standby=True needs vLLM's CPU platform or CUDA with vLLM 0.25-0.28; allowed here: False or None "
-            "(automatic)."
-        )
-    return supported if requested is None else requested
+def _long_context_args(args: LongContextGRPOConfig | None, model) -> LongContextGRPOConfig:
+    """`args`, or TRL's default for it (`<model name>-GRPO` as the output folder) as a `LongContextGRPOConfig`."""
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+        return LongContextGRPOConfig(f"{name.rstrip('/').split('/')[-1]}-GRPO")
+    if not isinstance(args, LongContextGRPOConfig):
+        raise TypeError(f"args must be a LongContextGRPOConfig, got {type(args).__name__}.")
+    return args
 
 
-def _uses_vllm_sleep_for_standby(args: LongContextGRPOConfig) -> bool:
-    """Whether KV standby runs through TRL's sleep-mode calls: colocate mode on CUDA, TRL's own engine."""
-    if not (args.use_vllm and args.vllm_mode == "colocate"):
-        return False
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cuda() and _resolve_kv_standby(args)
-
-
-def _resolve_shared_weights(args: LongContextGRPOConfig, model, peft_config, quantization_config=None) -> bool:
-    """`vllm_shared_weights` with `None` resolved: on for a LoRA run from a model path where KV standby runs."""
-    from vllm_standby import kv_standby_supported
-
-    requested = args.vllm_shared_weights
-    if requested is False:
-        return False
-    if quantization_config is not None:
-        if requested and args.vllm_merge_adapter:
-            raise ValueError(
-                "vllm_merge_adapter=True cannot merge a LoRA adapter into 4-bit shared weights (QLoRA). Allowed with "
-                "a quantization_config and vllm_shared_weights=True: False or None (automatic: off)."
-            )
-        problem = _shared_4bit_problem(quantization_config)
-        if problem is not None:
-            if requested:
-                raise ValueError(
-                    f"vllm_shared_weights=True with a quantized (QLoRA) model: {problem}. Allowed here: False or None "
-                    "(automatic: off)."
-                )
-            return False
-        if args.vllm_merge_adapter:
-            return False  # merged rollouts asked for: only possible with TRL's own (unshared) engine
-    if peft_config is None or getattr(peft_config, "peft_type", None) is None or peft_config.peft_type.value != "LORA":
-        if requested:
-            raise ValueError(
-                "vllm_shared_weights=True needs a LoRA peft_config: full fine-tuning would train vLLM's weights in "
-                "place. Allowed without LoRA: False or None."
-            )
-        return False
-    if not isinstance(model, str):
-        if requested:
-            raise ValueError("vllm_shared_weights=True needs the model as a path or id, not an instance.")
-        return False
-    if args.vllm_enable_sleep_mode or args.vllm_tensor_parallel_size != 1:
-        if requested:
-            raise ValueError(
-                "vllm_shared_weights=True needs vllm_enable_sleep_mode=False and vllm_tensor_parallel_size=1."
-            )
-        return False
-    return True if requested else kv_standby_supported()
-
-
-def _shared_4bit_problem(quantization_config) -> str | None:
-    """Why this quantization cannot be shared with vLLM, or `None` when it can: vLLM (0.25-0.28) quantizes the
-    checkpoint to bitsandbytes 4-bit NF4 itself, and the trainer's layers are views of its shards."""
-    from vllm_standby.shared_4bit import bitsandbytes_in_vllm
-
-    if not getattr(quantization_config, "load_in_4bit", False) or (
-        getattr(quantization_config, "bnb_4bit_quant_type", None) != "nf4"
-    ):
-        return "shared 4-bit weights need BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'), as vLLM quantizes"
-    if not bitsandbytes_in_vllm():
-        import vllm
-
-        return f"vLLM {vllm.__version__} has no bitsandbytes quantization (vLLM 0.25-0.28 on CUDA have it)"
-    return None
-
-
-def _shared_model_and_engine(model_path: str, args: LongContextGRPOConfig, peft_config, quantized: bool = False):
-    """Build the colocated engine, then the trainer's base model as views of its weights (one copy in memory); with
-    `quantized`, vLLM quantizes the checkpoint to bitsandbytes NF4 and the trainer gets `Linear4bit` views (QLoRA)."""
-    from accelerate import PartialState
-
-    from vllm_standby import shared_hf_model
-
-    from .vllm_shared import build_shared_engine, resolve_merge_adapter
-
-    enable_lora = not resolve_merge_adapter(args, quantized)
-    llm = build_shared_engine(
-        model_path, args, PartialState(), lora_rank=peft_config.r, enable_lora=enable_lora, quantized=quantized
-    )
-    hf_model = shared_hf_model(llm)
-    hf_model.name_or_path = hf_model.config._name_or_path = model_path
-    return hf_model.train(), llm
+def _quantization_config(args: LongContextGRPOConfig, kwargs: dict):
+    """The quantization config the model would be loaded with: the trainer argument or `model_init_kwargs`'."""
+    return kwargs.get("quantization_config") or (args.model_init_kwargs or {}).get("quantization_config")

