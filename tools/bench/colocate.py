@@ -453,7 +453,7 @@ def cmd_shared_32b(args) -> dict:
     shape = ModelShape.from_config(model.config)
     for length in args.lengths:
         ids = torch.randint(3, 151936, (2, PROMPT_LEN + length), device="cuda")
-        # What the trainer runs: the planner's mini batch and MLP tiles for the memory free now (`_planned_sizes`).
+        # What the trainer runs: the planner's mini batch and MLP tiles for the memory free now (`LogProbPass.sizes`).
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
         sizes = auto_chunk_sizes(shape, free, 2, PROMPT_LEN, length, tile_mlps=True,
                                  optimizer_states_allocated=bool(optimizer.state))  # fmt: skip

@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -119,23 +118,19 @@ def trl_logps(model, input_ids, attention_mask, keep, offloader, sizes=None):
 
 
 def ours_logps(model, input_ids, attention_mask, keep, offloader, sizes=(None, 1)):
-    """What `LongContextGRPOTrainer._get_per_token_logps_and_entropies` runs: `sizes = (mini batch, MLP tiles)`."""
-    from longctx_kernels import selective_logprobs
-    from trl_longctx.memory import tile_mlps
-    from trl_longctx.model_heads import decoder_and_lm_head
+    """What `LongContextGRPOTrainer._get_per_token_logps_and_entropies` runs (`trl_longctx.logprob_pass`):
+    `sizes = (mini batch, MLP tiles)`; the Triton backend (no logit chunk)."""
+    from trl_longctx.logprob_pass import ChunkSizes, run_log_prob_pass
+    from trl_longctx.model_heads import decoder_and_lm_head, plain_lm_head_weights
 
     decoder, lm_head = decoder_and_lm_head(model)
     mini_batch, tiles = sizes
-    mini_batch = mini_batch or input_ids.size(0)
-    logps = []
-    for start in range(0, input_ids.size(0), mini_batch):
-        ids, mask = input_ids[start : start + mini_batch], attention_mask[start : start + mini_batch]
-        context = offloader.offload(model) if offloader is not None else contextlib.nullcontext()
-        with context, tile_mlps(model, tiles):
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        hidden = hidden[:, -keep - 1 : -1].to(lm_head.weight.dtype)
-        logps.append(selective_logprobs(hidden, lm_head.weight, ids[:, -keep:]))
-    return torch.cat(logps)
+    chunk_sizes = ChunkSizes(mini_batch or input_ids.size(0), None, tiles)
+    logps, _ = run_log_prob_pass(
+        model, decoder, plain_lm_head_weights(lm_head), input_ids, attention_mask, keep, chunk_sizes,
+        backend="triton", offloader=offloader,
+    )  # fmt: skip
+    return logps
 
 
 def make_step(provider, model, optimizer, input_ids, keep, offloader, sizes=(None, 1)):
@@ -198,7 +193,7 @@ def predicted_gib(shape, provider: str, args, length: int, sizes=(None, 1)) -> f
 
 def ours_sizes(shape, args, length: int, optimizer) -> tuple[int | None, int]:
     """`(mini batch, MLP tiles)` of the `ours` provider: `--mini-batch`/`--mlp-tiles`, or what the trainer's planner
-    picks on this GPU for what is free now (`LongContextGRPOTrainer._planned_sizes` on the first step)."""
+    picks on this GPU for what is free now (`trl_longctx.logprob_pass.LogProbPass.sizes` on the first step)."""
     from trl_longctx.memory.planner import auto_chunk_sizes
 
     free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()

@@ -130,6 +130,19 @@ def test_auto_uses_torch_on_cpu(monkeypatch):
     assert selective_logprobs(inputs["hidden"], inputs["weight"], inputs["targets"]).shape == (3,)
 
 
+def test_resolve_backend_says_what_runs(monkeypatch):
+    """`resolve_backend` is the dispatch `selective_logprobs` uses: callers sizing the torch chunk ask it first."""
+    monkeypatch.setattr(functional, "selective_logprobs_triton", _FakeTritonOp())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [functional.resolve_backend(b, cpu) for b in ("auto", "torch")] == ["torch", "torch"]
+    assert [functional.resolve_backend(b, cuda) for b in ("auto", "torch", "triton")] == ["triton", "torch", "triton"]
+    monkeypatch.setattr(functional, "selective_logprobs_triton", None)
+    assert functional.resolve_backend("auto", cuda) == "torch"
+    with pytest.raises(RuntimeError, match="backend='triton' is unavailable"):
+        functional.resolve_backend("triton", cuda)
+
+
 def test_triton_backend_unavailable(monkeypatch):
     monkeypatch.setattr(functional, "selective_logprobs_triton", None)
     inputs = make_inputs((3,), 8, 17, torch.float32)

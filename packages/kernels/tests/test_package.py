@@ -24,6 +24,7 @@ def test_public_api():
     assert set(longctx_kernels.__all__) == {
         "__version__",
         "default_chunk_size",
+        "resolve_backend",
         "selective_logprobs",
         "selective_logprobs_reference",
     }

@@ -7,6 +7,7 @@ of float32 logits of the whole micro-batch (`logit_chunk_multiplier=1`, 32 seque
 forward holds two such buffers; halving the mini batch halves them. The caps sit between those working sets.
 """
 
+import importlib.util
 import json
 import re
 import resource
@@ -20,14 +21,9 @@ import torch
 from testing_utils import assert_close
 
 from trl_longctx import LongContextGRPOConfig
-from trl_longctx.oom_retry import (
-    ChunkSizes,
-    OutOfMemoryRetryError,
-    StepAttempt,
-    is_out_of_memory,
-    logit_chunk_rows,
-    lowered_chunk_sizes,
-)
+from trl_longctx.logprob_pass import LogProbPass, lowered_sizes
+from trl_longctx.memory.planner import ChunkSizes
+from trl_longctx.oom_retry import OutOfMemoryRetryError, StepAttempt, is_out_of_memory
 
 TOLERANCES = {"loss": {"atol": 1e-5, "rtol": 1e-4}, "grads": {"atol": 1e-5, "rtol": 1e-3}}  # fp32 rows, STYLE.md
 VOCAB, BATCH, COMPLETION = 131072, 32, 32
@@ -40,57 +36,71 @@ CAP_FIRST_MIB, CAP_SECOND_MIB, CAP_TIGHT_MIB = 850, 430, 120
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The policy: what is lowered and by how much.
+# The policy: what is lowered and by how much, and the one rule the sizes of a pass follow.
 
 
 @pytest.mark.parametrize(
-    "current, length, vocab, expected",
+    "used, tokens, expected",
     [
-        # logit_chunk_multiplier=1: halving the mini batch halves the chunk; the multiplier stays.
-        (ChunkSizes(32, 1, 1024), 32, VOCAB, ChunkSizes(16, 1, 512)),
-        # A set multiplier is never lowered.
-        (ChunkSizes(8, 4, 64), 32, 48, ChunkSizes(4, 4, 32)),
-        # Mini batch of one: only the multiplier can halve the chunk.
-        (ChunkSizes(1, 1, 32), 32, 48, ChunkSizes(1, 2, 16)),
-        # None (256 MiB budget chunk: 512 rows at V=131072) becomes the multiplier that halves it at the longest
-        # completion: 16 sequences x ceil(32 / 2) = 256 rows.
-        (ChunkSizes(32, None, 512), 32, VOCAB, ChunkSizes(16, 2, 256)),
-        # None with a budget larger than the mini batch's tokens: the chunk was all of them; half of them now.
-        (ChunkSizes(8, None, 64), 8, 48, ChunkSizes(4, 1, 32)),
-        # Odd sizes (47 sequences, 7 tokens, multiplier 3: ceil(7/3) = 3 rows each = 141 rows): 23 x 3 = 69 <= 70.
-        (ChunkSizes(47, 3, 141), 7, 123, ChunkSizes(23, 3, 69)),
-        # Nothing left to lower: one sequence, one row.
-        (ChunkSizes(1, 32, 1), 32, 48, None),
+        # Half the mini batch and half the logit chunk.
+        (ChunkSizes(32, 1024, 1), 64, ChunkSizes(16, 512, 1)),
+        # Odd sizes round down, never below one.
+        (ChunkSizes(47, 141, 1), 7, ChunkSizes(23, 70, 1)),
+        (ChunkSizes(1, 5, 1), 40_000, ChunkSizes(1, 2, 1)),
+        # The Triton backend has no logit chunk: only the mini batch halves.
+        (ChunkSizes(8, None, 1), 4096, ChunkSizes(4, None, 1)),
+        # One sequence, one token per chunk: more MLP tiles (each of at least 8,192 tokens), then nothing.
+        (ChunkSizes(1, 1, 1), 40_000, ChunkSizes(1, 1, 2)),
+        (ChunkSizes(1, None, 2), 40_000, ChunkSizes(1, None, 3)),
+        (ChunkSizes(1, None, 4), 40_000, None),
+        (ChunkSizes(1, 1, 1), 64, None),
     ],
 )
-def test_lowered_chunk_sizes(current, length, vocab, expected):
-    assert current.logit_chunk_rows == logit_chunk_rows(
-        current.mini_batch, current.logit_chunk_multiplier, length, vocab
-    )
-    lowered = lowered_chunk_sizes(current, length, vocab)
-    assert lowered == expected
-    if lowered is not None:
-        assert lowered.mini_batch <= max(1, current.mini_batch // 2)
-        assert lowered.logit_chunk_rows <= max(1, current.logit_chunk_rows // 2)
+def test_lowered_sizes(used, tokens, expected):
+    assert lowered_sizes(used, tokens) == expected
 
 
-def test_trainer_chunk_follows_the_one_rule():
-    """The trainer's chunk is `logit_chunk_rows`: the 256 MiB default or `mini_batch * ceil(L / multiplier)` rows,
-    capped at the mini batch's tokens (explicit values, so a change of the rule shows here)."""
+def _pass(tmp_path, **fields):
+    args = LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True, **fields)
+    return LogProbPass(args, torch.device("cpu"))
+
+
+def test_sizes_follow_the_one_rule(tmp_path):
+    """The logit chunk of the torch backend: the 256 MiB default or `mini_batch * ceil(L / multiplier)` tokens, capped
+    at the mini batch's tokens; the retry's caps lower every later pass (explicit values, so a change shows here)."""
     from longctx_kernels import default_chunk_size
-    from trl_longctx import LongContextGRPOTrainer
 
-    cases = [  # (multiplier, mini_batch, completion length, vocab, expected rows)
-        (None, 8, 1000, 151_936, default_chunk_size(151_936)),
-        (None, 1, 5, 48, 5),  # the default chunk is larger than the 5 tokens there are
-        (1, 4, 7, 48, 28),
-        (3, 4, 7, 48, 12),  # 4 * ceil(7 / 3)
-        (64, 8, 1000, 151_936, 128),  # 8 * ceil(1000 / 64)
+    config = SimpleNamespace()
+    cases = [  # (multiplier, grpo_mini_batch, sequences, completion length, vocab, expected sizes)
+        (None, None, 8, 1000, 151_936, ChunkSizes(8, default_chunk_size(151_936), 1)),
+        (None, 1, 8, 5, 48, ChunkSizes(1, 5, 1)),  # the default chunk is larger than the 5 tokens there are
+        (1, 4, 8, 7, 48, ChunkSizes(4, 28, 1)),
+        (3, 4, 8, 7, 48, ChunkSizes(4, 12, 1)),  # 4 * ceil(7 / 3)
+        (64, 8, 8, 1000, 151_936, ChunkSizes(8, 128, 1)),  # 8 * ceil(1000 / 64)
+        (None, 16, 8, 10, 48, ChunkSizes(8, 80, 1)),  # never more sequences than the pass has
     ]
-    for multiplier, mini_batch, length, vocab, expected in cases:
-        trainer = SimpleNamespace(args=SimpleNamespace(logit_chunk_multiplier=multiplier))
-        assert LongContextGRPOTrainer._logit_chunk_size(trainer, mini_batch, length, vocab) == expected
-        assert logit_chunk_rows(mini_batch, multiplier, length, vocab) == expected
+    for multiplier, mini_batch, sequences, length, vocab, expected in cases:
+        passes = _pass(tmp_path, logit_chunk_multiplier=multiplier, grpo_mini_batch=mini_batch)
+        assert passes.backend == "torch" and passes.free_bytes is None  # CPU: no planner unless a figure is given
+        assert passes.sizes(config, vocab, sequences, length + 3, length) == expected
+    passes = _pass(tmp_path, logit_chunk_multiplier=1, grpo_mini_batch=8)
+    passes.begin_try()
+    passes.used, passes._lengths = [ChunkSizes(8, 80, 1)], [13]
+    assert passes.lower_after_oom() == ChunkSizes(4, 40, 1)
+    assert passes.sizes(config, 48, 8, 13, 10) == ChunkSizes(4, 40, 1)  # capped for the rest of the run
+    passes.begin_try()
+    assert passes.lower_after_oom() is None  # no pass ran in this try: nothing the retry could lower
+
+
+def test_a_logit_chunk_the_triton_backend_cannot_honour_is_refused(tmp_path):
+    from trl_longctx.logprob_pass import resolved_backend
+
+    args = LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True, logit_chunk_multiplier=4)
+    assert resolved_backend(args, torch.device("cpu")) == "torch"
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed: 'auto' is the torch backend everywhere")
+    with pytest.raises(ValueError, match=r"logit_chunk_multiplier=4 sizes the torch backend's logit chunks.*Allowed"):
+        resolved_backend(args, torch.device("cuda"))
 
 
 def test_real_allocation_failures_are_recognized():
@@ -213,9 +223,15 @@ def test_step_completes_after_lowering_and_logs_the_values(capped_runs):
     assert len(warnings) == 2, warnings  # one per micro-step: 32 -> 16 in the first, 16 -> 8 in the second
     assert all("DefaultCPUAllocator: can't allocate memory" in w for w in warnings), warnings
     assert "Out of memory at training step 1" in warnings[0]
-    assert "grpo_mini_batch 32 -> 16, logit_chunk_multiplier 1 -> 1 (logit chunk 1024 -> 512 rows" in warnings[0]
-    assert "grpo_mini_batch 16 -> 8, logit_chunk_multiplier 1 -> 1 (logit chunk 512 -> 256 rows" in warnings[1]
-    assert retried["chunk_sizes"] == {"grpo_mini_batch": 8, "logit_chunk_multiplier": 1}  # for the rest of the run
+    assert (
+        "ran with grpo_mini_batch=32, logit chunk 1024 tokens, tiled_mlp_chunks=1; lowered for the rest of the run to "
+        "grpo_mini_batch=16, logit chunk 512 tokens, tiled_mlp_chunks=1" in warnings[0]
+    )
+    assert "ran with grpo_mini_batch=16, logit chunk 512 tokens" in warnings[1]
+    assert "to grpo_mini_batch=8, logit chunk 256 tokens" in warnings[1]
+    # For the rest of the run: the pass's caps, the config as given.
+    assert retried["sizes_after"] == [8, 256, 1]
+    assert retried["chunk_sizes"] == {"grpo_mini_batch": None, "logit_chunk_multiplier": 1}
     assert retried["rollouts"] == 1  # the first micro-step's retry reused its batch: no second rollout
 
 
@@ -244,9 +260,28 @@ def test_second_failure_names_the_step_and_the_values_tried(capped_runs):
     assert twice["cause"] == "RuntimeError"  # the allocator's error is chained
     message = twice["message"]
     assert "Out of memory at training step 1 again after lowering the chunk sizes" in message
-    assert "grpo_mini_batch=32, logit_chunk_multiplier=1 (logit chunk 1024 rows)" in message
-    assert "then grpo_mini_batch=16, logit_chunk_multiplier=1 (logit chunk 512 rows)" in message
+    assert "Tried: grpo_mini_batch=32, logit chunk 1024 tokens, tiled_mlp_chunks=1" in message
+    assert "; then grpo_mini_batch=16, logit chunk 512 tokens, tiled_mlp_chunks=1." in message
     assert twice["grads_left"] == 0  # the failed tries left no gradient behind
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_DATA caps mmaps on Linux only")
+def test_the_retry_lowers_what_the_planner_chose(capped_runs):
+    """With the planner sizing the pass (a free-memory figure on CPU, as on CUDA by default), the failed try ran the
+    planner's sizes, and the retry ran half of them: not `per_device_train_batch_size`, not the same plan again."""
+    planned = capped_runs["planned"]
+    assert planned["error_type"] == "OutOfMemoryRetryError" and planned["grads_left"] == 0
+    # 64 GiB free: all 32 sequences at once, the 256 MiB default chunk (512 tokens of a 131072-token vocabulary).
+    assert (
+        "Tried: grpo_mini_batch=32, logit chunk 512 tokens, tiled_mlp_chunks=1; then grpo_mini_batch=16, "
+        in (planned["message"])
+    )
+    assert "logit chunk 256 tokens, tiled_mlp_chunks=1." in planned["message"]
+    assert (
+        len(planned["warnings"]) == 1
+        and "lowered for the rest of the run to grpo_mini_batch=16" in (planned["warnings"][0])
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,7 +355,7 @@ def _child(out_dir: str) -> None:
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("trl_longctx.longctx_grpo_trainer").addHandler(handler)
 
-    def run(name, caps, steps, **overrides):
+    def run(name, caps, steps, free_bytes=None, **overrides):
         warnings.clear()
         Counting.rollouts = 0
         settings = {
@@ -348,6 +383,8 @@ def _child(out_dir: str) -> None:
             args=LongContextGRPOConfig(**{**settings, **overrides}),
             train_dataset=make_copy_letter_dataset(64),
         )
+        if free_bytes is not None:  # the planner sizes the pass on CPU too, for this figure
+            trainer.logprob_pass.free_bytes = lambda: free_bytes
         trainer.add_callback(Caps(*caps, out / f"grads_{name}.pt"))
         result = {"rollouts": 0}
         try:
@@ -370,6 +407,7 @@ def _child(out_dir: str) -> None:
             loss=log.get("loss"),
             entropy=log.get("entropy"),
             chunk_sizes={k: getattr(trainer.args, k) for k in ("grpo_mini_batch", "logit_chunk_multiplier")},
+            sizes_after=list(trainer.logprob_pass.sizes(trainer.model.config, VOCAB, BATCH, 40, COMPLETION)),
         )
         return result
 
@@ -378,6 +416,15 @@ def _child(out_dir: str) -> None:
         "reference": run("reference", (None, None), steps=2, grpo_mini_batch=8),
         # Greedy (no sampling over 131072 tokens: faster); its gradients are not compared.
         "twice": run("twice", (CAP_TIGHT_MIB, None), steps=1, generation_kwargs={"do_sample": False}),
+        # The planner active (as on CUDA by default): it sizes the pass; the retry lowers what it chose.
+        "planned": run(
+            "planned",
+            (CAP_TIGHT_MIB, None),
+            steps=1,
+            free_bytes=64 * 2**30,
+            logit_chunk_multiplier=None,
+            generation_kwargs={"do_sample": False},
+        ),  # fmt: skip
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

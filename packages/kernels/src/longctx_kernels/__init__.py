@@ -4,7 +4,7 @@ Two backends with one API: ``torch`` (chunked, any device, CPU included) and ``t
 """
 
 from longctx_kernels.chunking import default_chunk_size
-from longctx_kernels.functional import selective_logprobs
+from longctx_kernels.functional import resolve_backend, selective_logprobs
 from longctx_kernels.reference import selective_logprobs_reference
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "default_chunk_size",
+    "resolve_backend",
     "selective_logprobs",
     "selective_logprobs_reference",
 ]

@@ -18,8 +18,15 @@ except ImportError as exc:  # Triton (or the Triton op) is optional: the torch b
     _TRITON_IMPORT_ERROR = exc
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    """Maps ``backend`` to "torch" or "triton"; an explicit "triton" that cannot run raises."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend ``selective_logprobs`` runs for ``backend`` on tensors of ``device``: "torch" or "triton".
+
+    "auto" is Triton for CUDA tensors when it imports, else torch. Callers that size the torch backend's
+    ``chunk_size`` (which Triton ignores: it tiles on its own) read it here first.
+
+    Raises:
+        RuntimeError: An explicit "triton" cannot run (Triton missing, or not CUDA without ``TRITON_INTERPRET=1``).
+    """
     triton_available = selective_logprobs_triton is not None
     if backend == "torch":
         return "torch"
@@ -116,7 +123,7 @@ def selective_logprobs(
         "softcap": None if softcap is None else float(softcap),
         "return_entropy": bool(return_entropy),
     }
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(backend, hidden.device)
     # Zero tokens: nothing to launch, and the torch path already returns correctly shaped, differentiable empties.
     if resolved == "triton" and flat_hidden.shape[0] > 0:
         logprobs, entropy = selective_logprobs_triton(flat_hidden, weight, flat_targets, bias, **options)

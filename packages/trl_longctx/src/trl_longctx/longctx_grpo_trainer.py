@@ -6,19 +6,16 @@ import contextlib
 import functools
 import logging
 
-import torch
 from trl import GRPOTrainer
-
-from longctx_kernels import selective_logprobs
 
 from . import oom_retry
 from .checkpoints import atomic_checkpoint
 from .compile_regions import compile_decoder_layers
 from .distributed import ForwardRedirection, full_tensor
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
+from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
-from .memory.offload_checkpoints import CheckpointOffloader, ReleaseBuffersCallback
-from .memory.tiled_mlp import tile_mlps
+from .memory.offload_checkpoints import ReleaseBuffersCallback
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
@@ -61,6 +58,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs, args: LongContextGRPOConfig | None = None, **kwargs):
         args = _long_context_args(args, model)
         check_train_dataset(kwargs.get("train_dataset"))
+        resolved_backend(args, args.device)  # a logit chunk the backend cannot honour is refused before any load
         # How the run generates: decided once, before any model or engine is built (bad requests raise here).
         self.rollout_plan = plan = resolve_rollout_plan(
             args, model, kwargs.get("peft_config"), _quantization_config(args, kwargs),
@@ -120,12 +118,14 @@ class LongContextGRPOTrainer(GRPOTrainer):
             # Once, on the model our log-prob path runs (the PEFT model, not an accelerate wrapper); lazy: each
             # shape compiles at its first forward.
             compile_decoder_layers(self.accelerator.unwrap_model(self.model), compile_setting)
-        # One offloader for the whole run: its pinned buffers are reused by every step and freed at train end.
-        self.checkpoint_offloader = CheckpointOffloader()
-        self.add_callback(ReleaseBuffersCallback(self.checkpoint_offloader))
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        peft = getattr(unwrapped, "peft_config", {}).get("default")
+        # The sizes of every pass (planner, OOM retry caps) and the offloader whose pinned buffers every step reuses.
+        self.logprob_pass = LogProbPass(
+            self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None)
+        )
+        self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
         self._forward_redirection = ForwardRedirection()
-        # `grpo_mini_batch=None` on CUDA: the planner's choice per (sequences, length, completion), made once.
-        self._planned_mini_batches: dict[tuple[int, int, int], int] = {}
 
     def _move_model_to_device(self, model, device):
         """Transformers' placement, except for weights shared with vLLM: they stay vLLM's tensors, where vLLM put them.
@@ -178,42 +178,46 @@ class LongContextGRPOTrainer(GRPOTrainer):
     _step_attempt: oom_retry.StepAttempt | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """TRL's step; on running out of memory, lower the chunk sizes for the rest of the run and retry it once.
+        """TRL's step; on running out of memory in the log-prob pass, lower its sizes for the rest of the run and retry
+        the step once.
 
         With `retry_on_oom` in a single-process run, the failed try is undone first (`oom_retry.StepAttempt`: its
         gradients and metrics dropped, earlier micro-steps' gradients kept) and the retry reuses its prepared batch.
+        What is lowered is what the failing pass really ran with (`logprob_pass.lowered_sizes`).
 
         Raises:
-            oom_retry.OutOfMemoryRetryError: If the retry runs out of memory too, or there is nothing left to lower.
+            oom_retry.OutOfMemoryRetryError: If the retry runs out of memory too, there is nothing left to lower, or
+                the failure came from outside the log-prob pass.
         """
         if not (self.args.retry_on_oom and oom_retry.retry_supported(self.accelerator)):
             return super().training_step(model, inputs, num_items_in_batch)
         run = functools.partial(super().training_step, model, inputs, num_items_in_batch)
-        step, length = self.state.global_step + 1, self.args.max_completion_length
-        vocab_size = decoder_and_lm_head(self.accelerator.unwrap_model(model))[1].weight.size(0)
-        tried = [oom_retry.current_chunk_sizes(self.args, vocab_size)]
+        step, passes = self.state.global_step + 1, self.logprob_pass
         first = oom_retry.StepAttempt(self, model)
         try:
+            passes.begin_try()
             with first:
                 return run()
         except Exception as error:
             if not oom_retry.is_out_of_memory(error):
                 raise
-            summary = oom_retry.first_line(error)
-        # Out of the `except` block the error and its traceback, which held the failed try's tensors, are gone.
-        oom_retry.free_memory(self.accelerator.device)
-        lowered = oom_retry.lowered_chunk_sizes(tried[0], length, vocab_size)
+            summary, failure = oom_retry.first_line(error), error
+        # Out of the `except` block the error's traceback, which held the failed try's tensors, is gone.
+        tried = passes.used[-1:]
+        lowered = passes.lower_after_oom()
         if lowered is None:
-            raise oom_retry.OutOfMemoryRetryError(oom_retry.failure_message(step, summary, tried))
-        logger.warning(oom_retry.lowering_message(step, summary, tried[0], lowered, length))
-        oom_retry.apply_chunk_sizes(self.args, lowered)
-        tried.append(lowered)
+            raise oom_retry.OutOfMemoryRetryError(oom_retry.failure_message(step, summary, tried)) from failure
+        del failure
+        oom_retry.free_memory(self.accelerator.device)
+        logger.warning(oom_retry.lowering_message(step, summary, tried[0], lowered))
         try:
+            passes.begin_try()
             with oom_retry.StepAttempt(self, model, batch=first.batch):
                 return run()
         except Exception as error:
             if not oom_retry.is_out_of_memory(error):
                 raise
+            tried += passes.used[-1:]
             raise oom_retry.OutOfMemoryRetryError(
                 oom_retry.failure_message(step, oom_retry.first_line(error), tried)
             ) from error
@@ -233,52 +237,6 @@ class LongContextGRPOTrainer(GRPOTrainer):
         prompt_ids, *rest = super()._tokenize_prompts(prompts)
         check_prompt_lengths(prompts, prompt_ids, self.max_completion_length, self.model.config)
         return (prompt_ids, *rest)
-
-    def _logit_chunk_size(self, mini_batch: int, completion_length: int, vocab_size: int) -> int:
-        """Rows of one logit chunk: `logit_chunk_multiplier`'s rule, in one place for the step and its OOM retry."""
-        return oom_retry.logit_chunk_rows(mini_batch, self.args.logit_chunk_multiplier, completion_length, vocab_size)
-
-    def _planned_sizes(self, model, sequences: int, length: int, completion: int, free_bytes=None) -> tuple[int, int]:
-        """`(mini batch, MLP tiles)` of one log-prob pass: the configured values, with `None` resolved.
-
-        On CUDA (or with `free_bytes` given) the memory planner picks what is `None`: the largest mini batch, then the
-        fewest MLP tiles, that fit in the free memory; decided once per `(sequences, length, completion)` and logged
-        when it splits the batch or tiles. Elsewhere `None` means all sequences and no tiling.
-        """
-        fixed_batch, fixed_tiles = self.args.grpo_mini_batch, self.args.tiled_mlp_chunks
-        if fixed_batch is not None and fixed_tiles is not None:
-            return fixed_batch, fixed_tiles
-        if free_bytes is None and self.accelerator.device.type != "cuda":
-            return fixed_batch or sequences, fixed_tiles or 1
-        planned = self._planned_mini_batches
-        key = (sequences, length, completion)
-        if key not in planned:
-            from .memory.planner import auto_chunk_sizes
-
-            if free_bytes is None:
-                free_bytes = (
-                    torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-                )
-            sizes = auto_chunk_sizes(
-                model.config, free_bytes, sequences, length - completion, completion,
-                mode=_training_mode(model), offload_checkpoints=self._offload_checkpoints(),
-                optimizer_states_allocated=self.state.global_step > 0, tile_mlps=fixed_tiles is None,
-                grpo_mini_batch=fixed_batch,
-            )  # fmt: skip
-            planned[key] = (fixed_batch or sizes.grpo_mini_batch, fixed_tiles or sizes.tiled_mlp_chunks)
-            if planned[key][0] < sequences or planned[key][1] > 1:
-                logger.warning(
-                    "The memory planner runs %d of %d sequences per decoder pass with %d MLP tile(s) "
-                    "(%.1f GiB free, %d + %d tokens each).",
-                    *planned[key], sequences, free_bytes / 2**30, length - completion, completion,
-                )  # fmt: skip
-        return planned[key]
-
-    def _offload_checkpoints(self) -> bool:
-        setting = self.args.offload_checkpoints
-        if setting is None:
-            return self.args.gradient_checkpointing and self.accelerator.device.type == "cuda"
-        return setting
 
     def _get_per_token_logps_and_entropies(
         self,
@@ -308,43 +266,12 @@ class LongContextGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
-        weight, bias = (full_tensor(t) for t in head)
-        transform = logit_transform_from_config(unwrapped.config)
-        sequences = batch_size or input_ids.size(0)
-        mini_batch, mlp_tiles = self._planned_sizes(unwrapped, sequences, input_ids.size(1), logits_to_keep)
-        chunk_size = self._logit_chunk_size(mini_batch, logits_to_keep, weight.size(0))
-        all_logps, all_entropies = [], []
-        for start in range(0, input_ids.size(0), mini_batch):
-            ids = input_ids[start : start + mini_batch]
-            with (
-                self.accelerator.autocast(),
-                self.checkpoint_offloader.offload(unwrapped, self._offload_checkpoints()),
-                tile_mlps(unwrapped, mlp_tiles),
-            ):
-                hidden = decoder(
-                    input_ids=ids, attention_mask=attention_mask[start : start + mini_batch], use_cache=False
-                ).last_hidden_state
-            # Position t predicts token t + 1: the completion's tokens are predicted by the positions just before.
-            hidden = hidden[:, -logits_to_keep - 1 : -1].to(weight.dtype)
-            outputs = selective_logprobs(
-                hidden,
-                weight,
-                ids[:, -logits_to_keep:],
-                bias=bias,
-                temperature=self.temperature,
-                logit_scale=transform.logit_scale,
-                logit_divisor=transform.logit_divisor,
-                softcap=transform.softcap,
-                return_entropy=compute_entropy,
-                backend=self.args.logprob_backend,
-                chunk_size=chunk_size,
-            )
-            logps, entropies = outputs if compute_entropy else (outputs, None)
-            all_logps.append(logps)
-            if compute_entropy:
-                all_entropies.append(entropies)
-        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
-        logps = torch.cat(all_logps, dim=0)
+        logps, entropies = self.logprob_pass(
+            unwrapped, decoder, tuple(full_tensor(t) for t in head), input_ids, attention_mask, logits_to_keep,
+            sequences=batch_size, compute_entropy=compute_entropy, temperature=self.temperature,
+            transform=logit_transform_from_config(unwrapped.config), autocast=self.accelerator.autocast,
+            optimizer_states_allocated=self.state.global_step > 0,
+        )  # fmt: skip
         check_finite(logps, "per-token log-probs", self.state.global_step + 1, skip=self.args.skip_nonfinite_steps)
         return logps, entropies, None
 

@@ -1,8 +1,10 @@
 """Out-of-memory retry of a training step: what is lowered, by how much, what is said, and how a failed try is undone.
 
 A step that runs out of memory in the log-prob or recompute path (decoder forward, fused lm_head + log-softmax, their
-backward) is retried once with half the decoder mini batch and at most half the logit chunk; the lowered values stay
-for the rest of the run. `LongContextGRPOTrainer.training_step` drives it (`retry_on_oom`, single-process runs).
+backward) is retried once with what that pass really ran with lowered (`trl_longctx.logprob_pass.lowered_sizes`: half
+the decoder mini batch and half the logit chunk, more MLP tiles at a mini batch of one); the lowered sizes cap every
+later pass of the run and the planner's choices are made again. `LongContextGRPOTrainer.training_step` drives it
+(`retry_on_oom`, single-process runs).
 
 What a failed try leaves behind is undone before the retry: the gradients it accumulated (a retried step must not count
 them twice; those of earlier accumulation micro-steps are kept), the metrics it logged, and, on CUDA, the allocator's
@@ -12,13 +14,11 @@ cached blocks. The retry reuses the batch the failed try prepared, so it scores 
 from __future__ import annotations
 
 import gc
-import math
-from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType
 
-from longctx_kernels import default_chunk_size
+from .memory.planner import ChunkSizes
 
 # What torch 2.13 raises when an allocation fails. CUDA (and XPU, MPS): `torch.OutOfMemoryError` (c10's
 # OutOfMemoryError, "CUDA out of memory. Tried to allocate ..."), kept by the autograd engine when it happens in a
@@ -51,75 +51,6 @@ def retry_supported(accelerator) -> bool:
     return accelerator.num_processes == 1 and accelerator.distributed_type == DistributedType.NO
 
 
-@dataclass(frozen=True)
-class ChunkSizes:
-    """The sizes the log-prob path allocates by.
-
-    Attributes:
-        mini_batch: Sequences per decoder pass (`grpo_mini_batch`, resolved against the per-device batch).
-        logit_chunk_multiplier: `logit_chunk_multiplier` as configured (`None`: the 256 MiB default chunk).
-        logit_chunk_rows: Rows of float32 logits `[rows, vocab]` in one lm_head chunk, at `max_completion_length`.
-    """
-
-    mini_batch: int
-    logit_chunk_multiplier: int | None
-    logit_chunk_rows: int
-
-    def describe(self) -> str:
-        return (
-            f"grpo_mini_batch={self.mini_batch}, logit_chunk_multiplier={self.logit_chunk_multiplier} "
-            f"(logit chunk {self.logit_chunk_rows} rows)"
-        )
-
-
-def logit_chunk_rows(mini_batch: int, multiplier: int | None, completion_length: int, vocab_size: int) -> int:
-    """Rows of one logit chunk, as `LongContextGRPOTrainer._logit_chunk_size` picks it, capped by the mini batch's
-    tokens (a chunk never spans two mini batches)."""
-    tokens = mini_batch * completion_length
-    if multiplier is None:
-        return min(default_chunk_size(vocab_size), tokens)
-    return min(mini_batch * math.ceil(completion_length / multiplier), tokens)
-
-
-def current_chunk_sizes(args, vocab_size: int) -> ChunkSizes:
-    """The chunk sizes a training step runs with under `args` (a `LongContextGRPOConfig`).
-
-    TRL hands the log-prob path `per_device_train_batch_size` sequences at a time (loss and scoring alike), so a larger
-    `grpo_mini_batch` acts as that batch. Rows are counted at `max_completion_length`, the longest a step can see.
-    """
-    batch = args.per_device_train_batch_size
-    mini_batch = min(args.grpo_mini_batch or batch, batch)
-    multiplier = args.logit_chunk_multiplier
-    rows = logit_chunk_rows(mini_batch, multiplier, args.max_completion_length, vocab_size)
-    return ChunkSizes(mini_batch, multiplier, rows)
-
-
-def lowered_chunk_sizes(current: ChunkSizes, completion_length: int, vocab_size: int) -> ChunkSizes | None:
-    """Half the mini batch and at most half the logit chunk; `None` when both are at one already.
-
-    The logit chunk is `mini_batch * ceil(completion_length / multiplier)` rows, so halving the mini batch halves it;
-    the multiplier grows only where that is not enough (a mini batch of one, or a `None` multiplier whose budget chunk
-    does not depend on the mini batch), to the smallest value whose chunk is at most half the old one.
-    """
-    target_rows = max(1, current.logit_chunk_rows // 2)
-    mini_batch = max(1, min(current.mini_batch // 2, target_rows))
-    rows_per_sequence = target_rows // mini_batch  # >= 1, as mini_batch <= target_rows
-    needed = math.ceil(completion_length / rows_per_sequence)  # smallest m with ceil(L / m) <= rows_per_sequence
-    multiplier = max(needed, current.logit_chunk_multiplier or 1)  # never below the configured one
-    lowered = ChunkSizes(
-        mini_batch, multiplier, logit_chunk_rows(mini_batch, multiplier, completion_length, vocab_size)
-    )
-    if (lowered.mini_batch, lowered.logit_chunk_rows) == (current.mini_batch, current.logit_chunk_rows):
-        return None
-    return lowered
-
-
-def apply_chunk_sizes(args, sizes: ChunkSizes) -> None:
-    """Set `grpo_mini_batch` and `logit_chunk_multiplier` of `args` for the rest of the run."""
-    args.grpo_mini_batch = sizes.mini_batch
-    args.logit_chunk_multiplier = sizes.logit_chunk_multiplier
-
-
 def first_line(error: BaseException, limit: int = 200) -> str:
     """`TypeName: first line of the message`, shortened, for a log line."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -127,23 +58,25 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def lowering_message(step: int, error: str, tried: ChunkSizes, lowered: ChunkSizes, completion_length: int) -> str:
-    """The warning logged before the retry: the step, the error, and the old and new values."""
+def lowering_message(step: int, error: str, used: ChunkSizes, lowered: ChunkSizes) -> str:
+    """The warning logged before the retry: the step, the error, what the failed try ran with and what now."""
     return (
-        f"Out of memory at training step {step} ({error}). Lowering the chunk sizes for the rest of the run: "
-        f"grpo_mini_batch {tried.mini_batch} -> {lowered.mini_batch}, logit_chunk_multiplier "
-        f"{tried.logit_chunk_multiplier} -> {lowered.logit_chunk_multiplier} (logit chunk {tried.logit_chunk_rows} -> "
-        f"{lowered.logit_chunk_rows} rows at max_completion_length={completion_length}); retrying the step once."
+        f"Out of memory at training step {step} ({error}). The failed try's log-prob pass ran with {used.describe()}; "
+        f"lowered for the rest of the run to {lowered.describe()}; retrying the step once."
     )
 
 
 def failure_message(step: int, error: str, tried: list[ChunkSizes]) -> str:
-    """The message of the `OutOfMemoryRetryError` that ends the run: the step and every set of values tried."""
-    attempts = "; then ".join(sizes.describe() for sizes in tried)
-    why = "again after lowering the chunk sizes" if len(tried) > 1 else "with nothing left to lower"
+    """The message of the `OutOfMemoryRetryError` that ends the run: the step and every set of sizes tried."""
+    if not tried:
+        where = "outside the log-prob pass (in the rollout, scoring or the optimizer), where the retry has nothing to lower"
+        attempts = ""
+    else:
+        where = "again after lowering the chunk sizes" if len(tried) > 1 else "with nothing left to lower"
+        attempts = " Tried: " + "; then ".join(sizes.describe() for sizes in tried) + "."
     return (
-        f"Out of memory at training step {step} {why} ({error}). Tried: {attempts}. Lower per_device_train_batch_size "
-        "or max_completion_length, turn on gradient_checkpointing, or leave more memory to training (e.g. a lower "
+        f"Out of memory at training step {step} {where} ({error}).{attempts} Lower per_device_train_batch_size or "
+        "max_completion_length, turn on gradient_checkpointing, or leave more memory to training (e.g. a lower "
         "vllm_gpu_memory_utilization); retry_on_oom=False turns this retry off."
     )
 

@@ -53,11 +53,11 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
     # Trains one step with offloading on (the Trainer turns gradient checkpointing on in `train()`); afterwards nothing
     # stays pinned.
     trainer.train()
-    assert trainer.checkpoint_offloader.offloaded_count > 0
-    assert trainer.checkpoint_offloader.buffers_in_use == 0 and trainer.checkpoint_offloader.pool_bytes == 0
+    assert trainer.logprob_pass.offloader.offloaded_count > 0
+    assert trainer.logprob_pass.offloader.buffers_in_use == 0 and trainer.logprob_pass.offloader.pool_bytes == 0
     model = trainer.model
     model.train()
-    trainer.checkpoint_offloader.offloaded_count = 0
+    trainer.logprob_pass.offloader.offloaded_count = 0
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
     attention_mask = torch.ones_like(input_ids)
 
@@ -71,7 +71,7 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
 
     plain_logps, plain_grads = run(False)
     offloaded_logps, offloaded_grads = run(True)
-    assert trainer.checkpoint_offloader.offloaded_count == model.config.num_hidden_layers - 1
+    assert trainer.logprob_pass.offloader.offloaded_count == model.config.num_hidden_layers - 1
     torch.testing.assert_close(offloaded_logps, plain_logps, **TOLERANCES["logps"])
     assert offloaded_grads.keys() == plain_grads.keys() and plain_grads
     for name, grad in offloaded_grads.items():
@@ -94,16 +94,23 @@ def test_planned_sizes_follow_free_memory(tiny_model_dir, tmp_path):
         train_dataset=make_copy_letter_dataset(8),
         peft_config=LoraConfig(r=4, target_modules="all-linear"),
     )
-    model = trainer.model
-    assert trainer._planned_sizes(model, 8, 1000, 900) == (8, 1)  # CPU: the batch TRL passes, untiled, no planner
-    assert trainer._planned_sizes(model, 8, 4096, 4000, free_bytes=2**40) == (8, 1)
-    assert trainer._planned_sizes(model, 8, 4096, 3900, free_bytes=2**20)[0] == 1  # nothing fits: 1, never 0
-    tight_batch, tight_tiles = trainer._planned_sizes(model, 8, 65536, 65000, free_bytes=3 * 2**30)
+    model, passes = trainer.model, trainer.logprob_pass
+    vocab = model.config.vocab_size
+
+    def planned(sequences, length, completion, free_bytes=None):
+        passes.free_bytes = None if free_bytes is None else (lambda: free_bytes)
+        sizes = passes.sizes(model.config, vocab, sequences, length, completion)
+        return sizes.grpo_mini_batch, sizes.tiled_mlp_chunks
+
+    assert planned(8, 1000, 900) == (8, 1)  # CPU: the batch TRL passes, untiled, no planner
+    assert planned(8, 4096, 4000, free_bytes=2**40) == (8, 1)
+    assert planned(8, 4096, 3900, free_bytes=2**20)[0] == 1  # nothing fits: 1, never 0
+    tight_batch, tight_tiles = planned(8, 65536, 65000, free_bytes=3 * 2**30)
     assert 1 <= tight_batch < 8 and 8 % tight_batch == 0 and tight_tiles == 1
     # One sequence of 262,144 tokens: the planner predicts ~2.4 GiB untiled, ~2.0 GiB with two MLP tiles.
-    batch, tiles = trainer._planned_sizes(model, 1, 262144, 262000, free_bytes=2.3 * 2**30)
+    batch, tiles = planned(1, 262144, 262000, free_bytes=2.3 * 2**30)
     assert batch == 1 and tiles > 1
     trainer.args.tiled_mlp_chunks = 1  # fixed by the user: the planner may not tile
-    trainer._planned_mini_batches.clear()
+    passes._planned.clear()
     with pytest.warns(UserWarning, match="No chunk sizes fit"):
-        assert trainer._planned_sizes(model, 1, 262144, 262000, free_bytes=2.3 * 2**30) == (1, 1)
+        assert planned(1, 262144, 262000, free_bytes=2.3 * 2**30) == (1, 1)

@@ -538,12 +538,19 @@ def longest_completion(
 
 class ChunkSizes(NamedTuple):
     """Chunk sizes of the log-prob pass: `grpo_mini_batch` sequences per decoder pass, `logit_chunk_tokens` tokens per
-    log-softmax chunk (the torch backend's `chunk_size`; the Triton backend tiles on its own), `tiled_mlp_chunks`
-    tiles per decoder MLP call (1: untiled)."""
+    chunk of float32 logits (the torch backend's `chunk_size`; `None` where the Triton backend runs: it tiles on its
+    own, in fixed tiles), `tiled_mlp_chunks` tiles per decoder MLP call (1: untiled). The one vocabulary of sizes of
+    the planner, the log-prob pass (`trl_longctx.logprob_pass`) and its out-of-memory retry."""
 
     grpo_mini_batch: int
-    logit_chunk_tokens: int
+    logit_chunk_tokens: int | None
     tiled_mlp_chunks: int = 1
+
+    def describe(self) -> str:
+        chunk = (
+            "the Triton kernel's own tiles" if self.logit_chunk_tokens is None else f"{self.logit_chunk_tokens} tokens"
+        )
+        return f"grpo_mini_batch={self.grpo_mini_batch}, logit chunk {chunk}, tiled_mlp_chunks={self.tiled_mlp_chunks}"
 
 
 def auto_chunk_sizes(

@@ -1,0 +1,283 @@
+"""One log-prob pass: the decoder over mini batches, then the fused lm_head + log-softmax over logit chunks.
+
+The sizes it runs by (`ChunkSizes`: sequences per decoder pass, tokens per logit chunk, MLP tiles) are decided here
+and nowhere else: the configured values; on CUDA (or with a free-memory figure given) the memory planner's choice for
+what is free, per `(sequences, length, completion)`; and, after a step ran out of memory, the lowered caps that the
+out-of-memory retry set for the rest of the run. The trainer's hook, its retry and the benchmarks call this module;
+the sizes live on the `LogProbPass` object, never in the config.
+
+The logit chunk is tokens per chunk of `[tokens, vocab]` float32 logits in the torch backend. The Triton backend
+tiles on its own, in fixed tiles whose memory does not grow with the pass: it has no logit chunk
+(`ChunkSizes.logit_chunk_tokens is None`), and `logit_chunk_multiplier` is refused with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from longctx_kernels import default_chunk_size, resolve_backend, selective_logprobs
+
+from .memory.offload_checkpoints import CheckpointOffloader
+from .memory.planner import ChunkSizes, mlp_tile_counts
+from .memory.tiled_mlp import tile_mlps
+from .model_heads import LogitTransform
+
+logger = logging.getLogger(__name__)
+
+_NO_TRANSFORM = LogitTransform()
+
+__all__ = ["ChunkSizes", "LogProbPass", "lowered_sizes", "run_log_prob_pass"]
+
+
+def cuda_free_bytes() -> float:
+    """What a step may still allocate on the current CUDA device: free memory plus the allocator's cached blocks."""
+    return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+def lowered_sizes(used: ChunkSizes, tokens_per_sequence: int) -> ChunkSizes | None:
+    """What a try that ran out of memory with `used` retries with: half the mini batch and half the logit chunk; at
+    a mini batch of one and no chunk left to halve, the next MLP tile count. `None` when nothing is left to lower.
+
+    Args:
+        used: The sizes of the pass that ran out of memory.
+        tokens_per_sequence: Prompt + completion tokens of one sequence (the tiled MLP's rows per sequence).
+    """
+    mini_batch = max(1, used.grpo_mini_batch // 2)
+    chunk = None if used.logit_chunk_tokens is None else max(1, used.logit_chunk_tokens // 2)
+    tiles = used.tiled_mlp_chunks
+    if mini_batch == used.grpo_mini_batch and chunk == used.logit_chunk_tokens:
+        more = [t for t in mlp_tile_counts(mini_batch * tokens_per_sequence) if t > tiles]
+        if not more:
+            return None
+        tiles = more[0]
+    return ChunkSizes(mini_batch, chunk, tiles)
+
+
+def resolved_backend(args: Any, device: torch.device) -> str:
+    """The backend `args.logprob_backend` runs on `device`, refusing settings it cannot honour.
+
+    Raises:
+        ValueError: `logit_chunk_multiplier` is set while the Triton backend runs (it has no logit chunk).
+        RuntimeError: `logprob_backend="triton"` cannot run here (`longctx_kernels.resolve_backend` says why).
+    """
+    backend = resolve_backend(args.logprob_backend, device)
+    if backend == "triton" and args.logit_chunk_multiplier is not None:
+        raise ValueError(
+            f"logit_chunk_multiplier={args.logit_chunk_multiplier} sizes the torch backend's logit chunks; the Triton "
+            f"backend (logprob_backend={args.logprob_backend!r} on {device.type}) works in fixed tiles of its own, "
+            "whose memory does not grow with the pass. Allowed with it: None; or logprob_backend='torch'."
+        )
+    return backend
+
+
+class LogProbPass:
+    """The log-prob pass of one run: its sizes per shape, the planner, the retry's caps, the checkpoint offloader.
+
+    Args:
+        args: The trainer's `LongContextGRPOConfig` (`grpo_mini_batch`, `logit_chunk_multiplier`, `tiled_mlp_chunks`,
+            `offload_checkpoints`, `gradient_checkpointing`, `logprob_backend`).
+        device: Where training runs.
+        mode: The planner's training mode: `"lora"`, `"qlora"` or `"full"`.
+        lora_rank: Rank of the LoRA adapter (the planner counts its parameters), `None` without one.
+
+    Attributes:
+        backend: `"torch"` or `"triton"`, as `longctx_kernels.resolve_backend` resolves `logprob_backend` here.
+        free_bytes: Returns the bytes a step may still allocate; the planner is used when it is set (on CUDA by
+            default). Tests set it to plan on CPU.
+        used: The sizes of every pass since `begin_try()` (the retry lowers the last one's).
+        offloader: The run's `CheckpointOffloader` (pinned buffers reused by every step).
+
+    Raises:
+        ValueError: `logit_chunk_multiplier` is set while the Triton backend runs (it has no logit chunk).
+    """
+
+    def __init__(self, args: Any, device: torch.device, mode: str = "lora", lora_rank: int | None = None):
+        self.backend = resolved_backend(args, device)
+        self._args, self._device, self._mode, self._lora_rank = args, device, mode, lora_rank
+        self.free_bytes: Callable[[], float] | None = cuda_free_bytes if device.type == "cuda" else None
+        self.offloader = CheckpointOffloader()
+        self.used: list[ChunkSizes] = []
+        self._lengths: list[int] = []  # tokens per sequence of each pass in `used`
+        self._caps: ChunkSizes | None = None
+        self._planned: dict[tuple[int, int, int], ChunkSizes] = {}
+
+    @property
+    def offload(self) -> bool:
+        """Whether checkpointed layer inputs go to pinned host memory (`offload_checkpoints`, `None` resolved)."""
+        return _offload_setting(self._args, self._device)
+
+    def begin_try(self) -> None:
+        """Start recording the sizes of the passes of one try of a training step."""
+        self.used, self._lengths = [], []
+
+    def lower_after_oom(self) -> ChunkSizes | None:
+        """Cap every later pass at `lowered_sizes` of the last pass of this try and forget the planner's choices.
+
+        Returns:
+            The lowered sizes; `None` when no pass ran in this try or nothing is left to lower.
+        """
+        if not self.used:
+            return None
+        lowered = lowered_sizes(self.used[-1], self._lengths[-1])
+        if lowered is not None:
+            self._caps = lowered
+            self._planned.clear()  # re-planned for the memory free after the failure, then capped
+        return lowered
+
+    def sizes(
+        self,
+        config: Any,
+        vocab_size: int,
+        sequences: int,
+        length: int,
+        completion: int,
+        optimizer_states_allocated: bool = False,
+    ) -> ChunkSizes:
+        """The sizes a pass over `sequences` sequences of `length` tokens (`completion` of them scored) runs by, for a
+        model of `config` whose lm_head has `vocab_size` rows."""
+        args = self._args
+        mini_batch, tiles = args.grpo_mini_batch, args.tiled_mlp_chunks
+        planned = None
+        if self.free_bytes is not None and (mini_batch is None or tiles is None):
+            planned = self._plan(config, sequences, length, completion, optimizer_states_allocated)
+        mini_batch = min(mini_batch or (planned.grpo_mini_batch if planned else sequences), sequences)
+        tiles = tiles or (planned.tiled_mlp_chunks if planned else 1)
+        chunk = None
+        if self.backend == "torch":
+            chunk = self._logit_chunk(mini_batch, completion, vocab_size, planned)
+        if self._caps is not None:
+            mini_batch = min(mini_batch, self._caps.grpo_mini_batch)
+            tiles = max(tiles, self._caps.tiled_mlp_chunks)
+            if chunk is not None and self._caps.logit_chunk_tokens is not None:
+                chunk = min(chunk, self._caps.logit_chunk_tokens)
+        return ChunkSizes(mini_batch, chunk, tiles)
+
+    def _logit_chunk(self, mini_batch: int, completion: int, vocab_size: int, planned: ChunkSizes | None) -> int:
+        """Tokens per logit chunk (torch backend), never more than the mini batch's tokens."""
+        tokens = mini_batch * completion
+        multiplier = self._args.logit_chunk_multiplier
+        if multiplier is not None:
+            return min(mini_batch * math.ceil(completion / multiplier), tokens)
+        if planned is not None:
+            return min(planned.logit_chunk_tokens, tokens)
+        return min(default_chunk_size(vocab_size), tokens)
+
+    def _plan(self, config, sequences: int, length: int, completion: int, optimizer_states_allocated: bool):
+        key = (sequences, length, completion)
+        if key not in self._planned:
+            from .memory.planner import auto_chunk_sizes
+
+            free = self.free_bytes()
+            args = self._args
+            planned = auto_chunk_sizes(
+                config, free, sequences, length - completion, completion, mode=self._mode,
+                lora_rank=self._lora_rank or 32, offload_checkpoints=self.offload, logprob_backend=self.backend,
+                optimizer_states_allocated=optimizer_states_allocated, tile_mlps=args.tiled_mlp_chunks is None,
+                grpo_mini_batch=args.grpo_mini_batch,
+            )  # fmt: skip
+            self._planned[key] = planned
+            if planned.grpo_mini_batch < sequences or planned.tiled_mlp_chunks > 1:
+                logger.warning(
+                    "The memory planner runs %d of %d sequences per decoder pass with %d MLP tile(s) (%.1f GiB free, "
+                    "%d + %d tokens each).",
+                    planned.grpo_mini_batch, sequences, planned.tiled_mlp_chunks, free / 2**30, length - completion,
+                    completion,
+                )  # fmt: skip
+        return self._planned[key]
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        decoder: torch.nn.Module,
+        head: tuple[torch.Tensor, torch.Tensor | None],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        *,
+        sequences: int | None = None,
+        compute_entropy: bool = False,
+        temperature: float = 1.0,
+        transform: LogitTransform = _NO_TRANSFORM,
+        autocast: Callable[[], Any] | None = None,
+        optimizer_states_allocated: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs `[B, logits_to_keep]` (float32) of the completion tokens, and their entropies.
+
+        Args:
+            model: The (unwrapped) model whose decoder runs: offloading and MLP tiling attach to its layers.
+            decoder, head: `model_heads.decoder_and_lm_head`'s decoder and `plain_lm_head_weights`' `(weight, bias)`.
+            input_ids, attention_mask: `[B, T]` prompt + completion.
+            logits_to_keep: Completion tokens scored (the last ones).
+            sequences: The batch the planner sizes for (TRL's `batch_size`), default `B`.
+            compute_entropy, temperature, transform: As `longctx_kernels.selective_logprobs`.
+            autocast: The accelerator's autocast context factory.
+            optimizer_states_allocated: Whether the optimizer's states already exist (the planner counts them as
+                resident).
+        """
+        sizes = self.sizes(model.config, head[0].size(0), sequences or input_ids.size(0), input_ids.size(1),
+                           logits_to_keep, optimizer_states_allocated)  # fmt: skip
+        self.used.append(sizes)
+        self._lengths.append(input_ids.size(1))
+        return run_log_prob_pass(
+            model, decoder, head, input_ids, attention_mask, logits_to_keep, sizes, backend=self.backend,
+            offloader=self.offloader if self.offload else None, compute_entropy=compute_entropy,
+            temperature=temperature, transform=transform, autocast=autocast,
+        )  # fmt: skip
+
+
+def run_log_prob_pass(
+    model: torch.nn.Module,
+    decoder: torch.nn.Module,
+    head: tuple[torch.Tensor, torch.Tensor | None],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    sizes: ChunkSizes,
+    *,
+    backend: str = "auto",
+    offloader: CheckpointOffloader | None = None,
+    compute_entropy: bool = False,
+    temperature: float = 1.0,
+    transform: LogitTransform = _NO_TRANSFORM,
+    autocast: Callable[[], Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pass itself, by `sizes`: `sizes.grpo_mini_batch` sequences at a time through the decoder (checkpoints
+    offloaded with `offloader`, MLPs in `sizes.tiled_mlp_chunks` tiles), then the fused lm_head + log-softmax in
+    chunks of `sizes.logit_chunk_tokens` tokens (torch backend). See `LogProbPass.__call__` for the arguments."""
+    weight, bias = head
+    all_logps, all_entropies = [], []
+    for start in range(0, input_ids.size(0), sizes.grpo_mini_batch):
+        ids = input_ids[start : start + sizes.grpo_mini_batch]
+        with (
+            autocast() if autocast is not None else contextlib.nullcontext(),
+            offloader.offload(model) if offloader is not None else contextlib.nullcontext(),
+            tile_mlps(model, sizes.tiled_mlp_chunks),
+        ):
+            hidden = decoder(
+                input_ids=ids, attention_mask=attention_mask[start : start + sizes.grpo_mini_batch], use_cache=False
+            ).last_hidden_state
+        # Position t predicts token t + 1: the completion's tokens are predicted by the positions just before.
+        hidden = hidden[:, -logits_to_keep - 1 : -1].to(weight.dtype)
+        outputs = selective_logprobs(
+            hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=temperature,
+            logit_scale=transform.logit_scale, logit_divisor=transform.logit_divisor, softcap=transform.softcap,
+            return_entropy=compute_entropy, backend=backend, chunk_size=sizes.logit_chunk_tokens,
+        )  # fmt: skip
+        logps, entropies = outputs if compute_entropy else (outputs, None)
+        all_logps.append(logps)
+        if compute_entropy:
+            all_entropies.append(entropies)
+    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0) if compute_entropy else None
+
+
+def _offload_setting(args: Any, device: torch.device) -> bool:
+    """`offload_checkpoints` with `None` resolved: on when training on CUDA with gradient checkpointing."""
+    if args.offload_checkpoints is None:
+        return bool(args.gradient_checkpointing) and device.type == "cuda"
+    return args.offload_checkpoints
