@@ -56,7 +56,7 @@ def test_unknown_cli_flag_is_refused(recipe):
     [
         (["--loss_type", "ppo"], "loss_type must be one of"),
         (["--logit_chunk_multiplier", "0"], "logit_chunk_multiplier must be a positive integer"),
-        (["--num_prompts", "0"], "num_prompts must be >= 1"),
+        (["--num_prompts", "0"], "num_prompts must be a positive integer, got 0"),
     ],
 )
 def test_bad_values_fail_before_any_model_is_built(recipe, tmp_path, flags, message):
@@ -98,3 +98,19 @@ def test_short_run_writes_run_files(recipe, tmp_path):
     assert summary["rollout_backend"] == "transformers" and summary["steps"] == 3
     assert (run / "reward.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.glob("*.tmp*"))
+    assert summary["model"] == BUILTIN_TINY_MODEL and not (run / "model").exists()  # built in a temporary folder
+
+
+def test_metrics_file_appears_with_the_first_logged_step(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from trl_longctx.metrics_callback import RunFilesCallback
+
+    run = tmp_path / "run"
+    callback, state = RunFilesCallback(run), TrainerState(global_step=0)
+    args = TrainingArguments(output_dir=str(run), report_to="none")
+    callback.on_train_begin(args, state, TrainerControl())
+    assert not run.exists()  # a run whose first step fails leaves no empty metrics.jsonl
+    state.global_step = 1
+    callback.on_log(args, state, TrainerControl(), logs={"reward": 0.5, "loss": 1.0})
+    assert [json.loads(line)["reward"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0.5]

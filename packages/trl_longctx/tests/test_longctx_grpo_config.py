@@ -22,6 +22,13 @@ def make(**kwargs):
             r"vllm_kv_cache_sizing must be one of \['rollout', 'utilization'\], got 'max'",
         ),
         ("vllm_prefix_caching", "yes", "vllm_prefix_caching must be True or False, got 'yes'"),
+        # TRL's own fields, refused before its `__post_init__` (which divided by zero or raised a bare TypeError).
+        ("max_completion_length", 0, r"max_completion_length must be a positive integer, got 0\."),
+        ("max_completion_length", [8], r"max_completion_length must be a positive integer, got \[8\] \(a list\)"),
+        ("num_generations", 0, r"num_generations must be an integer >= 2, got 0\."),
+        ("per_device_train_batch_size", True, r"per_device_train_batch_size must be a positive integer, got True"),
+        ("vllm_gpu_memory_utilization", 0, r"vllm_gpu_memory_utilization must be a number in \(0, 1\], got 0\."),
+        ("learning_rate", "1e-3", r"learning_rate must be a number >= 0, got '1e-3' \(a str\)"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -41,3 +48,14 @@ def test_use_vllm_when_available_follows_installation():
     from trl.import_utils import is_vllm_available
 
     assert make(use_vllm_when_available=True).use_vllm == is_vllm_available()
+
+
+def test_a_copy_is_checked_again():
+    import dataclasses
+
+    config = make(max_completion_length=16)
+    assert (
+        dataclasses.replace(config, generation_batch_size=None, steps_per_generation=None).max_completion_length == 16
+    )
+    with pytest.raises(ValueError, match="max_completion_length must be a positive integer, got -1"):
+        dataclasses.replace(config, max_completion_length=-1, generation_batch_size=None, steps_per_generation=None)

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
+from .config_checks import BUILTIN_TINY_MODEL, MODEL_RULES, SCRIPT_RULES, check_fields, check_model_path
 from .longctx_grpo_config import LongContextGRPOConfig
 from .tasks import TASKS
 
-BUILTIN_TINY_MODEL = "builtin:tiny-qwen3"
+__all__ = ["BUILTIN_TINY_MODEL", "LongContextScriptArguments", "main", "make_parser", "parse_train_args", "train"]
+
 COMMANDS = ("train", "plan")
 
 
@@ -39,10 +41,7 @@ class LongContextScriptArguments(ScriptArguments):
     )
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}.")
-        if self.num_prompts < 1:
-            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}.")
+        check_fields(self, SCRIPT_RULES)
         if self.dataset_name is not None and not self.reward_funcs:
             raise ValueError(
                 "reward_funcs must name at least one reward function (dotted import path) with dataset_name."
@@ -55,11 +54,21 @@ def make_parser() -> TrlParser:
 
 
 def parse_train_args(argv: list[str]):
-    """Parse `[recipe.yaml] [--flag value ...]` into the three dataclasses (recipe first, flags override)."""
+    """Parse `[recipe.yaml] [--flag value ...]` into the three dataclasses (recipe first, flags override).
+
+    Every value is checked here (`trl_longctx.config_checks`), so a bad one is refused before anything is loaded or
+    written.
+
+    Raises:
+        ValueError: Naming the field, the value and what is allowed.
+    """
     args = list(argv)
     if args and not args[0].startswith("-"):
         args = ["--config", args[0], *args[1:]]
-    return make_parser().parse_args_and_config(args)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args)
+    check_fields(model_args, MODEL_RULES)
+    check_model_path(model_args.model_name_or_path)
+    return script_args, training_args, model_args
 
 
 def import_reward_function(path: str):
@@ -81,8 +90,13 @@ def import_reward_function(path: str):
 
 
 def train(script_args: LongContextScriptArguments, training_args: LongContextGRPOConfig, model_args: ModelConfig):
-    """Build the dataset, rewards and model named by the arguments, then train and save the run files."""
-    from pathlib import Path
+    """Build the dataset, rewards and model named by the arguments, then train and save the run files.
+
+    The run files (`metrics.jsonl`, `summary.json`, `reward.png`) appear in `output_dir` once training logs; the
+    built-in tiny model is written to a temporary folder that lasts as long as this call, so a run that fails to
+    start leaves nothing behind in `output_dir` (the trainer itself creates the empty folder).
+    """
+    import tempfile
 
     from trl import get_peft_config
 
@@ -90,7 +104,6 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
     from .metrics_callback import RunFilesCallback
     from .tasks import get_task
 
-    run_dir = Path(training_args.output_dir)
     if script_args.dataset_name is None:
         make_dataset, reward = get_task(script_args.task)
         dataset = make_dataset(script_args.num_prompts, seed=training_args.seed)
@@ -104,24 +117,24 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
         ]
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty.")
+    peft_config = get_peft_config(model_args)
 
-    model = model_args.model_name_or_path
-    if model == BUILTIN_TINY_MODEL:
-        from .tiny_models import save_tiny_model
+    with tempfile.TemporaryDirectory(prefix="longctx-tiny-model-") as scratch:
+        model = model_args.model_name_or_path
+        if model == BUILTIN_TINY_MODEL:
+            from pathlib import Path
 
-        model = str(save_tiny_model(run_dir / "model", seed=training_args.seed))
-    if model is None:
-        raise ValueError(f"model_name_or_path is required (a local path, or {BUILTIN_TINY_MODEL!r}).")
-    trainer = LongContextGRPOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=dataset,
-        peft_config=get_peft_config(model_args),
-    )
-    rollout = "vllm" if trainer.use_vllm else "transformers"
-    trainer.add_callback(RunFilesCallback(run_dir, extra_summary={"rollout_backend": rollout, "model": model}))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            from .tiny_models import save_tiny_model
+
+            # Random weights from the seed: the same model every time, so nothing of it needs keeping.
+            model = str(save_tiny_model(Path(scratch) / "model", seed=training_args.seed))
+        trainer = LongContextGRPOTrainer(
+            model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset, peft_config=peft_config
+        )
+        rollout = "vllm" if trainer.use_vllm else "transformers"
+        summary = {"rollout_backend": rollout, "model": model_args.model_name_or_path}
+        trainer.add_callback(RunFilesCallback(training_args.output_dir, extra_summary=summary))
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     return trainer
 
 

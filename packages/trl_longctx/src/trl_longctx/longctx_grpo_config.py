@@ -6,22 +6,24 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-# Loss types TRL 1.16's `GRPOTrainer._compute_loss` implements. TRL only rejects an unknown one inside the first
-# training step; we reject it at configuration time, before any model is loaded.
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
-LOGPROB_BACKENDS = ("auto", "torch", "triton")
-VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
-# Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code),
-# plus "off"; a test checks that the two lists agree.
-COMPILE_DECODER_SETTINGS = (
-    "off",
-    "eager",
-    "layers",
-    "layers-dynamic",
-    "layers-mark-dynamic",
-    "layers-max-autotune-no-cudagraphs",
-    "model",
+from .config_checks import (
+    COMPILE_DECODER_SETTINGS,
+    CONFIG_RULES,
+    LOGPROB_BACKENDS,
+    LOSS_TYPES,
+    VLLM_KV_CACHE_SIZINGS,
+    check_combinations,
+    check_fields,
+    check_paths,
 )
+
+__all__ = [
+    "COMPILE_DECODER_SETTINGS",
+    "LOGPROB_BACKENDS",
+    "LOSS_TYPES",
+    "VLLM_KV_CACHE_SIZINGS",
+    "LongContextGRPOConfig",
+]
 
 
 @dataclass
@@ -212,47 +214,13 @@ class LongContextGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        if self.vllm_merge_adapter is not None and not isinstance(self.vllm_merge_adapter, bool):
-            raise ValueError(
-                f"vllm_merge_adapter must be True, False or None (automatic), got {self.vllm_merge_adapter!r}."
-            )
-        if self.offload_checkpoints is not None and not isinstance(self.offload_checkpoints, bool):
-            raise ValueError(
-                f"offload_checkpoints must be True, False or None (automatic), got {self.offload_checkpoints!r}."
-            )
-        if not isinstance(self.vllm_prefix_caching, bool):
-            raise ValueError(f"vllm_prefix_caching must be True or False, got {self.vllm_prefix_caching!r}.")
-        if not isinstance(self.skip_nonfinite_steps, bool):
-            raise ValueError(f"skip_nonfinite_steps must be True or False, got {self.skip_nonfinite_steps!r}.")
-        if not isinstance(self.retry_on_oom, bool):
-            raise ValueError(f"retry_on_oom must be True or False, got {self.retry_on_oom!r}.")
-        _check_positive_or_none("grpo_mini_batch", self.grpo_mini_batch)
-        _check_positive_or_none("logit_chunk_multiplier", self.logit_chunk_multiplier)
-        _check_positive_or_none("tiled_mlp_chunks", self.tiled_mlp_chunks)
-        if self.logprob_backend not in LOGPROB_BACKENDS:
-            raise ValueError(f"logprob_backend must be one of {list(LOGPROB_BACKENDS)}, got {self.logprob_backend!r}.")
-        if self.compile_decoder_layers is not None and self.compile_decoder_layers not in COMPILE_DECODER_SETTINGS:
-            raise ValueError(
-                f"compile_decoder_layers must be None or one of {list(COMPILE_DECODER_SETTINGS)}, "
-                f"got {self.compile_decoder_layers!r}."
-            )
-        if self.vllm_kv_cache_sizing not in VLLM_KV_CACHE_SIZINGS:
-            raise ValueError(
-                f"vllm_kv_cache_sizing must be one of {list(VLLM_KV_CACHE_SIZINGS)}, got {self.vllm_kv_cache_sizing!r}."
-            )
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {self.loss_type!r}.")
+        # Every range, type and choice first: TRL's own `__post_init__` does arithmetic on the batch fields (a zero
+        # divides, a list raises a bare TypeError), and nothing may be loaded or written for a value refused here.
+        check_fields(self, CONFIG_RULES)
+        check_paths(self)
         if self.use_vllm_when_available:
             from trl.import_utils import is_vllm_available
 
             self.use_vllm = is_vllm_available()
         super().__post_init__()
-        if self.offload_checkpoints and not self.gradient_checkpointing:
-            raise ValueError("offload_checkpoints=True needs gradient_checkpointing=True (it offloads checkpoints).")
-
-
-def _check_positive_or_none(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer or None (automatic), got {value!r}.")
+        check_combinations(self)

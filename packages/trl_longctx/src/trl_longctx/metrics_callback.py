@@ -53,10 +53,11 @@ class RunFilesCallback(TrainerCallback):
     """Append one JSON object per logged step to `metrics.jsonl`; at the end, write `summary.json` and `reward.png`.
 
     Each line holds `step`, `reward`, `loss`, `peak_memory_mb`, `rss_gib` (resident memory now, see
-    `resident_memory_gib`), `elapsed_s` and every other logged scalar.
+    `resident_memory_gib`), `elapsed_s` and every other logged scalar. No file is created before the first logged
+    step, so a run that fails before it leaves no empty `metrics.jsonl`.
 
     Args:
-        run_dir: Folder of the run's files (created if missing).
+        run_dir: Folder of the run's files (created at the first logged step if missing).
         extra_summary: Values copied into `summary.json` (e.g. the rollout backend).
     """
 
@@ -67,14 +68,14 @@ class RunFilesCallback(TrainerCallback):
         self._start = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
         # A fresh run starts a fresh file. A run resumed at step N (state loaded before this hook) keeps the records
-        # of steps <= N and drops later ones, which the crashed run logged after its last checkpoint.
+        # of steps <= N and drops later ones, which the crashed run logged after its last checkpoint. A file that
+        # does not exist yet is left to the first logged step.
         kept = []
         if state.global_step > 0 and path.exists():
             kept = [r for r in _read_records(path) if r.get("step", 0) <= state.global_step]
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and path.exists():
             write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self.records = kept
         self._start = time.perf_counter()
@@ -90,6 +91,7 @@ class RunFilesCallback(TrainerCallback):
             elapsed_s=time.perf_counter() - self._start,
         )
         self.records.append(record)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -107,6 +109,7 @@ class RunFilesCallback(TrainerCallback):
             "reward_first_fifth": sum(rewards[:fifth]) / fifth if rewards else None,
             "reward_last_fifth": sum(rewards[-fifth:]) / fifth if rewards else None,
         }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "summary.json", summary)
         if rewards:
             from .plotting import plot_reward_curve
