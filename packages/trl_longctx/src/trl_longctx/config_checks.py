@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -406,7 +407,7 @@ class Combination:
 
     fields: tuple[str, ...]
     allowed: str
-    check: object
+    check: Callable[[object], str | None]
 
 
 def _vespo_token_mode(config) -> str | None:
