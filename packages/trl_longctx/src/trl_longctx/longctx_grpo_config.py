@@ -38,26 +38,28 @@ class LongContextGRPOConfig(GRPOConfig):
             uses the batch size TRL passes (the per-device batch size), on CUDA capped by the memory planner
             (`trl_longctx.memory.auto_chunk_sizes`) to what fits in the free memory.
         logit_chunk_multiplier (`int` or `None`, *optional*, defaults to `None`):
-            Number of chunks each completion is split into for the fused lm_head + log-softmax: one chunk of
-            float32 logits holds `mini_batch * ceil(completion_length / logit_chunk_multiplier)` rows of the
+            Number of chunks each completion is split into for the torch backend's fused lm_head + log-softmax: one
+            chunk of float32 logits holds `mini_batch * ceil(completion_length / logit_chunk_multiplier)` rows of the
             flattened `[mini_batch * completion_length]` tokens. `None` picks the chunk from a 256 MiB budget of
-            float32 logits (`longctx_kernels.default_chunk_size`).
+            float32 logits (`longctx_kernels.default_chunk_size`), or the memory planner's on CUDA. The Triton backend
+            works in fixed tiles of its own and refuses a value here.
         logprob_backend (`str`, *optional*, defaults to `"auto"`):
             Backend of `longctx_kernels.selective_logprobs`: `"auto"` (Triton on CUDA, torch elsewhere), `"torch"` or
             `"triton"`.
         vllm_kv_standby (`bool` or `None`, *optional*, defaults to `None`):
             In colocate mode, release vLLM's KV cache after each rollout and restore it before the next, so the
-            memory is the trainer's while it trains; the weights stay. `None` turns it on where `vllm_standby`
-            implements it: vLLM's CPU platform, and CUDA with vLLM 0.25-0.28 (there it turns on
-            `vllm_enable_sleep_mode`, whose sleep then releases the KV cache only).
+            memory is the trainer's while it trains; the weights stay. `None` turns it on wherever the installed vLLM
+            allows it (`trl_longctx.rollout_plan`; the log says which mechanism runs, and why when it is off).
         vllm_shared_weights (`bool` or `None`, *optional*, defaults to `None`):
             In colocate mode with a LoRA `peft_config` and the model given as a path, build vLLM first and make the
             trainer's frozen base weights views of vLLM's tensors (one copy in memory); each update reaches vLLM as
             an in-memory adapter under a fresh id instead of merged weights. Full fine-tuning refuses it. With a
             4-bit NF4 `quantization_config` (QLoRA), vLLM quantizes the checkpoint itself (`quantization=
-            "bitsandbytes"`, vLLM 0.25-0.28) and the trainer's layers are bitsandbytes `Linear4bit` views of its
-            shards; the adapter then always reaches vLLM as a LoRA request. `None` turns it on for LoRA and QLoRA runs
-            where KV standby (and, for QLoRA, vLLM's bitsandbytes) is implemented (CPU; CUDA with vLLM 0.25-0.28).
+            "bitsandbytes"`, a vLLM with bitsandbytes) and the trainer's layers are bitsandbytes `Linear4bit` views of
+            its shards; the adapter then always reaches vLLM as a LoRA request. `None` turns it on for LoRA and QLoRA
+            runs where KV standby (and, for QLoRA, vLLM's bitsandbytes) is available. TRL's
+            `vllm_enable_sleep_mode=True` is honoured by sharing (no second copy of the weights to offload) plus KV
+            standby; `vllm_shared_weights=False, vllm_kv_standby=False` keeps TRL's own engine and sleep mode.
         vllm_kv_cache_sizing (`str`, *optional*, defaults to `"rollout"`):
             How big the shared-weights engine's KV cache is (`vllm_shared_weights`). `"rollout"`: what one rollout
             can use at once, `max_num_seqs x vllm_max_model_length` tokens, passed to vLLM as
@@ -91,10 +93,11 @@ class LongContextGRPOConfig(GRPOConfig):
             step does not fit in the free memory even one sequence per decoder pass, with the fewest tiles that fit
             (tiles of at least 8,192 tokens); elsewhere untiled.
         retry_on_oom (`bool`, *optional*, defaults to `True`):
-            When a training step runs out of memory, undo it (its partial gradients and metrics), halve
-            `grpo_mini_batch` and the logit chunk for the rest of the run, log the old and new values and retry the
-            step once; a second failure raises `trl_longctx.oom_retry.OutOfMemoryRetryError` naming the step and the
-            values tried. Single-process runs only (elsewhere the error is raised as it is).
+            When a training step runs out of memory, undo it (its partial gradients and metrics), halve what its
+            log-prob pass ran with (mini batch and logit chunk; more MLP tiles at one sequence) for the rest of the run
+            (`trl_longctx.logprob_pass`; the config is not changed), log the old and new sizes and retry the step
+            once; a second failure raises `trl_longctx.oom_retry.OutOfMemoryRetryError` naming the step and the sizes
+            tried. Single-process runs only (elsewhere the error is raised as it is).
         vllm_merge_adapter (`bool` or `None`, *optional*, defaults to `None`):
             With `vllm_shared_weights`, merge the LoRA adapter into the shared base weights for each rollout and copy
             the base weights back afterwards from a host copy (exact), so vLLM decodes plain weights instead of
@@ -133,15 +136,16 @@ class LongContextGRPOConfig(GRPOConfig):
     vllm_kv_standby: bool | None = field(
         default=None,
         metadata={
-            "help": "Release vLLM's KV cache between rollouts in colocate mode (weights stay). None: on where "
-            "vllm_standby implements it (CPU; CUDA with vLLM 0.25-0.28)."
+            "help": "Release vLLM's KV cache between rollouts in colocate mode (weights stay). None: on wherever the "
+            "installed vLLM allows it (the log says why when it is off)."
         },
     )
     vllm_shared_weights: bool | None = field(
         default=None,
         metadata={
             "help": "In colocate mode with LoRA, make the trainer's frozen base weights views of vLLM's tensors and "
-            "hand the adapter to vLLM in memory. None: on with LoRA where KV standby is implemented."
+            "hand the adapter to vLLM in memory. None: on with LoRA where KV standby is available (also with TRL's "
+            "vllm_enable_sleep_mode=True, whose intent it honours)."
         },
     )
     vllm_kv_cache_sizing: str = field(
@@ -192,8 +196,8 @@ class LongContextGRPOConfig(GRPOConfig):
     retry_on_oom: bool = field(
         default=True,
         metadata={
-            "help": "On out of memory in a training step, halve grpo_mini_batch and the logit chunk for the rest of "
-            "the run and retry the step once (single-process runs)."
+            "help": "On out of memory in a training step, halve what its log-prob pass ran with (mini batch, logit "
+            "chunk) for the rest of the run and retry the step once (single-process runs)."
         },
     )
 
