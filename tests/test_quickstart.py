@@ -5,8 +5,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import DISTRIBUTED_ENV
 
 pytestmark = pytest.mark.slow
@@ -60,3 +62,23 @@ def test_it_learns(quickstart_run):
     first, last = summary["reward_first_fifth"], summary["reward_last_fifth"]
     print(f"reward first fifth {first:.3f}, last fifth {last:.3f}")
     assert last > first + 0.15 and last > 1.5 * first
+
+
+def test_saves_the_trained_model_where_the_summary_says(quickstart_run, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_longctx.tiny_models import save_tiny_model
+
+    run_dir, _, _ = quickstart_run
+    model_dir = Path(json.loads((run_dir / "summary.json").read_text())["model"])
+    assert model_dir == run_dir / "model"
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith("_")]  # published, nothing left staged
+    # The recipe's model: `builtin:tiny-qwen3` is built from the seed (0), so its initial weights can be rebuilt.
+    initial = load_file(Path(save_tiny_model(tmp_path / "initial", seed=0)) / "model.safetensors")
+    trained = load_file(model_dir / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    unchanged = sorted(name for name in initial if torch.equal(trained[name], initial[name]))
+    assert not unchanged, f"saved weights equal to the initial ones: {unchanged}"
+    AutoModelForCausalLM.from_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir)("copy: a")["input_ids"]
