@@ -12,6 +12,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import pytest
 import torch
 
+# The opt-in switch as the user left it, before any engine of this session started (StandbyLLM scopes its own).
+USER_VLLM_STANDBY = os.environ.get("VLLM_STANDBY")
+
 TINY_QWEN3 = {
     "vocab_size": 96,
     "hidden_size": 128,
@@ -74,10 +77,9 @@ def tiny_qwen3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_llm(tiny_qwen3_dir):
-    """One in-process ``StandbyLLM`` (a ``vllm.LLM``) on the tiny model, patches registered first; 64 MiB KV cache."""
+    """One in-process ``StandbyLLM`` (a ``vllm.LLM``) on the tiny model (it opts this process in); 64 MiB KV cache."""
     import vllm_standby
 
-    vllm_standby.register()
     llm = vllm_standby.StandbyLLM(
         str(tiny_qwen3_dir),
         dtype=VLLM_DTYPE,

@@ -1,4 +1,8 @@
-"""The contract tests every vLLM patch gets, for any version-range module: they fail loudly when upstream moves."""
+"""The contract tests every vLLM patch gets, for any version-range module: they fail loudly when upstream moves.
+
+They read the same `PatchSpec` data that `PatchSpec.apply()` verifies at apply time (signature, source hash pinned
+per vLLM release).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def _callable(obj, owner):
 
 
 def contract_tests(range_module: ModuleType) -> type:
-    """A test class over ``range_module.PATCHES``: target exists, signature and source hash pinned, same signature."""
+    """A test class over ``range_module.PATCHES``: target exists, signature and source hash pinned, same signature,
+    and the apply-time verification accepts the installed vLLM."""
 
     @pytest.mark.parametrize("spec", range_module.PATCHES, ids=lambda s: s.attribute)
     class TestContract:
@@ -47,6 +52,9 @@ def contract_tests(range_module: ModuleType) -> type:
             assert source_sha256(spec.original()) == pinned, (
                 f"{spec.module}.{spec.attribute} changed upstream in vLLM {INSTALLED}: review the patch"
             )
+
+        def test_apply_time_verification_accepts_installed_vllm(self, spec):
+            spec.verify(spec.original(), INSTALLED)
 
         def test_replacement_keeps_signature(self, spec):
             owner, _ = spec.resolve()

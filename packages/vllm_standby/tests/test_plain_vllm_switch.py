@@ -1,4 +1,5 @@
-"""`VLLM_STANDBY=1` on a plain `vllm.LLM(enable_sleep_mode=True)` (CUDA): `sleep()` releases the KV cache only.
+"""`VLLM_STANDBY=1` on a plain `vllm.LLM(enable_sleep_mode=True)` (CUDA, vLLM 0.25-0.30): `sleep()` releases the KV
+cache only.
 
 Runs in a child process: the switch is read when vLLM loads its plugins (the `vllm.general_plugins` entry point of
 the installed package), and one sleep-mode engine lives per process (the session's engine lives in this one).
@@ -46,8 +47,11 @@ def _plain_engine_check(model_dir: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (KV-only sleep through vLLM's CuMem pool)")
 def test_env_switch_gives_plain_llm_kv_only_sleep(tiny_qwen3_dir):
-    from vllm_standby import kv_standby_supported
+    from vllm_standby import kv_standby_mechanism
 
-    if not kv_standby_supported():
-        pytest.skip("KV-only standby is not implemented for this vLLM version")
+    if kv_standby_mechanism() != "sleep-backend-patch":
+        pytest.skip(
+            f"KV-only standby here is {kv_standby_mechanism()!r}, not the sleep-backend patch: plain LLM.sleep() is "
+            "vLLM's own (use LLM.release_kv_cache_memory, or vllm_standby.release_kv_cache)"
+        )
     run_in_child(_plain_engine_check, str(tiny_qwen3_dir))

@@ -1,4 +1,8 @@
-"""The vLLM plugin entry point: resolves, is re-entrant, and leaves the attributes ours."""
+"""The vLLM plugin entry point: resolves, is re-entrant, reads the opt-in switch, and says how to fix it.
+
+What the entry point does in a fresh process (inert without opt-in, live with it, enable/disable) is tested in
+subprocesses in `test_opt_in.py`; here the in-process parts.
+"""
 
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ def test_entry_point_resolves_to_register():
     assert _entry_point().load() is plugin.register
 
 
-def test_load_general_plugins_leaves_patches_live():
+def test_load_general_plugins_after_enable_leaves_patches_live():
     _entry_point()
     from vllm.plugins import load_general_plugins
 
+    vllm_standby.enable()
     load_general_plugins()
     assert vllm_standby.is_active()
     for patch in vllm_standby.applied_patches():
@@ -35,20 +40,21 @@ def test_load_general_plugins_leaves_patches_live():
         assert getattr(getattr(patch.replacement, "__func__", patch.replacement), "__vllm_standby__", False)
 
 
-def test_second_register_is_a_noop():
-    vllm_standby.register()
+def test_second_register_and_enable_are_noops(monkeypatch):
+    vllm_standby.enable()
     first = vllm_standby.applied_patches()
+    monkeypatch.setenv("VLLM_STANDBY", "1")
     vllm_standby.register()
     vllm_standby.enable()
     assert vllm_standby.applied_patches() == first
     assert all(p.is_live() for p in first)
-    assert vllm_standby.is_active()
+    assert vllm_standby.is_active() and vllm_standby.is_enabled()
 
 
 def test_cpu_platform_gets_the_cpu_patch():
     from vllm.platforms import current_platform
 
-    vllm_standby.register()
+    vllm_standby.enable()
     names = {p.qualname for p in vllm_standby.applied_patches()}
     expected = "vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm"
     assert (expected in names) == current_platform.is_cpu()
@@ -60,23 +66,52 @@ def test_is_active_error_says_how_to_fix(monkeypatch):
     with pytest.raises(vllm_standby.StandbyNotActiveError) as info:
         vllm_standby.is_active()
     message = str(info.value)
-    assert "VLLM_PLUGINS" in message and "vllm.general_plugins" in message and "enable()" in message
+    for hint in ("VLLM_PLUGINS", "vllm.general_plugins", "enable()", "VLLM_STANDBY=1"):
+        assert hint in message
 
 
-def test_env_switch_zero_keeps_register_inert(monkeypatch):
+@pytest.mark.parametrize("value", [None, "0", " 0 ", ""])
+def test_register_without_opt_in_is_inert(monkeypatch, value):
     monkeypatch.setattr(plugin, "_STATE", plugin._State())
-    monkeypatch.setenv("VLLM_STANDBY", "0")
+    if value is None:
+        monkeypatch.delenv("VLLM_STANDBY", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_STANDBY", value)
+    # Must not apply anything: the session's patches are live, so applying again would raise "already patched".
     plugin.register()
-    assert not vllm_standby.is_active(strict=False)
-    with pytest.raises(vllm_standby.StandbyNotActiveError, match="VLLM_STANDBY=0"):
+    assert not vllm_standby.is_active(strict=False) and not vllm_standby.is_enabled()
+    with pytest.raises(vllm_standby.StandbyNotActiveError, match="did not opt in"):
         vllm_standby.is_active()
 
 
-def test_env_switch_one_enables_standby(monkeypatch):
+def test_register_with_opt_in_applies(monkeypatch):
     state = plugin._State()
     monkeypatch.setattr(plugin, "_STATE", state)
     monkeypatch.setenv("VLLM_STANDBY", "1")
-    # Patches are live from the session's register(); mimic that part to test only the switch.
-    monkeypatch.setattr(plugin, "_apply_range_patches", lambda version: setattr(state, "registered", True))
+    applied = []
+    # The session's patches are live already; record the call instead of applying them twice.
+    monkeypatch.setattr(plugin, "_apply_range_patches", lambda version: applied.append(version))
     plugin.register()
-    assert vllm_standby.is_enabled()
+    assert applied == [vllm_standby.check_vllm_version()]
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "2"])
+def test_register_refuses_a_bad_switch_value(monkeypatch, value):
+    monkeypatch.setattr(plugin, "_STATE", plugin._State())
+    monkeypatch.setenv("VLLM_STANDBY", value)
+    with pytest.raises(ValueError, match=f"VLLM_STANDBY='{value}' is not allowed") as info:
+        plugin.register()
+    assert "VLLM_STANDBY=1" in str(info.value)
+
+
+def test_opt_in_child_processes_restores_the_environment(monkeypatch):
+    import os
+
+    monkeypatch.delenv("VLLM_STANDBY", raising=False)
+    with vllm_standby.opt_in_child_processes():
+        assert os.environ["VLLM_STANDBY"] == "1"
+    assert "VLLM_STANDBY" not in os.environ
+    monkeypatch.setenv("VLLM_STANDBY", "0")
+    with pytest.raises(KeyError), vllm_standby.opt_in_child_processes():
+        raise KeyError("an engine that failed to start")
+    assert os.environ["VLLM_STANDBY"] == "0"

@@ -102,3 +102,65 @@ def test_100_cycles_no_rss_growth_same_generations(standby_llm):
     used_growth = (_used_bytes() - used_start) / used_start
     assert used_growth < 0.01, f"memory in use grew {used_growth:.2%} over 100 standby/resume cycles"
     print(f"100 cycles: {time.perf_counter() - start:.1f} s, RSS growth {growth:.3%}, in use {used_growth:.3%}")
+
+
+def _pending(llm, tag: str) -> None:
+    """Three unfinished sequences, as a failed rollout leaves them: one request, and one with two parallel samples."""
+    from vllm import SamplingParams
+
+    llm.llm_engine.add_request(f"{tag}-a", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=4))
+    llm.llm_engine.add_request(f"{tag}-b", {"prompt_token_ids": PROMPTS[1]}, SamplingParams(max_tokens=4, n=2))
+    assert llm.llm_engine.has_unfinished_requests()
+
+
+def _core_scheduler(llm):
+    # In-process engine (conftest): the client holds the EngineCore, whose scheduler the abort must reach too.
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_abort_unfinished_requests_aborts_front_end_and_core(standby_llm):
+    import vllm_standby
+
+    _pending(standby_llm, "abort")
+    assert _core_scheduler(standby_llm).has_unfinished_requests()
+    assert vllm_standby.abort_unfinished_requests(standby_llm) == 3
+    assert not standby_llm.llm_engine.has_unfinished_requests()
+    assert not standby_llm.llm_engine.output_processor.parent_requests
+    assert not _core_scheduler(standby_llm).has_unfinished_requests()
+    assert vllm_standby.abort_unfinished_requests(standby_llm) == 0
+
+
+def test_release_after_a_failed_rollout_aborts_then_releases(standby_llm):
+    import vllm_standby
+
+    expected = greedy_vllm(standby_llm)
+    held = standby_llm.kv_cache_nbytes()
+    _pending(standby_llm, "failed")
+    with pytest.raises(RuntimeError, match="abort_unfinished=True"):
+        vllm_standby.release_kv_cache(standby_llm)
+    assert vllm_standby.release_kv_cache(standby_llm, abort_unfinished=True) == held
+    assert standby_llm.kv_cache_nbytes() == 0 and not standby_llm.llm_engine.has_unfinished_requests()
+    assert vllm_standby.restore_kv_cache(standby_llm) == held
+    assert greedy_vllm(standby_llm) == expected  # the run goes on: same greedy tokens as before the failure
+
+
+def test_vllm_api_path_reaches_vllms_release_and_recovers(standby_llm, monkeypatch):
+    """The "vllm-api" path on the CPU build, as far as it runs there: after a rollout and aborted requests, the pause
+    meets `LLM.release_kv_cache_memory`'s precondition (vLLM gets to its discard, which the CPU worker refuses), and
+    the engine is running again afterwards. The path is selected by hand: on CPU `kv_standby_mechanism()` is
+    "cpu-worker" (and the CPU engine has no sleep mode, which the CUDA paths check)."""
+    from vllm_standby import kv_cache
+
+    if kv_cache.kv_standby_mechanism() != "cpu-worker":
+        pytest.skip("on CUDA the discard succeeds: tests/test_kv_standby_cuda.py covers the whole path there")
+    from vllm_standby.kv_cache import abort_unfinished_requests, release_kv_cache
+
+    expected = greedy_vllm(standby_llm)
+    _pending(standby_llm, "api")
+    assert abort_unfinished_requests(standby_llm) == 3
+    monkeypatch.setattr(kv_cache, "_mechanism_for", lambda llm: "vllm-api")
+    with pytest.raises(RuntimeError, match="not supported on CPU"):
+        release_kv_cache(standby_llm)
+    assert not standby_llm.llm_engine.is_sleeping(), "the failed release left the engine paused"
+    monkeypatch.undo()
+    assert greedy_vllm(standby_llm) == expected

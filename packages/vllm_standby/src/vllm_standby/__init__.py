@@ -1,12 +1,28 @@
 """vllm_standby: vLLM colocated with a trainer.
 
-Importing this package imports neither vLLM nor transformers. vLLM applies the patches itself through the
-``vllm.general_plugins`` entry point (:func:`vllm_standby.plugin.register`); plain vLLM users call :func:`enable`.
+Importing this package imports neither vLLM nor transformers, and patches nothing. Installed, it registers the
+``vllm.general_plugins`` entry point :func:`vllm_standby.plugin.register`, which vLLM runs in every process and which
+patches only a process that opted in: :func:`enable` in this process, or ``VLLM_STANDBY=1`` in its environment.
+:func:`disable` undoes the patches.
 """
 
-from vllm_standby._version import SUPPORTED_VLLM, UnsupportedVLLMVersionError, __version__, check_vllm_version
+from vllm_standby._version import (
+    SUPPORTED_VLLM,
+    SUPPORTED_VLLM_CPU,
+    UnsupportedVLLMVersionError,
+    __version__,
+    check_vllm_version,
+)
 from vllm_standby.patching import PatchError, applied_patches
-from vllm_standby.plugin import StandbyNotActiveError, enable, is_active, is_enabled, register
+from vllm_standby.plugin import (
+    StandbyNotActiveError,
+    disable,
+    enable,
+    is_active,
+    is_enabled,
+    opt_in_child_processes,
+    register,
+)
 
 _LAZY = {
     "StandbyLLM": "vllm_standby.standby",
@@ -16,6 +32,8 @@ _LAZY = {
     "restore_kv_cache": "vllm_standby.kv_cache",
     "kv_cache_nbytes": "vllm_standby.kv_cache",
     "kv_standby_supported": "vllm_standby.kv_cache",
+    "kv_standby_mechanism": "vllm_standby.kv_cache",
+    "abort_unfinished_requests": "vllm_standby.kv_cache",
     "fast_start_kwargs": "vllm_standby.fast_start",
     "startup_gc_guard": "vllm_standby.fast_start",
 }
@@ -32,20 +50,25 @@ def __getattr__(name: str):
 
 __all__ = [
     "SUPPORTED_VLLM",
+    "SUPPORTED_VLLM_CPU",
     "StandbyLLM",
     "PatchError",
     "StandbyNotActiveError",
     "UnsupportedVLLMVersionError",
     "__version__",
+    "abort_unfinished_requests",
     "applied_patches",
     "check_vllm_version",
+    "disable",
     "enable",
     "fast_start_kwargs",
     "is_active",
     "is_enabled",
     "kv_cache_nbytes",
+    "kv_standby_mechanism",
     "kv_standby_supported",
     "lora_request",
+    "opt_in_child_processes",
     "register",
     "release_kv_cache",
     "restore_kv_cache",

@@ -1,7 +1,7 @@
 """Replacement of vLLM's ``WorkerLoRAManager._load_adapter`` that also reads in-memory adapters.
 
-Shared by the version-range modules (:mod:`vllm_standby.patches.vllm_0_25`, :mod:`vllm_standby.patches.vllm_0_31`);
-each passes what differs between its vLLM releases.
+Shared by the version-range modules (:mod:`vllm_standby.patches`); each passes what differs between its vLLM
+releases: the weights mapper vLLM's loader uses and the checks it runs on the loaded adapter.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 
-def in_memory_adapter_loader(original: Any, *, mapper: str, validate_heads: bool) -> Any:
+def in_memory_adapter_loader(original: Any, *, mapper: str, validators: tuple[str, ...] = ()) -> Any:
     """Wrap ``original`` so that a ``vllm-standby://`` path loads from :mod:`vllm_standby.lora`'s registry.
 
     The ``LoRAModel`` is built with vLLM's own ``PEFTHelper.from_dict`` (validated against the engine's LoRA config)
@@ -20,8 +20,12 @@ def in_memory_adapter_loader(original: Any, *, mapper: str, validate_heads: bool
     Args:
         original: vLLM's ``WorkerLoRAManager._load_adapter``.
         mapper: Method of the model's ``hf_to_vllm_mapper`` that vLLM's loader uses in this release
-            (``"get_rename_mapper"`` in 0.31, ``"get_unstacked_mapper"`` in 0.25).
-        validate_heads: Run the adapter manager's classification-head checks, as vLLM 0.31's loader does.
+            (``"get_unstacked_mapper"`` in 0.25-0.28, ``"get_rename_mapper"`` from 0.29).
+        validators: Methods of the adapter manager that vLLM's loader calls on the loaded ``LoRAModel``, in its
+            order (e.g. ``"_validate_modules_to_save"`` from 0.31).
+
+    Returns:
+        The replacement ``_load_adapter``.
     """
 
     @functools.wraps(original)
@@ -50,9 +54,8 @@ def in_memory_adapter_loader(original: Any, *, mapper: str, validate_heads: bool
             skip_prefixes=getattr(model, "lora_skip_prefixes", None),
         )
         lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
-        if validate_heads:
-            self._adapter_manager._validate_modules_to_save(lora)
-            self._adapter_manager._validate_token_classification_lora(lora)
+        for validator in validators:
+            getattr(self._adapter_manager, validator)(lora)
         return lora
 
     _load_adapter.__vllm_standby__ = True

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 _MADV_DONTNEED = 4
+#: The tag of the KV cache's allocations in vLLM's CuMem pool.
+KV_CACHE_TAG = "kv_cache"
 # libc's madvise where its semantics are known (Linux: private anonymous pages come back zero-filled).
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -71,8 +73,8 @@ def release_kv_cache(worker: Any) -> int:
     storages. Their physical pages go back to the OS (``MADV_DONTNEED``) while every view and address stays, so
     :func:`restore_kv_cache` has nothing to re-bind or re-allocate: pages come back zero-filled on first touch, and
     only those vLLM writes (a rollout that uses a small part of the cache costs only that part). Elsewhere than Linux
-    the storages are shrunk to 0 bytes and re-allocated zero-filled instead. CPU only: on CUDA see
-    :mod:`vllm_standby.kv_sleep_backend`.
+    the storages are shrunk to 0 bytes and re-allocated zero-filled instead. CPU only: on CUDA vLLM's sleep
+    mode does it (:mod:`vllm_standby.kv_cache`).
 
     Args:
         worker: The vLLM worker (passed by ``collective_rpc``).
@@ -124,7 +126,16 @@ def model_of(worker: Any) -> torch.nn.Module:
 
 
 def cuda_kv_cache_nbytes(worker: Any) -> int:
-    """Bytes of the worker process's CuMem ``kv_cache`` allocations that are mapped now (CUDA, sleep mode on)."""
-    from vllm_standby.kv_sleep_backend import kv_cache_mapped_nbytes
+    """Bytes of the worker's KV cache that are physically mapped now (CUDA, sleep mode on).
 
-    return kv_cache_mapped_nbytes()
+    The KV cache lives in vLLM's CuMem pool (allocations tagged ``kv_cache``), or, from vLLM 0.34, in the model
+    runner's extensible KV cache, which vLLM maps outside that pool; both are counted.
+    """
+    from vllm.device_allocator import get_mem_allocator_instance
+
+    pool = get_mem_allocator_instance().pointer_to_data.values()
+    mapped = sum(d.handle[1] for d in pool if d.tag == KV_CACHE_TAG and not d.is_asleep)
+    extensible = getattr(worker.model_runner, "extensible_kv_cache", None)
+    if extensible is not None:
+        mapped += extensible.physical_bytes
+    return mapped

@@ -1,12 +1,13 @@
-"""A vLLM sleep-mode backend that releases only the KV cache: weights stay mapped, where they are (CUDA).
+"""A vLLM sleep-mode backend that releases only the KV cache: weights stay mapped, where they are (CUDA, vLLM 0.25-0.30).
 
 vLLM (0.25+) routes ``LLM.sleep`` / ``LLM.wake_up`` through a sleep-mode backend (``SleepModeBackendFactory``,
 ``vllm/device_allocator/sleep_mode_backend.py``). Its default, ``CuMemBackend``, unmaps every allocation of the CuMem
 pool and copies the weights to host memory (level 1) or drops them (level 2). This one unmaps only the allocations
 tagged ``kv_cache``, at any level, and maps them back at the same virtual addresses on wake-up, so CUDA graphs that
 captured those addresses stay valid. Weights are never unmapped or copied: they may be a trainer's tensors
-(:func:`vllm_standby.shared_hf_model`). The patch in :mod:`vllm_standby.patches.vllm_0_25` selects it when standby
-is on.
+(:func:`vllm_standby.shared_hf_model`). The sleep-backend patch of :mod:`vllm_standby.patches.vllm_0_25` and
+:mod:`vllm_standby.patches.vllm_0_29` selects it when standby is on; from 0.31 vLLM's own
+``LLM.release_kv_cache_memory`` does the same and this backend is not used.
 
 This module imports vLLM; it is imported only by that patch, in the process that owns the GPU memory.
 """
@@ -19,9 +20,9 @@ import torch
 from vllm.device_allocator import get_mem_allocator_instance
 from vllm.device_allocator.sleep_mode_backend import SleepModeBackend
 
-logger = logging.getLogger(__name__)
+from vllm_standby._worker import KV_CACHE_TAG
 
-KV_CACHE_TAG = "kv_cache"
+logger = logging.getLogger(__name__)
 
 
 class KVOnlySleepBackend(SleepModeBackend):
@@ -60,9 +61,3 @@ class KVOnlySleepBackend(SleepModeBackend):
     @classmethod
     def preserves_compiled_artifacts(cls) -> bool:
         return True
-
-
-def kv_cache_mapped_nbytes() -> int:
-    """Bytes of ``kv_cache`` allocations of this process's CuMem pool that are mapped now."""
-    pool = get_mem_allocator_instance().pointer_to_data.values()
-    return sum(d.handle[1] for d in pool if d.tag == KV_CACHE_TAG and not d.is_asleep)

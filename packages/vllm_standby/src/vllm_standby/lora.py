@@ -1,8 +1,8 @@
 """``lora_request``: hand the current PEFT adapter to vLLM as in-memory tensors, under a fresh adapter id.
 
-vLLM 0.31's ``LoRARequest`` only carries a path. The adapter's tensors and config go into a process-local registry
-under a ``vllm-standby://<id>`` path, and the patched ``WorkerLoRAManager._load_adapter`` (see
-:mod:`vllm_standby.patches.vllm_0_31`) builds the ``LoRAModel`` from them with vLLM's own ``from_lora_tensors``. The
+vLLM's ``LoRARequest`` only carries a path. The adapter's tensors and config go into a process-local registry
+under a ``vllm-standby://<id>`` path, and the patched ``WorkerLoRAManager._load_adapter`` (every range module of
+:mod:`vllm_standby.patches`) builds the ``LoRAModel`` from them with vLLM's own ``from_lora_tensors``. The
 registry lives in this process, so the engine must run in it too (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as in TRL
 colocate mode).
 """

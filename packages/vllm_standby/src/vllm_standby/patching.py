@@ -1,9 +1,10 @@
 """One helper to patch other libraries: records the original, refuses double patching, logs, can undo.
 
 Every change this package makes to vLLM goes through :func:`apply_patch`, so that the set of live patches is
-known (:func:`applied_patches`), checked (:func:`vllm_standby.is_active`) and reversible in tests
-(:func:`undo_patch`). A version-range module describes its patches with :class:`PatchSpec`; the contract tests read
-the same specs.
+known (:func:`applied_patches`), checked (:func:`vllm_standby.is_active`) and reversible
+(:func:`undo_patch`, :func:`vllm_standby.disable`). A version-range module describes its patches with
+:class:`PatchSpec`, whose :meth:`PatchSpec.apply` checks the target's signature and pinned source hash before it
+replaces anything; the contract tests read the same specs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from packaging.version import Version
+
+from vllm_standby import _version
+from vllm_standby._version import base_version
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +123,7 @@ def apply_patch(target: Any, name: str, replacement: Any, *, reason: str = "", a
 
 
 def undo_patch(patch: Patch) -> None:
-    """Restore the original attribute of ``patch`` (used by tests).
+    """Restore the original attribute of ``patch`` (:func:`vllm_standby.disable`, tests).
 
     Args:
         patch: A record returned by :func:`apply_patch`.
@@ -146,9 +152,15 @@ def applied_patches() -> list[Patch]:
 
 
 def source_sha256(obj: Callable[..., Any]) -> str:
-    """SHA-256 of the dedented source of ``obj``: pinned by contract tests to notice upstream changes."""
+    """SHA-256 of the dedented source of ``obj``: pinned per vLLM version to notice upstream changes."""
     source = textwrap.dedent(inspect.getsource(inspect.unwrap(obj)))
     return hashlib.sha256(source.encode()).hexdigest()
+
+
+def is_patched(target: Any, name: str) -> bool:
+    """Whether ``target.name`` is patched through :func:`apply_patch` now."""
+    with _LOCK:
+        return (id(target), name) in _APPLIED
 
 
 @dataclass(frozen=True)
@@ -163,7 +175,8 @@ class PatchSpec:
         remove_when: When it can be deleted.
         upstream: Upstream file/issue reference.
         signature: ``str(inspect.signature(original))`` that the replacement relies on.
-        source_sha256: Known hash of the original's source, per exact vLLM version (``"0.31.0"``).
+        source_sha256: Hash of the original's source (:func:`source_sha256`) per vLLM release it was reviewed on
+            (``"0.31.0"``). :meth:`apply` refuses a release without an entry here, or with another hash.
         platform: ``"cpu"`` or ``"cuda"`` to apply only on that vLLM platform; ``None`` for all platforms.
     """
 
@@ -176,6 +189,11 @@ class PatchSpec:
     signature: str
     source_sha256: dict[str, str] = field(default_factory=dict)
     platform: str | None = None
+
+    @property
+    def target(self) -> str:
+        """``module.attribute`` of the target, for messages."""
+        return f"{self.module}.{self.attribute}"
 
     def resolve(self) -> tuple[Any, str]:
         """Import the module and return ``(owner, attribute name)`` of the target."""
@@ -191,7 +209,62 @@ class PatchSpec:
         live = _APPLIED.get((id(owner), name))
         return live.original if live is not None else getattr(owner, name)
 
-    def apply(self) -> Patch:
-        """Apply this patch through :func:`apply_patch`."""
+    def verify(self, original: Any, version: Version) -> None:
+        """Check that ``original`` is what this patch was reviewed against on vLLM ``version``.
+
+        Args:
+            original: The target as vLLM ships it (``getattr(owner, name)``: a classmethod as its bound method).
+            version: The installed vLLM version; its base version (``0.31.0`` for ``0.31.0+cpu``) keys the hashes.
+
+        Raises:
+            PatchError: The signature differs from :attr:`signature`, no hash is pinned for ``version``, or the
+                source hash differs from the pinned one. The message names the target, the version, the expected
+                and found values, and what to do.
+        """
+        base = base_version(version).public
+        found_signature = str(inspect.signature(original))
+        if found_signature != self.signature:
+            raise PatchError(
+                f"vllm_standby refuses to patch {self.target} on vLLM {version}: its signature is "
+                f"{found_signature}, the patch was written for {self.signature}. The replacement may not fit; "
+                "report it, or install a vLLM the patch was verified on "
+                f"({', '.join(sorted(self.source_sha256, key=Version)) or 'none'})."
+            )
+        found = source_sha256(original)
+        pinned = self.source_sha256.get(base)
+        if pinned is None:
+            raise PatchError(
+                f"vllm_standby refuses to patch {self.target} on vLLM {version}: the patch was verified on vLLM "
+                f"{', '.join(sorted(self.source_sha256, key=Version)) or 'none'} only (source sha256 found here: "
+                f"{found}). Install one of those, or review the target against the patch and pin {base!r}: "
+                f"{found!r} in its PatchSpec.source_sha256."
+            )
+        if found != pinned:
+            raise PatchError(
+                f"vllm_standby refuses to patch {self.target} on vLLM {version}: its source changed (sha256 expected "
+                f"{pinned}, found {found}). A build of vLLM {base} with modified sources? Review the target against "
+                "the patch, or reinstall the released vLLM."
+            )
+
+    def apply(self, version: Version | None = None) -> Patch:
+        """Verify the target (:meth:`verify`), then apply this patch through :func:`apply_patch`.
+
+        Args:
+            version: The vLLM version to verify against; default the installed one.
+
+        Returns:
+            The :class:`Patch` record.
+
+        Raises:
+            PatchError: The target is already patched, or :meth:`verify` refuses it. Nothing is replaced then.
+        """
         owner, name = self.resolve()
-        return apply_patch(owner, name, self.make_replacement(getattr(owner, name)), reason=self.reason)
+        if is_patched(owner, name):
+            raise PatchError(f"{self.target} is already patched; undo the patch before patching it again")
+        if version is None:
+            version = _version.installed_vllm_version()
+            if version is None:
+                raise PatchError(f"cannot verify {self.target}: no vLLM distribution is installed")
+        original = getattr(owner, name)
+        self.verify(original, version)
+        return apply_patch(owner, name, self.make_replacement(original), reason=self.reason)

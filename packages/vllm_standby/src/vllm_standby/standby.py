@@ -6,8 +6,8 @@ from typing import Any
 
 from vllm import LLM
 
-from vllm_standby.kv_cache import kv_cache_nbytes, release_kv_cache, restore_kv_cache
-from vllm_standby.plugin import enable
+from vllm_standby.kv_cache import kv_cache_nbytes, kv_standby_mechanism, release_kv_cache, restore_kv_cache
+from vllm_standby.plugin import enable, opt_in_child_processes
 
 
 class StandbyLLM(LLM):
@@ -16,12 +16,15 @@ class StandbyLLM(LLM):
     :meth:`standby` releases only the KV cache (weights stay where they are: they may be the trainer's);
     :meth:`resume` brings it back, and any generation resumes automatically. Prefix, multimodal and encoder caches
     are reset on :meth:`standby`, since the cached blocks are gone (and weights or adapters usually change before
-    the next rollout). Creating a ``StandbyLLM`` calls :func:`vllm_standby.enable` in this process.
+    the next rollout). Creating a ``StandbyLLM`` opts in: it calls :func:`vllm_standby.enable` in this process, and
+    the engine processes it starts (multiprocessing mode) get ``VLLM_STANDBY=1`` for the length of ``LLM.__init__``
+    only (:func:`vllm_standby.plugin.opt_in_child_processes`); this process's environment is as it was afterwards.
 
-    On vLLM's CPU platform the KV cache storages are freed for real (the memory goes back to the allocator) and
-    re-allocated zero-filled on resume. On CUDA (vLLM 0.25-0.28) the engine is built with ``enable_sleep_mode=True``
-    and standby unmaps the KV cache's physical memory, mapping it back at the same addresses on resume (CUDA graphs
-    stay valid); weights are never unmapped or copied.
+    How the KV cache is released is :attr:`kv_standby_mechanism` (:func:`vllm_standby.kv_standby_mechanism`). On
+    vLLM's CPU platform its pages go back to the OS and come back zero-filled on resume. On CUDA the engine is built
+    with ``enable_sleep_mode=True`` and standby unmaps the KV cache's physical memory, mapping it back at the same
+    addresses on resume (CUDA graphs stay valid), through vLLM's own ``release_kv_cache_memory`` where the installed
+    vLLM has it and through the patched sleep-mode backend where it does not; weights are never unmapped or copied.
 
     Args:
         *args: Passed to ``vllm.LLM``.
@@ -47,14 +50,22 @@ class StandbyLLM(LLM):
                 raise ValueError("StandbyLLM on CUDA needs enable_sleep_mode=True (allowed: True or unset)")
             kwargs["enable_sleep_mode"] = True
         self._standby = False
+        self._mechanism = kv_standby_mechanism()
         if not fast_start:
-            super().__init__(*args, **kwargs)
+            with opt_in_child_processes():
+                super().__init__(*args, **kwargs)
             return
         from vllm_standby.fast_start import fast_start_kwargs, startup_gc_guard
 
         kwargs = fast_start_kwargs(**kwargs)
-        with startup_gc_guard():
+        with startup_gc_guard(), opt_in_child_processes():
             super().__init__(*args, **kwargs)
+
+    @property
+    def kv_standby_mechanism(self) -> str | None:
+        """How :meth:`standby` releases the KV cache: ``"cpu-worker"``, ``"vllm-api"``, ``"sleep-backend-patch"``, or
+        ``None`` where it is not implemented (:meth:`standby` raises ``NotImplementedError`` then)."""
+        return self._mechanism
 
     @property
     def is_standby(self) -> bool:

