@@ -139,10 +139,13 @@ def test_full_finetuning_refuses_shared_weights(tmp_path):
     args = LongContextGRPOConfig(
         output_dir=str(tmp_path), use_cpu=True, use_vllm=True, vllm_mode="colocate", vllm_shared_weights=True
     )
-    with pytest.raises(ValueError, match="vllm_shared_weights=True needs a LoRA peft_config"):
+    with pytest.raises(
+        ValueError, match="vllm_shared_weights=True: it needs a LoRA adapter and this run has no"
+    ) as error:
         LongContextGRPOTrainer(
             model="unused", reward_funcs=copy_letter_reward, args=args, train_dataset=make_copy_letter_dataset(8)
         )
+    assert "Allowed here: pass peft_config=LoraConfig(...), or vllm_shared_weights=False or None." in str(error.value)
 
 
 _NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}

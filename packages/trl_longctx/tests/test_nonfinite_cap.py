@@ -6,17 +6,11 @@ import pytest
 import torch
 from test_longctx_grpo_trainer import make_trainer
 
-from trl_longctx.fault_callbacks import MAX_CONSECUTIVE_NONFINITE, NonFiniteStopCallback, fault_callbacks
+from trl_longctx.fault_callbacks import MAX_CONSECUTIVE_NONFINITE, NonFiniteStopCallback
 from trl_longctx.guards import NonFiniteError
 
 # The parameter whose gradient turns NaN; without clipping (max_grad_norm=0) only it goes NaN in the update.
 POISONED = "model.layers.1.mlp.down_proj.weight"
-
-
-def with_fault_callbacks(trainer, **kwargs):
-    for callback in fault_callbacks(trainer, **kwargs):
-        trainer.add_callback(callback)
-    return trainer
 
 
 def poison_gradient(trainer, name, step):
@@ -45,7 +39,6 @@ SETTINGS = {"skip_nonfinite_steps": True, "max_grad_norm": 0.0, "learning_rate":
 
 def test_nan_weights_after_an_update_stop_the_run_naming_parameter_and_step(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, **SETTINGS, max_steps=4, save_strategy="steps", save_steps=1)
-    with_fault_callbacks(trainer)
     poison_gradient(trainer, POISONED, step=2)
     with pytest.raises(NonFiniteError) as error:
         trainer.train()
@@ -59,7 +52,6 @@ def test_nan_weights_after_an_update_stop_the_run_naming_parameter_and_step(tiny
 
 def test_clipping_spreads_a_nan_gradient_and_the_error_counts_the_tensors(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, **{**SETTINGS, "max_grad_norm": 1.0}, max_steps=3)
-    with_fault_callbacks(trainer)
     poison_gradient(trainer, POISONED, step=1)
     with pytest.raises(NonFiniteError, match="training step 1: parameter 'model.embed_tokens.weight'") as error:
         trainer.train()
@@ -70,7 +62,6 @@ def test_clipping_spreads_a_nan_gradient_and_the_error_counts_the_tensors(tiny_m
 def test_consecutive_skipped_steps_stop_at_the_cap(tiny_model_dir, tmp_path):
     assert MAX_CONSECUTIVE_NONFINITE == 3
     trainer = make_trainer(tiny_model_dir, tmp_path, **SETTINGS, max_steps=8)
-    with_fault_callbacks(trainer)
     nan_hidden_states(trainer, steps={2, 3, 5, 6, 7})
     with pytest.raises(NonFiniteError) as error:
         trainer.train()
@@ -83,9 +74,8 @@ def test_consecutive_skipped_steps_stop_at_the_cap(tiny_model_dir, tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_the_cap_is_a_parameter(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tmp_path, **SETTINGS, max_steps=3)
-    with_fault_callbacks(trainer, max_consecutive_nonfinite=1)
+def test_the_cap_is_the_configs_max_consecutive_nonfinite(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, **SETTINGS, max_steps=3, max_consecutive_nonfinite=1)
     nan_hidden_states(trainer, steps={2})
     with pytest.raises(NonFiniteError, match=r"Training steps 2-2 \(1 in a row\).*max_consecutive_nonfinite=1"):
         trainer.train()

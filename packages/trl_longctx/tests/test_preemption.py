@@ -16,7 +16,7 @@ from test_longctx_grpo_trainer import make_trainer
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from trl_longctx.fault_callbacks import PreemptionCallback, TrainingPreempted, fault_callbacks
+from trl_longctx.fault_callbacks import NonFiniteStopCallback, PreemptionCallback, TrainingPreempted
 
 # Logged values that depend on the weights, the data order and the sampling RNG; timings are left out.
 COMPARED = ("reward", "loss", "entropy", "completions/mean_length", "grad_norm", "learning_rate")
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
-from trl_longctx.fault_callbacks import fault_callbacks
 from trl_longctx.metrics_callback import RunFilesCallback
 from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
 
@@ -61,8 +60,6 @@ trainer = LongContextGRPOTrainer(
     model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=reward,
     args=LongContextGRPOConfig(**settings), train_dataset=make_copy_letter_dataset(64),
 )
-for callback in fault_callbacks(trainer):  # as the trainer's __init__ adds them
-    trainer.add_callback(callback)
 trainer.add_callback(RunFilesCallback(run_dir))  # as `longctx-grpo train` adds it, after the trainer is built
 if wait_in_save:
     save_rng_state = trainer._save_rng_state
@@ -173,6 +170,19 @@ def test_second_sigterm_while_saving_exits_at_once_without_a_partial_checkpoint(
     assert get_last_checkpoint(str(run_dir)) is None
 
 
+def installed(trainer, kind):
+    """The one callback of `kind` that the trainer's `__init__` added."""
+    (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind)]
+    return callback
+
+
+def test_the_trainer_installs_the_fault_callbacks_once_and_last(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, max_consecutive_nonfinite=5)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names[-2:] == ["NonFiniteStopCallback", "PreemptionCallback"]
+    assert installed(trainer, NonFiniteStopCallback).max_consecutive == 5  # the config's value
+
+
 class Probe(TrainerCallback):
     """Records the signal handlers in place while a step runs."""
 
@@ -194,10 +204,7 @@ def test_handlers_are_restored_after_train_and_a_signal_after_a_failed_train_goe
     try:
         user_handler = signal.getsignal(signal.SIGTERM)
         trainer = make_trainer(tiny_model_dir, tmp_path)
-        callbacks = fault_callbacks(trainer)
-        preemption = next(cb for cb in callbacks if isinstance(cb, PreemptionCallback))
-        for callback in callbacks:
-            trainer.add_callback(callback)
+        preemption = installed(trainer, PreemptionCallback)
         probe = Probe()
         trainer.add_callback(probe)
         trainer.train()
@@ -251,8 +258,7 @@ def test_a_signal_after_the_last_step_is_passed_on_not_dropped(tiny_model_dir, t
     previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
     try:
         trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=2)
-        for callback in [*fault_callbacks(trainer), SignalAfterLastCheck()]:
-            trainer.add_callback(callback)
+        trainer.add_callback(SignalAfterLastCheck())
         trainer.train()  # complete: nothing is raised
         assert trainer.state.global_step == 2 and not list(tmp_path.glob("checkpoint-*"))
         assert received == [signal.SIGTERM]

@@ -5,7 +5,6 @@ version is planned here without vLLM installed; `tests/test_grpo_vllm_plan.py` a
 real CPU engine against the same plans.
 """
 
-
 import pytest
 from peft import LoraConfig
 from transformers import BitsAndBytesConfig
@@ -24,10 +23,10 @@ NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
 
 def trl_colocate(tmp_path, **overrides):
     """A TRL colocate config as TRL's docs teach it: sleep mode on, utilization 0.3."""
-    settings = dict(
-        output_dir=str(tmp_path), use_cpu=True, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True,
-        vllm_gpu_memory_utilization=0.3, vllm_max_model_length=512, report_to="none",
-    )  # fmt: skip
+    settings = {
+        "output_dir": str(tmp_path), "use_cpu": True, "use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": True,
+        "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": 512, "report_to": "none",
+    }  # fmt: skip
     return LongContextGRPOConfig(**{**settings, **overrides})
 
 
@@ -50,7 +49,10 @@ def test_trl_sleep_mode_config_shares_weights_with_kv_only_standby(tmp_path, run
     assert result.adapter_transport == ("merged" if runtime.platform == "cuda" else "lora-request")
     line = result.describe()
     assert "shared with the trainer (one copy)" in line and "KV cache released while training" in line
-    assert "vllm_enable_sleep_mode=True is honoured" in line and "vllm_shared_weights=False, vllm_kv_standby=False" in line
+    assert (
+        "vllm_enable_sleep_mode=True is honoured" in line
+        and "vllm_shared_weights=False, vllm_kv_standby=False" in line
+    )
     trl_view = result.trl_args(args)
     assert (trl_view.use_vllm, trl_view.vllm_enable_sleep_mode) == (False, False)
     assert (args.use_vllm, args.vllm_enable_sleep_mode) == (True, True)  # the caller's object is not modified
@@ -72,10 +74,10 @@ def test_trls_exact_behaviour_stays_one_setting_away(tmp_path):
 
 # Each row: what keeps the weights unshared, and the setting the notice must name to turn them on.
 UNSHARED = {
-    "full-finetuning": (dict(peft=None), "pass peft_config=LoraConfig(...)"),
-    "model-instance": (dict(model=object()), "pass the model as a path or id (model='...')"),
-    "fp4": (dict(quantization=BitsAndBytesConfig(load_in_4bit=True)), "bnb_4bit_quant_type='nf4'"),
-    "nf4-without-vllm-bitsandbytes": (dict(quantization=NF4), "install a vLLM with bitsandbytes quantization"),
+    "full-finetuning": ({"peft": None}, "pass peft_config=LoraConfig(...)"),
+    "model-instance": ({"model": object()}, "pass the model as a path or id (model='...')"),
+    "fp4": ({"quantization": BitsAndBytesConfig(load_in_4bit=True)}, "bnb_4bit_quant_type='nf4'"),
+    "nf4-without-vllm-bitsandbytes": ({"quantization": NF4}, "install a vLLM with bitsandbytes quantization"),
 }
 
 
@@ -100,19 +102,19 @@ def test_tensor_parallel_keeps_weights_unshared_and_names_the_setting(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "plan_kwargs", "field", "message"),
     [
-        (dict(vllm_shared_weights=True), dict(peft=None), "vllm_shared_weights", "needs a LoRA adapter"),
-        (dict(vllm_shared_weights=True), dict(model=object()), "vllm_shared_weights", "the model is an instance"),
-        (dict(vllm_shared_weights=True, vllm_merge_adapter=True), dict(quantization=NF4, runtime=CUDA_PATCHED),
+        ({"vllm_shared_weights": True}, {"peft": None}, "vllm_shared_weights", "needs a LoRA adapter"),
+        ({"vllm_shared_weights": True}, {"model": object()}, "vllm_shared_weights", "the model is an instance"),
+        ({"vllm_shared_weights": True, "vllm_merge_adapter": True}, {"quantization": NF4, "runtime": CUDA_PATCHED},
          "vllm_shared_weights", "cannot merge a LoRA adapter into 4-bit"),
-        (dict(vllm_kv_standby=True, vllm_enable_sleep_mode=False), dict(runtime=CUDA_NONE), "vllm_kv_standby",
+        ({"vllm_kv_standby": True, "vllm_enable_sleep_mode": False}, {"runtime": CUDA_NONE}, "vllm_kv_standby",
          "has no KV-only standby"),
-        (dict(vllm_kv_standby=True, vllm_shared_weights=False, vllm_enable_sleep_mode=False),
-         dict(runtime=CUDA_API), "vllm_kv_standby", "sleep-mode pool"),
-        (dict(vllm_kv_standby=True, vllm_shared_weights=False), dict(runtime=CUDA_PATCHED), "vllm_kv_standby",
+        ({"vllm_kv_standby": True, "vllm_shared_weights": False, "vllm_enable_sleep_mode": False},
+         {"runtime": CUDA_API}, "vllm_kv_standby", "sleep-mode pool"),
+        ({"vllm_kv_standby": True, "vllm_shared_weights": False}, {"runtime": CUDA_PATCHED}, "vllm_kv_standby",
          "TRL's sleep mode already releases"),
-        (dict(vllm_kv_standby=True), dict(rollout_func=True, peft=None), "vllm_kv_standby", "custom rollout_func"),
-        (dict(vllm_shared_weights=True, vllm_mode="server"), {}, "vllm_shared_weights", "colocated in this process"),
-        (dict(vllm_kv_standby=True, use_vllm=False), {}, "vllm_kv_standby", "use_vllm=False"),
+        ({"vllm_kv_standby": True}, {"rollout_func": True, "peft": None}, "vllm_kv_standby", "custom rollout_func"),
+        ({"vllm_shared_weights": True, "vllm_mode": "server"}, {}, "vllm_shared_weights", "colocated in this process"),
+        ({"vllm_kv_standby": True, "use_vllm": False}, {}, "vllm_kv_standby", "use_vllm=False"),
     ],
     ids=["full-ft", "instance", "nf4-merge", "no-mechanism", "api-trl-engine", "trl-sleep", "rollout-func",
          "server", "no-vllm"],
@@ -121,7 +123,9 @@ def test_explicit_requests_that_cannot_be_honoured_are_refused(tmp_path, overrid
     args = trl_colocate(tmp_path, **overrides)
     with pytest.raises(ValueError, match=message) as error:
         plan(args, **plan_kwargs)
-    assert str(error.value).startswith(f"{field}=True") and ("Allowed" in str(error.value) or "or None" in str(error.value))
+    assert str(error.value).startswith(f"{field}=True") and (
+        "Allowed" in str(error.value) or "or None" in str(error.value)
+    )
 
 
 def test_kv_only_standby_with_trls_engine_follows_the_vllm_mechanism(tmp_path):
@@ -163,7 +167,10 @@ def test_qlora_shares_4bit_weights_where_vllm_quantizes(tmp_path):
 
 def test_without_vllm(tmp_path):
     result = plan(trl_colocate(tmp_path, use_vllm=False))
-    assert result.engine == "transformers" and result.describe() == "Rollout plan: transformers generate (use_vllm=False)."
+    assert (
+        result.engine == "transformers"
+        and result.describe() == "Rollout plan: transformers generate (use_vllm=False)."
+    )
     with pytest.raises(ValueError, match="use_vllm=True needs vLLM, which is not installed"):
         plan(trl_colocate(tmp_path), runtime=None)
 

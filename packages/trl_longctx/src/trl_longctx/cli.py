@@ -97,9 +97,11 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
     start leaves nothing behind in `output_dir` (the trainer itself creates the empty folder).
     """
     import tempfile
+    from pathlib import Path
 
     from trl import get_peft_config
 
+    from .checkpoints import FINAL_MODEL_DIR, save_final_model
     from .longctx_grpo_trainer import LongContextGRPOTrainer
     from .metrics_callback import RunFilesCallback
     from .tasks import get_task
@@ -122,8 +124,6 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
     with tempfile.TemporaryDirectory(prefix="longctx-tiny-model-") as scratch:
         model = model_args.model_name_or_path
         if model == BUILTIN_TINY_MODEL:
-            from pathlib import Path
-
             from .tiny_models import save_tiny_model
 
             # Random weights from the seed: the same model every time, so nothing of it needs keeping.
@@ -132,9 +132,12 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
             model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset, peft_config=peft_config
         )
         rollout = "vllm" if trainer.use_vllm else "transformers"
-        summary = {"rollout_backend": rollout, "model": model_args.model_name_or_path}
+        # The trained adapter (or model) is published there, complete or not at all, once training ends.
+        trained = Path(training_args.output_dir) / FINAL_MODEL_DIR
+        summary = {"rollout_backend": rollout, "model": str(trained), "base_model": model_args.model_name_or_path}
         trainer.add_callback(RunFilesCallback(training_args.output_dir, extra_summary=summary))
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        save_final_model(trainer)
     return trainer
 
 

@@ -188,6 +188,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _int("gradient_accumulation_steps", "counts"),
     # GRPO's advantages are rewards minus the mean of the prompt's group: one generation has no group.
     _int("num_generations", "counts", low=2, example=1),
+    _int("max_consecutive_nonfinite", "counts"),
     _int("num_generations_eval", "counts", none="num_generations"),
     _int("generation_batch_size", "counts", none="per_device_train_batch_size x processes x steps_per_generation"),
     _int("steps_per_generation", "counts", none="gradient_accumulation_steps"),

@@ -16,6 +16,7 @@ from .config_checks import (
     check_fields,
     check_paths,
 )
+from .fault_callbacks import MAX_CONSECUTIVE_NONFINITE
 
 __all__ = [
     "COMPILE_DECODER_SETTINGS",
@@ -81,6 +82,9 @@ class LongContextGRPOConfig(GRPOConfig):
         skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
             On a NaN or Inf loss, skip the step (zero gradient, a warning, the `nonfinite_skipped` metric) instead of
             raising `trl_longctx.guards.NonFiniteError`; a non-finite reward then marks its completion unscorable.
+        max_consecutive_nonfinite (`int`, *optional*, defaults to `3`):
+            With `skip_nonfinite_steps`, this many skipped steps in a row stop the run with an error naming them
+            (`trl_longctx.fault_callbacks`); a NaN or Inf weight after an update stops it at once either way.
         offload_checkpoints (`bool` or `None`, *optional*, defaults to `None`):
             Hold each decoder layer's checkpointed input in pinned host memory between forward and backward
             (`trl_longctx.memory.CheckpointOffloader`), the last layer's excepted. Needs `gradient_checkpointing`.
@@ -176,6 +180,13 @@ class LongContextGRPOConfig(GRPOConfig):
         metadata={
             "help": "Skip a step whose loss is NaN/Inf (and treat non-finite rewards as unscorable) instead of "
             "raising an error naming the step and the tensor."
+        },
+    )
+    max_consecutive_nonfinite: int = field(
+        default=MAX_CONSECUTIVE_NONFINITE,
+        metadata={
+            "help": "With skip_nonfinite_steps, skipped steps in a row that stop the run (a NaN/Inf weight after an "
+            "update stops it at once)."
         },
     )
 

@@ -12,6 +12,7 @@ from . import oom_retry
 from .checkpoints import atomic_checkpoint
 from .compile_regions import compile_decoder_layers
 from .distributed import ForwardRedirection, full_tensor
+from .fault_callbacks import fault_callbacks
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
@@ -86,6 +87,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
         logger.warning(plan.describe())
         for notice in plan.notices:
             logger.warning(notice.message())
+        # Last, after TRL's and ours: a NaN weight or a preemption signal stops the run with a complete checkpoint.
+        for callback in fault_callbacks(self, max_consecutive_nonfinite=args.max_consecutive_nonfinite):
+            self.add_callback(callback)
         if plan.kv_standby == "trainer":
             # The engine was built with its KV cache; training starts now, so release it until the first rollout.
             from vllm_standby import release_kv_cache

@@ -264,7 +264,9 @@ def _decide_shared_weights(args, model, peft_config, quantization_config, runtim
     if problem is not None:
         reason, remedy = problem
         if requested:
-            raise ValueError(f"vllm_shared_weights=True: {reason}. {remedy}; or vllm_shared_weights=False or None.")
+            raise ValueError(
+                f"vllm_shared_weights=True: {reason}. Allowed here: {remedy}, or vllm_shared_weights=False or None."
+            )
         notices.append(Notice("shared weights", reason, remedy))
         return False
     if requested is None and runtime.kv_standby is None:
@@ -296,12 +298,13 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     ):
         return ("shared 4-bit weights need BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'), as vLLM "
                 "quantizes", "use that quantization_config")  # fmt: skip
-    if not runtime.bitsandbytes:
-        return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
-                "install a vLLM with bitsandbytes quantization (a CUDA build)")  # fmt: skip
     if args.vllm_merge_adapter:
         return ("vllm_merge_adapter=True cannot merge a LoRA adapter into 4-bit shared weights (QLoRA); merged "
                 "rollouts need TRL's own engine", "vllm_merge_adapter=None or False")  # fmt: skip
+    # What the config asks for is checked before what the installed vLLM can do.
+    if not runtime.bitsandbytes:
+        return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
+                "install a vLLM with bitsandbytes quantization (a CUDA build)")  # fmt: skip
     return None
 
 
