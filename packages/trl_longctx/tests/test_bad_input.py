@@ -37,7 +37,7 @@ def ok_reward(completions, **kwargs):
     ("reward", "error", "message"),
     [
         (broken_reward, RewardFunctionError, r"'broken_reward' raised KeyError at training step 1"),
-        (short_reward, ValueError, r"'short_reward' returned 1 rewards at training step 1; expected a list of 4"),
+        (short_reward, ValueError, r"'short_reward' returned 1 rewards at training step 1; expected 4 rewards"),
     ],
 )
 def test_bad_reward_function_is_named(tiny_model_dir, tmp_path, reward, error, message):

@@ -2,12 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
-from trl_longctx.guards import NonFiniteError
+from trl_longctx.guards import GuardedRewardFunction, NonFiniteError
 from trl_longctx.tasks import make_copy_letter_dataset
 
 
@@ -55,6 +56,62 @@ def test_nan_reward_is_unscorable_when_skipping(tiny_model_dir, tmp_path):
     )
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def numpy_reward(completions, **kwargs):
+    return np.array([(sum(map(ord, c)) % 7) / 7 for c in completions], dtype=np.float32)
+
+
+def tuple_reward(completions, **kwargs):
+    return tuple(float(len(c) % 3) for c in completions)
+
+
+def tensor_reward(completions, **kwargs):
+    return torch.tensor([float(len(c) % 2) for c in completions])
+
+
+def test_rewards_as_numpy_tuple_or_tensor_train_as_in_trl(tiny_model_dir, tmp_path):
+    """TRL 1.16 accepts any 1-D sequence of numbers from a reward function; so does the guard."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, reward_funcs=[numpy_reward, tuple_reward, tensor_reward])
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for name in ("numpy_reward", "tuple_reward", "tensor_reward"):
+        assert math.isfinite(logged[f"rewards/{name}/mean"])
+
+
+def guarded(func, skip=False):
+    return GuardedRewardFunction(func, func.__name__, step=lambda: 3, skip=lambda: skip)
+
+
+def test_guarded_rewards_come_back_as_a_list_with_none_kept():
+    prompts = ["a", "b", "c"]
+    out = guarded(lambda **kw: np.array([0.5, 1.0, 0.0]))(prompts=prompts, completions=prompts)
+    assert out == [0.5, 1.0, 0.0] and all(type(r) is float for r in out)
+    assert guarded(lambda **kw: (1, None, 0.25))(prompts=prompts, completions=prompts) == [1, None, 0.25]
+    assert guarded(lambda **kw: [np.float32(2.0)] * 3)(prompts=prompts, completions=prompts) == [2.0] * 3
+    nan = guarded(lambda **kw: np.array([0.5, np.nan, 0.0]), skip=True)(prompts=prompts, completions=prompts)
+    assert nan == [0.5, None, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (np.zeros((3, 1)), r"returned an array of shape \(3, 1\) at training step 3; expected 3 rewards"),
+        (np.float64(1.0), r"returned a single float64 at training step 3; expected 3 rewards"),
+        ({"a": 1.0}, r"returned dict at training step 3"),
+        ("abc", r"returned str at training step 3"),
+        (["1.0", 0.0, 0.0], r"returned '1.0' \(str\) at index 0 at training step 3; a reward is a float, or None"),
+        ([1.0, 2.0], r"returned 2 rewards at training step 3; expected 3 rewards"),
+    ],
+    ids=["2-d", "scalar", "dict", "str", "str-item", "short"],
+)
+def test_bad_reward_outputs_name_the_function_step_and_what_is_allowed(returned, message):
+    def my_reward(**kwargs):
+        return returned
+
+    with pytest.raises(ValueError, match=message) as error:
+        guarded(my_reward)(prompts=["a", "b", "c"], completions=["a", "b", "c"])
+    assert "'my_reward'" in str(error.value)
 
 
 def test_nan_logps_name_the_tensor_and_step(tiny_model_dir, tmp_path):

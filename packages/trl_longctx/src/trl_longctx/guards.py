@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -100,12 +101,7 @@ class GuardedRewardFunction:
                 f"Reward function {self.name!r} raised {type(error).__name__} at training step {self._step()}: {error}"
             ) from error
         expected = len(kwargs["prompts"]) if "prompts" in kwargs else None
-        if not isinstance(rewards, Sequence) or (expected is not None and len(rewards) != expected):
-            got = len(rewards) if isinstance(rewards, Sequence) else type(rewards).__name__
-            raise ValueError(
-                f"Reward function {self.name!r} returned {got} rewards at training step {self._step()}; expected a list "
-                f"of {expected} (one float or None per completion)."
-            )
+        rewards = self._as_list(rewards, expected)
         bad = [i for i, r in enumerate(rewards) if r is not None and not math.isfinite(float(r))]
         if not bad:
             return rewards
@@ -117,6 +113,35 @@ class GuardedRewardFunction:
             raise NonFiniteError(message + " Return None for an unscorable completion, or set skip_nonfinite_steps.")
         logger.warning("%s Treated as unscorable (skip_nonfinite_steps=True).", message)
         return [None if i in set(bad) else r for i, r in enumerate(rewards)]
+
+    def _as_list(self, rewards, expected: int | None) -> list:
+        """`rewards` as a list of floats and `None`s, as TRL accepts them: a list, a tuple, or a 1-D numpy array or
+        tensor (TRL turns any of these into a tensor); anything else, a wrong length or a non-number raises."""
+        if hasattr(rewards, "tolist") and getattr(rewards, "ndim", None) == 1:  # numpy array, torch tensor
+            rewards = rewards.tolist()
+        if (
+            not isinstance(rewards, Sequence)
+            or isinstance(rewards, str)
+            or (expected is not None and len(rewards) != expected)
+        ):
+            listed = isinstance(rewards, Sequence) and not isinstance(rewards, str)
+            got = f"{len(rewards)} rewards" if listed else type(rewards).__name__
+            if getattr(rewards, "ndim", 1) == 0:
+                got = f"a single {type(rewards).__name__}"
+            elif getattr(rewards, "ndim", 1) != 1:
+                got = f"an array of shape {tuple(rewards.shape)}"
+            raise ValueError(
+                f"Reward function {self.name!r} returned {got} at training step {self._step()}; expected "
+                f"{expected if expected is not None else 'one'} rewards (one float or None per completion) as a "
+                "list, tuple, or 1-D numpy array or tensor."
+            )
+        for index, reward in enumerate(rewards):
+            if reward is not None and not isinstance(reward, numbers.Real):
+                raise ValueError(
+                    f"Reward function {self.name!r} returned {reward!r} ({type(reward).__name__}) at index {index} "
+                    f"at training step {self._step()}; a reward is a float, or None for an unscorable completion."
+                )
+        return list(rewards)
 
 
 def guard_reward_functions(trainer) -> None:

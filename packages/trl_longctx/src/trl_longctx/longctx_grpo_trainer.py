@@ -20,6 +20,7 @@ from .memory.offload_checkpoints import ReleaseBuffersCallback
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
+from .trl_contract import check_trl_contract
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, model, reward_funcs, args: LongContextGRPOConfig | None = None, **kwargs):
+        check_trl_contract()  # the TRL hooks overridden here are still there, as reviewed (before any load)
         args = _long_context_args(args, model)
         check_train_dataset(kwargs.get("train_dataset"))
         resolved_backend(args, args.device)  # a logit chunk the backend cannot honour is refused before any load
