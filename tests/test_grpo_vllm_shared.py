@@ -201,7 +201,7 @@ def test_qlora_grpo_with_shared_4bit_weights(tmp_path, monkeypatch):
     from vllm_standby.shared_4bit import bitsandbytes_in_vllm
 
     if not bitsandbytes_in_vllm():
-        pytest.skip("this vLLM has no bitsandbytes quantization")
+        pytest.skip("no bitsandbytes quantization here (vLLM's layers or the bitsandbytes package)")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     model_dir = save_tiny_model(tmp_path / "model")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

@@ -9,18 +9,22 @@ forward holds two such buffers; halving the mini batch halves them. The caps sit
 
 import importlib.util
 import json
+import os
 import re
 import resource
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
+from test_distributed import _free_port
 from testing_utils import assert_close
 
-from trl_longctx import LongContextGRPOConfig
+from trl_longctx import LongContextGRPOConfig, oom_retry
 from trl_longctx.logprob_pass import LogProbPass, lowered_sizes
 from trl_longctx.memory.planner import ChunkSizes
 from trl_longctx.oom_retry import OutOfMemoryRetryError, StepAttempt, is_out_of_memory
@@ -117,6 +121,46 @@ def test_config_refuses_a_non_bool(tmp_path):
     assert LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True).retry_on_oom is True
     with pytest.raises(ValueError, match="retry_on_oom must be True or False, got 'yes'"):
         LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True, retry_on_oom="yes")
+
+
+ONE_PROCESS_DDP = r"""
+import json, sys
+from trl_longctx import oom_retry
+from test_longctx_grpo_trainer import make_trainer
+trainer = make_trainer(sys.argv[1], sys.argv[2])
+accelerator = trainer.accelerator
+print(json.dumps([accelerator.distributed_type.value, accelerator.num_processes, oom_retry.retry_supported(accelerator)]))
+"""
+
+
+def test_one_process_with_a_process_group_is_retried(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 1` (or RANK/WORLD_SIZE set, as a launcher does): Accelerate builds a process group
+    and a DDP wrapper of one rank; no peer waits for the failed try, so the retry stays on."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS_DDP, tiny_model_dir, str(tmp_path)], env=env, cwd=Path(__file__).parent,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    kind, processes, supported = json.loads(child.stdout.strip().splitlines()[-1])
+    assert (kind, processes, supported) == ("MULTI_CPU", 1, True)
+
+
+@pytest.mark.parametrize(
+    ("processes", "kind", "reason"),
+    [
+        (1, DistributedType.NO, None),
+        (1, DistributedType.MULTI_GPU, None),
+        (2, DistributedType.MULTI_GPU, "2 processes (a retry would desynchronize their collectives)"),
+        (1, DistributedType.DEEPSPEED, "DEEPSPEED manages the gradients"),
+        (1, DistributedType.FSDP, "FSDP manages the gradients"),
+    ],
+)
+def test_why_a_retry_is_off_is_said(processes, kind, reason):
+    accelerator = SimpleNamespace(num_processes=processes, distributed_type=kind)  # the two fields read
+    found = oom_retry.retry_unsupported_reason(accelerator)
+    assert found == reason if reason is None else found.startswith(reason)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def _cuda_standby_check(model_dir: str, expected: str) -> None:
 
     awake = _free_bytes()
     assert llm.standby() == held and llm.kv_cache_nbytes() == 0
-    released = _free_bytes() - awake
+    asleep = _free_bytes()
+    released = asleep - awake
     assert released >= 0.95 * held, f"free memory rose {released / 2**30:.2f} GiB, KV cache {held / 2**30:.2f} GiB"
     assert weight.float().sum().item() == checksum, "weights changed while the KV cache was released"
 
@@ -72,7 +73,8 @@ def _cuda_standby_check(model_dir: str, expected: str) -> None:
         assert set(executor.sleeping_tags) == {"kv_cache"}, executor.sleeping_tags
 
     assert llm.resume() == held
-    assert awake - _free_bytes() >= 0.95 * held, "restoring did not map the KV cache back"
+    restored = asleep - _free_bytes()
+    assert restored >= 0.95 * held, f"free memory fell {restored / 2**30:.2f} GiB, KV cache {held / 2**30:.2f} GiB"
     assert not llm.llm_engine.is_sleeping()
     assert greedy_vllm(llm) == before
     llm.standby()

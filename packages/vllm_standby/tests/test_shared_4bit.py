@@ -204,5 +204,5 @@ def test_real_vllm_4bit_engine_is_shared(tiny_qwen3_dir):
     from vllm_standby.shared_4bit import bitsandbytes_in_vllm
 
     if not bitsandbytes_in_vllm():
-        pytest.skip("this vLLM has no bitsandbytes quantization")
+        pytest.skip("no bitsandbytes quantization here (vLLM's layers or the bitsandbytes package)")
     run_in_child(_real_engine_check, str(tiny_qwen3_dir))

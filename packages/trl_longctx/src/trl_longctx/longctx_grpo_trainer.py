@@ -89,6 +89,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
         logger.warning(plan.describe())
         for notice in plan.notices:
             logger.warning(notice.message())
+        if args.retry_on_oom and (why := oom_retry.retry_unsupported_reason(self.accelerator)) is not None:
+            logger.warning(f"The out-of-memory retry is off in this run: {why}. retry_on_oom=False silences this.")
         # Last, after TRL's and ours: a NaN weight or a preemption signal stops the run with a complete checkpoint.
         for callback in fault_callbacks(self, max_consecutive_nonfinite=args.max_consecutive_nonfinite):
             self.add_callback(callback)

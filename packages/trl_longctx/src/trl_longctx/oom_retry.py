@@ -42,13 +42,24 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(failure in str(error) for failure in CPU_ALLOCATOR_FAILURES)
 
 
-def retry_supported(accelerator) -> bool:
-    """Whether a step can be retried in place: one process, no DeepSpeed/FSDP gradient management.
+def retry_unsupported_reason(accelerator) -> str | None:
+    """Why a step cannot be retried in place in this run, or `None` when it can (one process, no DeepSpeed/FSDP).
 
     With several processes the others would wait for the failed one in a collective (DDP's all-reduce, FSDP's
-    all-gather), and a retry would pair its collectives with theirs in the wrong order.
+    all-gather), and a retry would pair its collectives with theirs in the wrong order. DeepSpeed and FSDP keep
+    gradient and parameter state of their own that a failed try leaves half-updated. One process under DDP (e.g.
+    `torchrun --nproc_per_node 1`, or `RANK`/`WORLD_SIZE` set) has no peer to wait for: it is retried.
     """
-    return accelerator.num_processes == 1 and accelerator.distributed_type == DistributedType.NO
+    if accelerator.num_processes != 1:
+        return f"{accelerator.num_processes} processes (a retry would desynchronize their collectives)"
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return f"{accelerator.distributed_type.value} manages the gradients (a failed try cannot be undone here)"
+    return None
+
+
+def retry_supported(accelerator) -> bool:
+    """Whether a step can be retried in place (`retry_unsupported_reason` is `None`)."""
+    return retry_unsupported_reason(accelerator) is None
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

@@ -304,7 +304,7 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     # What the config asks for is checked before what the installed vLLM can do.
     if not runtime.bitsandbytes:
         return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
-                "install a vLLM with bitsandbytes quantization (a CUDA build)")  # fmt: skip
+                "install a vLLM with bitsandbytes quantization (a CUDA build) and the bitsandbytes package")  # fmt: skip
     return None
 
 

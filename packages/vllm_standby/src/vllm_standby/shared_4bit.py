@@ -93,7 +93,9 @@ def linear_4bit_view(shard: Packed4bitShard, compute_dtype: torch.dtype, bias: t
 
 
 def bitsandbytes_in_vllm() -> bool:
-    """Whether this vLLM has bitsandbytes quantization (0.25-0.28 do; the 0.31 CPU build has none)."""
+    """Whether this vLLM can quantize with bitsandbytes: its layers exist (CUDA builds; the CPU build has none) and
+    the `bitsandbytes` package they import is installed."""
     import importlib.util
 
-    return importlib.util.find_spec("vllm.model_executor.layers.quantization.bitsandbytes") is not None
+    layers = importlib.util.find_spec("vllm.model_executor.layers.quantization.bitsandbytes") is not None
+    return layers and importlib.util.find_spec("bitsandbytes") is not None
