@@ -47,7 +47,13 @@ def _plain_engine_check(model_dir: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (KV-only sleep through vLLM's CuMem pool)")
 def test_env_switch_gives_plain_llm_kv_only_sleep(tiny_qwen3_dir):
+    from importlib.metadata import entry_points
+
     from vllm_standby import kv_standby_mechanism
+
+    plugins = entry_points(group="vllm.general_plugins")
+    if not any(plugin.value == "vllm_standby.plugin:register" for plugin in plugins):
+        pytest.skip("vllm_standby is importable but not installed (pip install): vLLM finds no entry point to load")
 
     if kv_standby_mechanism() != "sleep-backend-patch":
         pytest.skip(
