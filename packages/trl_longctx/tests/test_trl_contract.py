@@ -5,14 +5,10 @@ declared, and its source is the one reviewed for the installed release. Then: ev
 on TRL or transformers has an entry; a doctored upstream fails loudly, before any model is loaded, naming the hook.
 """
 
-import ast
-import inspect
 import logging
-import textwrap
 
 import pytest
 from trl import GRPOTrainer
-from trl.generation.vllm_generation import VLLMGeneration
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, trl_contract
 from trl_longctx.tasks import copy_letter_reward, make_copy_letter_dataset
@@ -44,31 +40,10 @@ def _declared(owners, use="override") -> set[str]:
     return {hook.name for hook in TRL_HOOKS if hook.use == use and hook.owner in owners}
 
 
-def test_every_override_has_an_entry_and_every_entry_is_overridden():
-    from trl_longctx.vllm_shared import SharedWeightsVLLMGeneration
-
+def test_every_trainer_override_has_an_entry_and_every_entry_is_overridden():
+    """The same for `SharedWeightsVLLMGeneration` (it needs vLLM): the repository's tests/test_trl_contract_vllm.py."""
     trainer_owners = (trl_contract.GRPO_TRAINER, trl_contract.TRAINER)
     assert _overridden(LongContextGRPOTrainer, GRPOTrainer) == _declared(trainer_owners)
-    assert _overridden(SharedWeightsVLLMGeneration, VLLMGeneration) == _declared((trl_contract.VLLM_GENERATION,))
-
-
-def test_make_generation_passes_what_trl_passes_for_colocate():
-    """`vllm_shared.make_generation` mirrors TRL's `VLLMGeneration(...)` call: the same keywords, except the server
-    settings, which colocate mode does not read, and our own `merge_adapter`."""
-    from trl_longctx import vllm_shared
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(vllm_shared.make_generation)))
-    (call,) = [
-        n
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "SharedWeightsVLLMGeneration"
-    ]
-    ours = {k.arg for k in call.keywords}
-    (init,) = [h for h in TRL_HOOKS if h.owner == trl_contract.GRPO_TRAINER and h.name == "__init__"]
-    trl = set(init.call_keywords["VLLMGeneration"])
-    server_only = {"server_base_url", "server_host", "server_port", "group_port", "server_timeout"}
-    assert ours - trl == {"merge_adapter"}
-    assert trl - ours == server_only
 
 
 class Doctored(GRPOTrainer):

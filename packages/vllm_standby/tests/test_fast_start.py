@@ -215,7 +215,8 @@ def test_gc_guard_leaves_an_earlier_freeze_and_disabled_gc(clean_gc):
     gc.disable()
     with startup_gc_guard():
         pass
-    assert not gc.isenabled() and gc.get_freeze_count() == before
+    # Not unfrozen (0) and nothing frozen on top; frozen objects freed by refcount meanwhile leave the count.
+    assert not gc.isenabled() and 0.99 * before <= gc.get_freeze_count() <= before
 
 
 def test_gc_guard_restores_on_error(clean_gc):
