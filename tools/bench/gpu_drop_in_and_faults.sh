@@ -11,7 +11,7 @@ step() {  # name, command...: one measurement, its log and exit code kept
     local name=$1
     shift
     echo "[$(date -u +%T)] $name: $*" | tee -a "$out/progress.txt"
-    MASTER_PORT=$((29500 + RANDOM % 1000)) timeout 900 "$@" >"$out/$name.log" 2>&1
+    MASTER_PORT=$((29500 + RANDOM % 1000)) timeout "${STEP_TIMEOUT:-900}" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     echo "[$(date -u +%T)] $name: exit $rc" | tee -a "$out/progress.txt"
 }
@@ -23,7 +23,8 @@ want standby_tests && step standby_gpu_tests python3 -m pytest packages/vllm_sta
 want trainer_tests && step trainer_gpu_tests python3 -m pytest tests/test_grpo_vllm_standby.py \
     tests/test_grpo_vllm_shared.py -m gpu -q -p no:cacheprovider
 want oom_retry && step oom_retry python3 tools/bench/oom_retry_gpu.py --out "$out/oom_retry_h200.json"
-want grpo && for trainer in trl ours-trl-config ours; do
-    step "grpo_$trainer" python3 tools/bench/colocate.py grpo --trainer "$trainer" --length 4096 --steps 4
+# GRPO_TRAINERS / GRPO_STEPS narrow the colocated rows when device time is short
+want grpo && for trainer in ${GRPO_TRAINERS:-trl ours-trl-config ours}; do
+    step "grpo_$trainer" python3 tools/bench/colocate.py grpo --trainer "$trainer" --length 4096 --steps "${GRPO_STEPS:-4}"
 done
 echo "[$(date -u +%T)] done" | tee -a "$out/progress.txt"
