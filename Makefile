@@ -8,4 +8,4 @@ test:
 	bash tools/ci/test_matrix.sh
 
 lint:
-	bash -c 'source tools/ci/envs.sh && ensure_env .venv -e packages/kernels -e "packages/vllm_standby[cpu]" -e "packages/trl_longctx[test]" -e . && .venv/bin/python -m pip install -q ruff && .venv/bin/ruff check . && .venv/bin/ruff format --check .'
+	bash tools/ci/lint.sh
