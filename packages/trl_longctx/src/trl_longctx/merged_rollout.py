@@ -1,14 +1,14 @@
 """LoRA merged into weights shared with vLLM for the length of a rollout, then the base weights restored exactly.
 
 With shared weights (`vllm_shared_weights`) vLLM samples from the trainer's frozen base tensors. Handing it the adapter
-as a LoRA request makes it decode through LoRA kernels, measured at 0.63 x the speed of plain decoding for a group of
-2 sequences on an H200 (`docs/benchmarks.md`). TRL avoids that with merged weights in a second copy of the model.
+as a LoRA request makes it decode through LoRA kernels, markedly slower than plain decoding for the small groups
+of sequences a GRPO rollout decodes. TRL avoids that with merged weights in a second copy of the model.
 `AdapterMerger` merges the adapter into the shared tensors in place before the rollout (vLLM then decodes plain
 weights, as TRL's copy does) and copies the base weights back afterwards from a host copy taken once: the base is
 frozen, so the copy never goes stale, and restoring by copy (not by subtracting the delta again) is exact in bf16.
 Cost: host memory for the adapted base weights (pinned on CUDA), one host-to-device copy of them per rollout.
-On by default with CUDA (`vllm_merge_adapter=None`): a GRPO step measured 11.2 s merged against 15.9 s with the
-LoRA request on an H200.
+On by default with CUDA (`vllm_merge_adapter=None`), where the merged rollout makes the whole GRPO step faster than
+the LoRA request does.
 """
 
 from __future__ import annotations

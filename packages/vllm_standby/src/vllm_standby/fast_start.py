@@ -28,7 +28,7 @@ graphs either way. So :func:`fast_start_kwargs` sets
 - ``inductor_compile_config``: ``combo_kernels=True`` (as stock) with ``benchmark_combo_kernel=False``: combos are taken
   without timing them. Timed, Inductor keeps a combo anyway when the kernels take under 0.3 ms (``small_kernel``), as
   small norm and rotary kernels do, so the choice can differ only for longer kernels (CUDA only, torch>=2.9, as
-  vLLM's own default; the CPU build uses no combo kernels). ``tools/bench/vllm_startup.py`` checks the speed.
+  vLLM's own default; the CPU build uses no combo kernels).
 
 ``compile_sizes`` stays empty: each size is one more Inductor compile, with ``max_autotune`` and coordinate-descent
 tuning on (``vllm/compilation/compiler_interface.py:753-760``). ``cudagraph_specialize_lora`` stays on: on the V1

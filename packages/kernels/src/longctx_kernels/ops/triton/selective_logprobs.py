@@ -65,7 +65,7 @@ class GemmConfig:
     group_m: int
 
 
-# Defaults for Hopper (H100/H200); docs/benchmarks.md records the sweep. fp32 tiles are smaller: twice the bytes.
+# Defaults chosen by a tile sweep on Hopper GPUs. fp32 tiles are smaller: twice the bytes.
 LOGITS_CONFIGS: dict[torch.dtype, TileConfig] = {
     torch.bfloat16: TileConfig(128, 128, 64, 8, 4),
     torch.float16: TileConfig(128, 128, 64, 8, 4),
@@ -80,8 +80,8 @@ ROW_CHUNK = 1024
 VOCAB_CHUNK = 16384
 # Tiles arrive by the bulk tensor copy engine (TMA) where the tensors allow it; LONGCTX_TRITON_TMA=0 turns it off.
 USE_TMA = os.environ.get("LONGCTX_TRITON_TMA", "1") != "0"
-# The vocabulary-reduction gemm scales A in registers after the load; on the H200 sweep (docs/benchmarks.md) its
-# pointer loads were as fast or faster than TMA, so TMA there is opt-in (LONGCTX_TRITON_GEMM_TMA=1).
+# The vocabulary-reduction gemm scales A in registers after the load; in the Hopper sweep its pointer loads were as
+# fast as TMA or faster, so TMA there is opt-in (LONGCTX_TRITON_GEMM_TMA=1).
 GEMM_TMA = os.environ.get("LONGCTX_TRITON_GEMM_TMA", "0") == "1"
 _COMBINE_ROWS = 16
 _FINISH_COLS = 1024
