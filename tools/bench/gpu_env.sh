@@ -1,6 +1,7 @@
 # Source on the lent GPU machine (see ../shared/GPU.md): installs the carried wheels once per warm machine and puts
-# the three packages of this checkout on the path. Wheels: vLLM 0.25 and its dependencies reassembled from
-# /tmp/stage/part* (carried one part per call), plus .whl/ (trl 1.16, datasets, pytest, ...).
+# the three packages of this checkout on the path. Wheels: a vLLM release and its dependencies (vLLM 0.25 for the
+# image's torch 2.11; vLLM 0.31 with torch 2.13 and NCCL 2.29), reassembled from /tmp/stage/part* (carried one part
+# per call), plus .whl/ (pytest, ...).
 #   source tools/bench/gpu_env.sh
 if [[ ! -f /tmp/site/.installed || ! -d /tmp/site/vllm && -n "$(ls /tmp/stage/part* 2>/dev/null)" ]]; then
     if ls /tmp/stage/part* >/dev/null 2>&1; then
