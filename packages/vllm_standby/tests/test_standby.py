@@ -144,6 +144,25 @@ def test_release_after_a_failed_rollout_aborts_then_releases(standby_llm):
     assert greedy_vllm(standby_llm) == expected  # the run goes on: same greedy tokens as before the failure
 
 
+def test_drain_leaves_the_in_process_core_idle(standby_llm):
+    """What `LLM.release_kv_cache_memory` checks before it discards (no request, finished or not, and no queued batch):
+    met after a rollout and after aborted requests; a core still holding work when the steps run out is refused."""
+    from vllm_standby.kv_cache import abort_unfinished_requests, drain_inproc_engine_core
+
+    core = standby_llm.llm_engine.engine_core.engine_core
+    greedy_vllm(standby_llm)
+    assert core.scheduler.has_requests(), "finished requests' ids wait for the next step"
+    with pytest.raises(RuntimeError, match="after 0 empty steps"):
+        drain_inproc_engine_core(standby_llm, max_steps=0)
+    assert drain_inproc_engine_core(standby_llm) >= 1
+    assert not core.scheduler.has_requests() and not core.batch_queue
+    _pending(standby_llm, "drain")
+    abort_unfinished_requests(standby_llm)
+    drain_inproc_engine_core(standby_llm)
+    assert not core.scheduler.has_requests() and not core.batch_queue
+    assert drain_inproc_engine_core(standby_llm) == 0
+
+
 def test_vllm_api_path_reaches_vllms_release_and_recovers(standby_llm, monkeypatch):
     """The "vllm-api" path on the CPU build, as far as it runs there: after a rollout and aborted requests, the pause
     meets `LLM.release_kv_cache_memory`'s precondition (vLLM gets to its discard, which the CPU worker refuses), and

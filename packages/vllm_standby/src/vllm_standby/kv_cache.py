@@ -174,15 +174,42 @@ def release_kv_cache(llm: Any, *, abort_unfinished: bool = False) -> int:
     return held
 
 
+# Empty steps an in-process engine core may need to go idle: one hands over the finished requests' ids, one more per
+# batch still in its batch queue (async scheduling keeps up to two batches in flight).
+_DRAIN_STEPS = 8
+
+
 def _pause_for_release(llm: Any) -> None:
     """Pause scheduling with nothing left in the engine core, as ``LLM.release_kv_cache_memory`` requires."""
     if type(llm.llm_engine.engine_core).__name__ == "InprocClient":
-        # An in-process engine core keeps the ids of finished and aborted requests until its next step (they go to
-        # the workers with the next batch), and release_kv_cache_memory refuses while it holds any ("requires a
-        # completed pause"). One step with nothing to run hands them over. A multiprocessing engine core takes that
-        # step by itself as soon as requests finish.
-        llm.llm_engine.step()
+        drain_inproc_engine_core(llm)
     llm.sleep(level=0)  # nothing is unfinished, so the pause aborts nothing
+
+
+def drain_inproc_engine_core(llm: Any, max_steps: int = _DRAIN_STEPS) -> int:
+    """Step an in-process engine core with no unfinished request until it holds nothing: no finished request's id
+    still to hand to the workers and no batch in its batch queue.
+
+    ``LLM.release_kv_cache_memory`` refuses ("requires a completed pause first") while the core holds either. A
+    multiprocessing engine core's own loop steps until idle by itself; an in-process one steps only when called.
+
+    Returns:
+        The number of steps taken.
+
+    Raises:
+        RuntimeError: The core still holds work after ``max_steps`` steps.
+    """
+    core = llm.llm_engine.engine_core.engine_core
+    for taken in range(max_steps + 1):
+        if not core.scheduler.has_requests() and not core.batch_queue:
+            return taken
+        if taken < max_steps:
+            llm.llm_engine.step()
+    raise RuntimeError(
+        f"vllm_standby: vLLM's engine core still holds requests or queued batches after {max_steps} empty steps "
+        f"(finished or unfinished requests: {core.scheduler.has_requests()}, batches queued: "
+        f"{len(core.batch_queue or ())}); the KV cache stays in place"
+    )
 
 
 def _resume_after_failed_release(llm: Any) -> None:
