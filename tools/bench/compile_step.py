@@ -6,9 +6,10 @@ path (`CheckpointOffloader.offload` + `longctx_kernels.selective_logprobs`, `--m
 in one decoder pass), TRL's GRPO loss at ratio 1, backward and an AdamW step. Batch: `--num-generations` sequences
 of `--prompt-length + L` random tokens.
 
-Each setting of `trl_longctx.compile_regions.COMPILE_SETTINGS` runs in its own Python subprocess (fresh dynamo
-state, and by default a fresh, empty inductor/Triton cache, so the first step pays the full compilation as on a new
-machine), with `TORCH_LOGS` unset. In order, it times:
+Each setting of `trl_longctx.compile_regions.COMPILE_SETTINGS`, and ``eager`` (not compiled: the config's
+`compile_decoder_layers=None`), runs in its own Python subprocess (fresh dynamo state, and by default a fresh, empty
+inductor/Triton cache, so the first step pays the full compilation as on a new machine), with `TORCH_LOGS` unset. In
+order, it times:
 - ``first_s``: the first step at L (compilation included, and the pinned host buffers' allocation);
 - ``second_length_s``: one step at L2 (a new length: recompilation, unless the setting is dynamic already);
 - ``steady_s``: the median of `--steps` steps at L after those (p20/p80 and every sample in the JSON);
@@ -42,9 +43,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GIB, _sync, _text, environment, markdown_table, summarize  # noqa: E402
 
+# The baseline's row name: the model not compiled (`compile_decoder_layers(model, None)`).
+EAGER = "eager"
 # Cheapest first, so that a run cut short still has the baseline and the main candidates.
 DEFAULT_SETTINGS = (
-    "eager",
+    EAGER,
     "layers",
     "layers-mark-dynamic",
     "layers-dynamic",
@@ -95,7 +98,7 @@ def worker(args) -> None:
     row = {"setting": args.setting, "model": "tiny-qwen3" if args.tiny else args.model, "L": args.lengths[0],
            "L2": args.lengths[1], "B": args.num_generations, "prompt_length": args.prompt_length,
            "mlp_tiles": args.mlp_tiles, "build_s": time.perf_counter() - start, "status": "running"}  # fmt: skip
-    row["compiled_modules"] = compile_decoder_layers(model, args.setting)
+    row["compiled_modules"] = compile_decoder_layers(model, None if args.setting == EAGER else args.setting)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     offloader = CheckpointOffloader()
     peak = {"key": "peak_GiB_first_steps"}  # then "peak_GiB", once the steady-state steps start
@@ -184,7 +187,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-8b", help="Preset of trl_longctx.memory.PRESETS.")
     parser.add_argument("--tiny", action="store_true", help="Tiny random Qwen3 on CPU (smoke test).")
-    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(COMPILE_SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=[EAGER, *COMPILE_SETTINGS])
     parser.add_argument("--lengths", type=int, nargs=2, default=[16384, 12288], metavar=("L", "L2"),
                         help="Completion length L of the first and steady steps, L2 of the recompilation step.")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="Steady-state steps at L (median reported).")

@@ -4,7 +4,7 @@ The step is `tools/bench/grpo_step.py`'s (same model: Qwen3-8B architecture with
 all linear layers, gradient checkpointing, 2 generations, prompt 256, completion `--length`): `trl` runs TRL 1.16's
 `fused_lm_head` path, `ours` the decoder under `CheckpointOffloader` (with the planner's mini batch and MLP tiles)
 then `selective_logprobs`. Each provider runs one warm-up step, then one step recorded by
-`trl_longctx.memory.step_timeline.record_step` with phase markers at the forward, the log-probs (after the final
+`step_timeline.record_step` (beside this script) with phase markers at the forward, the log-probs (after the final
 norm), the backward and the optimizer step. Writes `docs/bench/step_memory_timeline_<tag>.json` (series, peaks by
 component, environment) and `docs/step_memory_timeline_<tag>.png`.
 
@@ -31,8 +31,7 @@ LABELS = {"trl": "before: TRL 1.16 default path", "ours": "after: ours (offload 
 def make_marked_step(provider, model, optimizer, input_ids, keep, offloader, sizes):
     """`grpo_step.make_step`'s step with `phase_marker` calls; "log-probs" fires after the decoder's final norm."""
     from grpo_step import ours_logps, trl_logps
-
-    from trl_longctx.memory.step_timeline import phase_marker
+    from step_timeline import phase_marker
 
     logps_fn = trl_logps if provider == "trl" else ours_logps
     attention_mask = torch.ones_like(input_ids)
@@ -80,9 +79,9 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("step_memory_timeline.py needs CUDA.")
     from grpo_step import build_model, ours_sizes
+    from step_timeline import plot_memory_timelines, record_step, step_components
 
     from trl_longctx.memory import CheckpointOffloader
-    from trl_longctx.memory.step_timeline import plot_memory_timelines, record_step, step_components
 
     args.mode, args.mini_batch, args.mlp_tiles = "lora", None, None
     env = environment(torch.device("cuda"), ("transformers", "peft", "trl"))

@@ -131,7 +131,7 @@ def test_generation_with_kv_cache_stays_eager():
 
 
 def test_scopes_and_double_compile():
-    assert compile_decoder_layers(build_model("llama", lora=True), "eager") == 0
+    assert compile_decoder_layers(build_model("llama", lora=True), None) == 0
     assert compile_decoder_layers(build_model("llama", lora=True), "model") == 1
     model = build_model("llama", lora=True, layers=3)
     assert compile_decoder_layers(model, "layers-dynamic") == len(decoder_layers(model)) == 3
@@ -140,14 +140,29 @@ def test_scopes_and_double_compile():
 
 
 def test_unknown_setting_names_allowed_values():
-    with pytest.raises(ValueError, match="compile setting must be one of .*'layers-mark-dynamic'.*got 'fast'"):
-        compile_decoder_layers(build_model("qwen3"), "fast")
-    with pytest.raises(ValueError, match=r"compile_decoder_layers must be None or one of \['off', 'eager'.*'fast'"):
+    for setting in ("fast", "eager", "off"):
+        with pytest.raises(
+            ValueError, match=rf"must be None \(not compiled\) or one of \['layers', .*got '{setting}'"
+        ):
+            compile_decoder_layers(build_model("qwen3"), setting)
+    with pytest.raises(ValueError, match=r"compile_decoder_layers must be None or one of \['layers', .*got 'fast'\.$"):
         LongContextGRPOConfig(output_dir="unused", compile_decoder_layers="fast", report_to="none")
 
 
+@pytest.mark.parametrize("spelling", ["off", "eager"])
+def test_not_compiled_has_one_spelling(spelling):
+    # None is "not compiled"; the spellings once accepted beside it are refused, naming the one to write.
+    message = (
+        rf"compile_decoder_layers must be None or one of \['layers', .*'model'\], got '{spelling}': write None for "
+        r"not compiled\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        LongContextGRPOConfig(output_dir="unused", compile_decoder_layers=spelling, report_to="none")
+    assert LongContextGRPOConfig(output_dir="unused", use_cpu=True, report_to="none").compile_decoder_layers is None
+
+
 def test_config_names_match_the_registry():
-    assert list(COMPILE_DECODER_SETTINGS) == ["off", *COMPILE_SETTINGS]
+    assert list(COMPILE_DECODER_SETTINGS) == list(COMPILE_SETTINGS)
 
 
 def test_one_grpo_step_with_compiled_layers(tiny_model_dir, tmp_path):

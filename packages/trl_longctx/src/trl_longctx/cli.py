@@ -1,56 +1,86 @@
-"""`longctx-grpo`: train with `LongContextGRPOTrainer` from a YAML recipe plus command-line overrides.
+"""`longctx-grpo`: train `LongContextGRPOTrainer` from a YAML recipe plus command-line overrides, or plan its memory.
 
     longctx-grpo train configs/grpo/quickstart.yaml --max_steps 50 --output_dir runs/try
+    longctx-grpo plan --model qwen3-8b --completion-length 65536
 
 The recipe holds flat keys of `LongContextScriptArguments`, `LongContextGRPOConfig` and TRL's `ModelConfig`, and an
 optional `env:` block, exactly as TRL's `TrlParser` reads them; command-line flags override the recipe.
+
+TRL (and with it torch and transformers) is imported by `train` only: `plan`, `--help` and a wrong command answer
+without it. `LongContextScriptArguments` subclasses TRL's `ScriptArguments`, so it is built on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from dataclasses import dataclass, field
-
-from trl import ModelConfig, ScriptArguments, TrlParser
+from typing import TYPE_CHECKING
 
 from .config_checks import BUILTIN_TINY_MODEL, MODEL_RULES, SCRIPT_RULES, check_fields, check_model_path
-from .longctx_grpo_config import LongContextGRPOConfig
 from .tasks import TASKS
+
+if TYPE_CHECKING:
+    # Type checkers see the base class; at run time `__getattr__` serves the subclass.
+    from trl import ModelConfig, TrlParser
+    from trl import ScriptArguments as LongContextScriptArguments
+
+    from .longctx_grpo_config import LongContextGRPOConfig
 
 __all__ = ["BUILTIN_TINY_MODEL", "LongContextScriptArguments", "main", "make_parser", "parse_train_args", "train"]
 
 COMMANDS = ("train", "plan")
 
 
-@dataclass
-class LongContextScriptArguments(ScriptArguments):
-    """Script arguments of `longctx-grpo train`.
+@functools.cache
+def _script_arguments_class() -> type:
+    """`LongContextScriptArguments`, defined on first use (its base class is TRL's)."""
+    from trl import ScriptArguments
 
-    Args:
-        task: Built-in verifiable task (dataset and exact reward) used when `dataset_name` is not set.
-        num_prompts: Number of prompts the built-in task generates.
-        reward_funcs: Dotted import paths of reward functions (`f(prompts, completions, **kw) -> list[float]`),
-            used with `dataset_name`; nothing is imported that the user did not name.
-    """
+    @dataclass
+    class LongContextScriptArguments(ScriptArguments):
+        """Script arguments of `longctx-grpo train`.
 
-    task: str = field(default="copy_letter", metadata={"help": "Built-in task.", "choices": sorted(TASKS)})
-    num_prompts: int = field(default=4096, metadata={"help": "Number of prompts of the built-in task."})
-    reward_funcs: list[str] | None = field(
-        default=None, metadata={"help": "Dotted import paths of reward functions (with dataset_name)."}
-    )
+        Args:
+            task: Built-in verifiable task (dataset and exact reward) used when `dataset_name` is not set.
+            num_prompts: Number of prompts the built-in task generates.
+            reward_funcs: Dotted import paths of reward functions (`f(prompts, completions, **kw) -> list[float]`),
+                used with `dataset_name`; nothing is imported that the user did not name.
+        """
 
-    def __post_init__(self):
-        check_fields(self, SCRIPT_RULES)
-        if self.dataset_name is not None and not self.reward_funcs:
-            raise ValueError(
-                "reward_funcs must name at least one reward function (dotted import path) with dataset_name."
-            )
+        task: str = field(default="copy_letter", metadata={"help": "Built-in task.", "choices": sorted(TASKS)})
+        num_prompts: int = field(default=4096, metadata={"help": "Number of prompts of the built-in task."})
+        reward_funcs: list[str] | None = field(
+            default=None, metadata={"help": "Dotted import paths of reward functions (with dataset_name)."}
+        )
+
+        def __post_init__(self):
+            check_fields(self, SCRIPT_RULES)
+            if self.dataset_name is not None and not self.reward_funcs:
+                raise ValueError(
+                    "reward_funcs must name at least one reward function (dotted import path) with dataset_name."
+                )
+
+    # Found by pickle and by `trl_longctx.cli.LongContextScriptArguments` (`__getattr__` below) under this name.
+    LongContextScriptArguments.__qualname__ = "LongContextScriptArguments"
+    return LongContextScriptArguments
+
+
+def __getattr__(name: str):
+    if name == "LongContextScriptArguments":
+        return _script_arguments_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_parser() -> TrlParser:
     """The `TrlParser` over (`LongContextScriptArguments`, `LongContextGRPOConfig`, `ModelConfig`)."""
-    return TrlParser((LongContextScriptArguments, LongContextGRPOConfig, ModelConfig), prog="longctx-grpo train")
+    from trl import ModelConfig, TrlParser
+
+    from .longctx_grpo_config import LongContextGRPOConfig
+
+    dataclasses = (_script_arguments_class(), LongContextGRPOConfig, ModelConfig)
+    return TrlParser(dataclasses, prog="longctx-grpo train")
 
 
 def parse_train_args(argv: list[str]):

@@ -17,8 +17,9 @@ layer back to eager. Untiled MLPs (the planner's choice whenever the step fits) 
 Forwards with a KV cache (`past_key_values` set: transformers' `generate` in TRL's rollouts without vLLM) run the
 eager layer: decoding one token at a time against a growing cache would recompile for little gain.
 
-The settings (`COMPILE_SETTINGS`) are measured against each other by `tools/bench/compile_step.py` (first step with
-compilation, a step at a new length, steady-state step, recompilations, peak memory).
+The settings (`COMPILE_SETTINGS`) trade a one-time compilation, and a recompilation at each new sequence length
+unless the sequence dimension is dynamic, against a faster steady-state step; not compiling (`None`) stays the
+default. Their names are those `LongContextGRPOConfig.compile_decoder_layers` accepts.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class CompileSetting:
 
     Args:
         name: Key in `COMPILE_SETTINGS`.
-        scope: `"none"` (eager), `"layers"` (each decoder layer compiled, one shared graph) or `"model"` (the whole
-            decoder `[B, T] ids -> [B, T, H]` hidden states under one `torch.compile`, as TRL's
-            `torch_compile=True` compiles a whole model).
+        scope: `"layers"` (each decoder layer compiled, one shared graph) or `"model"` (the whole decoder
+            `[B, T] ids -> [B, T, H]` hidden states under one `torch.compile`, as TRL's `torch_compile=True` compiles
+            a whole model).
         dynamic: `torch.compile`'s `dynamic`: `None` compiles static shapes first and recompiles once with dynamic
             ones when a shape changes (automatic dynamic); `True` compiles every input dimension dynamic at once.
         mark_sequence_dynamic: Mark the sequence dimension of the layer's tensor inputs dynamic before each call
@@ -64,7 +65,6 @@ class CompileSetting:
 COMPILE_SETTINGS: dict[str, CompileSetting] = {
     s.name: s
     for s in (
-        CompileSetting("eager", "none"),
         CompileSetting("layers", "layers"),
         CompileSetting("layers-dynamic", "layers", dynamic=True),
         CompileSetting("layers-mark-dynamic", "layers", mark_sequence_dynamic=True),
@@ -78,12 +78,15 @@ def get_compile_setting(setting: str | CompileSetting) -> CompileSetting:
     """The `CompileSetting` named `setting` (a `CompileSetting` is returned as is).
 
     Raises:
-        ValueError: If `setting` is not one of `COMPILE_SETTINGS` (the message lists them).
+        ValueError: If `setting` is not one of `COMPILE_SETTINGS` (the message lists them, and `None` for not
+            compiled).
     """
     if isinstance(setting, CompileSetting):
         return setting
-    if setting not in COMPILE_SETTINGS:
-        raise ValueError(f"compile setting must be one of {list(COMPILE_SETTINGS)}, got {setting!r}.")
+    if not isinstance(setting, str) or setting not in COMPILE_SETTINGS:
+        raise ValueError(
+            f"compile setting must be None (not compiled) or one of {list(COMPILE_SETTINGS)}, got {setting!r}."
+        )
     return COMPILE_SETTINGS[setting]
 
 
@@ -102,16 +105,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def compile_decoder_layers(model: nn.Module, setting: str | CompileSetting) -> int:
+def compile_decoder_layers(model: nn.Module, setting: str | CompileSetting | None) -> int:
     """Compile the decoder of `model` in place as `setting` says; the model is used as before.
 
     Args:
         model: A transformers causal LM, with or without a PEFT (LoRA) wrapper, gradient checkpointing, offloaded
             checkpoints or tiled MLPs. Compilation happens lazily, at the first forward of each new shape.
-        setting: A name in `COMPILE_SETTINGS` or a `CompileSetting`.
+        setting: A name in `COMPILE_SETTINGS`, a `CompileSetting`, or `None`: not compiled (the model is left as it
+            is).
 
     Returns:
-        The number of modules compiled: one per decoder layer for `"layers*"`, 1 for `"model"`, 0 for `"eager"`.
+        The number of modules compiled: one per decoder layer for `"layers*"`, 1 for `"model"`, 0 for `None`.
 
     Raises:
         ValueError: If the setting name is unknown.
@@ -122,9 +126,9 @@ def compile_decoder_layers(model: nn.Module, setting: str | CompileSetting) -> i
         >>> compile_decoder_layers(model, "layers")
         36
     """
-    setting = get_compile_setting(setting)
-    if setting.scope == "none":
+    if setting is None:
         return 0
+    setting = get_compile_setting(setting)
     decoder, _ = decoder_and_lm_head(model)
     layers = decoder_layers(model)
     targets = [decoder] if setting.scope == "model" else layers

@@ -47,6 +47,8 @@ class FieldRule:
         special: Other allowed values and their meanings, e.g. `((-1, "use num_train_epochs"),)`.
         choices: The allowed values of a `"choice"`.
         example: A bad value, for the README and the tests.
+        other_spellings: Values refused because their meaning has one allowed spelling, each paired with it:
+            `(("off", None),)` refuses `"off"`, naming `None` and what it means (`none`, or its meaning in `special`).
     """
 
     name: str
@@ -60,6 +62,7 @@ class FieldRule:
     special: tuple[tuple[object, str], ...] = ()
     choices: tuple = ()
     example: object = None
+    other_spellings: tuple[tuple[object, object], ...] = ()
 
     def allowed(self) -> str:
         """What is allowed, in words: `"a positive integer or None (automatic)"`."""
@@ -77,6 +80,10 @@ class FieldRule:
 
     def problem(self, value) -> str | None:
         """The error message for `value`, or `None` when it is allowed."""
+        for spelling, allowed in self.other_spellings:
+            if _same(value, spelling):
+                meaning = self._meaning(allowed)
+                return f"{self.name} must be {self.allowed()}, got {value!r}: write {allowed!r} for {meaning}."
         if value is None and self.none is not None:
             return None
         if any(_same(value, allowed) for allowed, _ in self.special):
@@ -95,6 +102,12 @@ class FieldRule:
         if not math.isfinite(value) or not _in_range(self, value):
             return self._message(value, False)
         return None
+
+    def _meaning(self, allowed) -> str:
+        """What the allowed value `allowed` means (the text `other_spellings` errors point to)."""
+        if allowed is None:
+            return self.none
+        return next((meaning for value, meaning in self.special if _same(value, allowed)), repr(allowed))
 
     def _message(self, value, wrong_type: bool) -> str:
         got = f"{value!r} ({_a(type(value).__name__)})" if wrong_type and value is not None else repr(value)
@@ -153,8 +166,10 @@ def _flag(name, none=None, example="yes"):
     return FieldRule(name, "bool", "flags", none=none, example=example)
 
 
-def _choice(name, choices, none=None, example="unknown"):
-    return FieldRule(name, "choice", "choices", none=none, choices=tuple(choices), example=example)
+def _choice(name, choices, none=None, example="unknown", other_spellings=()):
+    return FieldRule(
+        name, "choice", "choices", none=none, choices=tuple(choices), example=example, other_spellings=other_spellings
+    )
 
 
 # Loss types TRL 1.16's `GRPOTrainer._compute_loss` implements. TRL only rejects an unknown one inside the first
@@ -162,11 +177,9 @@ def _choice(name, choices, none=None, example="unknown"):
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
 VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
-# Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code),
-# plus "off"; a test checks that the two lists agree.
+# Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code);
+# a test checks that the two lists agree. Not compiled is `None`, the one spelling of it.
 COMPILE_DECODER_SETTINGS = (
-    "off",
-    "eager",
     "layers",
     "layers-dynamic",
     "layers-mark-dynamic",
@@ -261,7 +274,14 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _choice("loss_type", LOSS_TYPES, example="ppo"),
     _choice("logprob_backend", LOGPROB_BACKENDS, example="cuda"),
     _choice("vllm_kv_cache_sizing", VLLM_KV_CACHE_SIZINGS, example="max"),
-    _choice("compile_decoder_layers", COMPILE_DECODER_SETTINGS, none="not compiled", example="fast"),
+    # "off" and "eager" were also accepted for not compiled, before None became its one spelling.
+    _choice(
+        "compile_decoder_layers",
+        COMPILE_DECODER_SETTINGS,
+        none="not compiled",
+        example="fast",
+        other_spellings=(("off", None), ("eager", None)),
+    ),
     _choice("vllm_mode", ("colocate", "server"), example="remote"),
     _choice("vllm_model_impl", ("vllm", "transformers")),
     _choice("importance_sampling_level", ("token", "sequence"), example="prompt"),

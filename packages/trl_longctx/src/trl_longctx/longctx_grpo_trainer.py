@@ -122,7 +122,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
     def _prepare_log_prob_path(self) -> None:
         """What the fused log-prob pass reuses across steps: compiled layers, the checkpoint offloader, the planner."""
         compile_setting = getattr(self.args, "compile_decoder_layers", None)
-        if compile_setting not in (None, "off"):
+        if compile_setting is not None:
             # Once, on the model our log-prob path runs (the PEFT model, not an accelerate wrapper); lazy: each
             # shape compiles at its first forward.
             compile_decoder_layers(self.accelerator.unwrap_model(self.model), compile_setting)

@@ -1,8 +1,9 @@
 """Memory of a long-context GRPO step: offloaded gradient checkpoints, sequence-tiled MLPs and the planner that
 predicts the peak.
 
-The planner is plain Python (no torch), so `longctx-grpo plan` stays light; `CheckpointOffloader` and the tiled MLP
-are imported on first use.
+The planner (`planner`: the memory model and the search; `presets`: model shapes; `rollout_kv`: the vLLM side;
+`machine`: GPU presets and this machine's memory; `plan_cli`: `longctx-grpo plan`) is plain Python (no torch), so
+`longctx-grpo plan` stays light; `CheckpointOffloader` and the tiled MLP are imported on first use.
 """
 
 from .planner import MemoryPlan, ModelShape, TrainSetup, longest_completion, plan_memory

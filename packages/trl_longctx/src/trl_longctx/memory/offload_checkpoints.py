@@ -19,8 +19,9 @@ is nothing to overlap its copy with. On CPU the same code runs with plain synchr
 pool, so CI checks the bookkeeping and the numerics.
 
 Pinned buffers are allocated once and reused: a buffer returns to the pool when the autograd graph that holds it is
-freed (after the backward), and a step of the same shapes takes the same buffers again. Pinning costs about 2 GB/s
-on the lent H100 (`/work/shared/GPU.md`), so allocating per step would cost more than the copies themselves.
+freed (after the backward), and a step of the same shapes takes the same buffers again. Pinning runs an order of
+magnitude slower than copying into memory already pinned, so allocating per step would cost more than the copies
+themselves.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def _page_lock(buffer: torch.Tensor) -> None:
     """Pin `buffer` for asynchronous copies, at its exact size, until the tensor is freed.
 
     `torch.empty(..., pin_memory=True)` goes through torch's caching host allocator, which rounds every request up
-    to a power of two: a 2.05 GiB layer input (Qwen3-8B, 2 x 131,072 tokens) takes 4 GiB, and 35 of them exhaust a
-    128 GiB host (seen on the lent H200). Registering plain memory with CUDA pins exactly what is used.
+    to a power of two: a 2.05 GiB layer input (Qwen3-8B, 2 x 131,072 tokens) takes 4 GiB, so the 35 offloaded
+    inputs of its 36 layers ask for 140 GiB instead of 72. Registering plain memory with CUDA pins exactly what is
+    used.
     """
     cudart = torch.cuda.cudart()
     pointer, nbytes = buffer.data_ptr(), buffer.numel()

@@ -2,13 +2,13 @@
 
 Plain Python, no torch: `longctx-grpo plan` answers before anything heavy is imported.
 
-The step, as `LongContextGRPOTrainer` (and `tools/bench/grpo_step.py`) runs it with gradient checkpointing
-(non-reentrant), SDPA attention and bf16 autocast: the decoder runs forward over `m` sequences at a time
-(`grpo_mini_batch`, `B / m` mini-batches in one graph), keeping only each layer's input; the log-probs of the
-`m * L` completion tokens come from the lm_head; then the backward runs the last mini-batch first and, inside it,
-recomputes one layer at a time from the top. Notation: `H` hidden size, `I` MLP intermediate size, `q = heads *
-head_dim`, `kv = kv_heads * head_dim`, `T = P + L` tokens per sequence, `N = m * T` and `N_p = m * L` tokens of one
-mini-batch; "per token" means per one of the `N` tokens; bf16 = 2 bytes, fp32 = 4.
+The step, as `LongContextGRPOTrainer` runs it with gradient checkpointing (non-reentrant), SDPA attention and bf16
+autocast: the decoder runs forward over `m` sequences at a time (`grpo_mini_batch`, `B / m` mini-batches in one
+graph), keeping only each layer's input; the log-probs of the `m * L` completion tokens come from the lm_head; then
+the backward runs the last mini-batch first and, inside it, recomputes one layer at a time from the top. Notation:
+`H` hidden size, `I` MLP intermediate size, `q = heads * head_dim`, `kv = kv_heads * head_dim`, `T = P + L` tokens
+per sequence, `N = m * T` and `N_p = m * L` tokens of one mini-batch; "per token" means per one of the `N` tokens;
+bf16 = 2 bytes, fp32 = 4.
 
 Phase A, the peak for every path that never holds `[N_p, V]` logits: the end of the recompute of one decoder layer
 (the LoRA down projection casts its `[N, I]` input to fp32 for the fp32 adapter, then autocast casts it back).
@@ -46,7 +46,7 @@ hidden state `N * 2H`, and the path's own tensors:
   chunks at 12 B per logit (bf16 product, fp32 logits, fp32 probabilities, bf16 gradient) instead of the tile;
 - TRL 1.16 (`add_fused_lm_head`, `trl/kernels/chunked_logprob.py`): no logits either; `[4096, 32768]` bf16 tiles;
   its backward holds the saved hidden rows `N_p * 2H`, an fp32 gradient `N_p * 4H` and its bf16 cast `N_p * 2H`;
-- materialized logits (TRL before 1.16: `../shared/GPU.md`'s "TRL default (logits)" peer): 8 B per logit, four
+- materialized logits (TRL before 1.16, which computes the log-probs from full logits): 8 B per logit, four
   bf16 `[N_p, V]` tensors (logits, temperature-scaled logits, log-softmax output saved for the backward, gradient);
 - the final norm's backward `N * 24H` (its fp32 input and five fp32 `[N, H]` temporaries of pow/mean/rsqrt).
 
@@ -54,12 +54,10 @@ The prediction is the larger phase: `allocated` is what `torch.cuda.max_memory_a
 what the GPU needs beyond that: allocator fragmentation (a fraction of the peak) and the CUDA context.
 
 Fitted: only `ACTIVATION_SCALE`, one global factor on the per-token activation terms of both phases (not on weights,
-optimizer states or checkpoint inputs, which are exact), by `plan_cli.fit_activation_scale` (least squares on the relative
-error) over the H200 rows of `tools/bench/grpo_step.py` (`plan_cli.BENCH_FILES`) except the held-out ones
-(`plan_cli.HELD_OUT`: ours at 163,840 and TRL at 4,096 tokens). Unfitted (scale 1) the measured rows are within
--0.4% to -0.2%; fitted, 1.0059. Allocator fragmentation cannot be fitted (the benchmarks record allocated bytes, not
-reserved): `FRAGMENTATION` is an assumption, bounded by the 163,840-token `ours` step that fit in 139.8 GiB with
-127.1 GiB allocated (<= 9%).
+optimizer states or checkpoint inputs, which are exact): least squares on the relative error against measured
+`max_memory_allocated` peaks of this step, some measured steps kept out of the fit to check it. Allocator
+fragmentation cannot be fitted that way (allocated bytes are measured, not reserved ones): `FRAGMENTATION` is an
+assumption, below what the longest measured step that fitted on its GPU leaves room for.
 """
 
 from __future__ import annotations
@@ -78,7 +76,7 @@ FP32 = 4
 # NF4 with double quantization (bitsandbytes): 4 bits per weight plus ~0.127 bits of block scales.
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 
-# The step as each provider of `tools/bench/grpo_step.py` runs it.
+# The step of each path: our trainer's, TRL 1.16's default, ours without offload, TRL before 1.16.
 PATHS: dict[str, dict[str, Any]] = {
     "ours": {"offload_checkpoints": True, "logprob_path": "fused"},
     "trl": {"offload_checkpoints": False, "logprob_path": "trl"},
@@ -91,9 +89,6 @@ PATH_LABELS = {
     "ours-no-offload": "ours without checkpoint offload",
     "materialized": "materialized logits (TRL < 1.16)",
 }
-# Usable memory that torch reports on the lent GPUs (../shared/GPU.md).
-GPUS_GIB = {"H100 80GB": 79.2, "H200 141GB": 139.8}
-
 # Workspaces of the log-prob kernels: `longctx_kernels/ops/triton/selective_logprobs.py` (ROW_CHUNK, VOCAB_CHUNK,
 # 128-wide logits tiles) and TRL 1.16's `trl/kernels/chunked_logprob.py` (TOKEN_CHUNK_SIZE x
 # `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`).
@@ -104,8 +99,7 @@ DEFAULT_LOGIT_CHUNK_BYTES = 256 * 2**20
 TORCH_BACKEND_BYTES_PER_CHUNK_LOGIT = 12
 MATERIALIZED_BYTES_PER_LOGIT = 8
 
-# Fitted by `plan_cli.fit_activation_scale` on `plan_cli.BENCH_FILES` minus `plan_cli.HELD_OUT` (test_planner.py
-# checks that refitting gives this value).
+# Fitted against measured peaks (module docstring, "Fitted"); refit, never edit, when a formula changes.
 ACTIVATION_SCALE = 1.0059
 # Assumed, not fitted: the caching allocator's reserve above the allocated peak, and the CUDA context with cuBLAS
 # workspaces, which `max_memory_allocated` does not count but the GPU's memory does.
@@ -473,7 +467,7 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
 def pinned_host_bytes(shape: ModelShape, setup: TrainSetup) -> int:
     """Host memory `CheckpointOffloader` pins for one step: every offloaded layer input of every mini-batch (the
     whole batch runs forward before the backward), `layers - 1` per sequence (the last stays on the GPU), `T * 2H`
-    bytes each. 0 without offload. Measured: 87.6 GiB for Qwen3-8B at 2 x (256 + 163,840) tokens (H100 run)."""
+    bytes each (the pool's 2 MiB rounding aside). 0 without offload."""
     if not setup.offload_checkpoints or shape.num_hidden_layers < 2:
         return 0
     seq = setup.prompt_length + setup.completion_length

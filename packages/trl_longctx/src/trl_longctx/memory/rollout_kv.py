@@ -7,11 +7,9 @@ activations of its profiled forward and sampler, and the KV cache, which gets th
 `P + L` tokens needs `n * ceil((P + L) / 16) * 16` tokens of it (blocks of 16 tokens), at `2 * layers * kv_heads *
 head_dim * 2` bytes per token (K and V, bf16).
 
-Checked against vLLM 0.25 on the lent H200 (139.8 GiB; `docs/bench/colocate_*_2026-11-22*.json`): Qwen3-32B at 0.9
-held 256,736 KV tokens in 62.75 GiB (262,144 B per token, as the formula gives) beside 61.0 GiB of weights (the
-formula: 61.0), i.e. 2.07 GiB of other vLLM memory; Qwen3-1.7B at 0.95 held 128.46 GiB of KV cache beside 3.20 GiB of
-weights (formula: 3.20): 1.15 GiB other; Qwen3-32B at 0.5 beside a second, trainer-held copy: 24,192 tokens, 3.0 GiB
-other. `VLLM_OTHER_GIB` is the largest of those, so the utilization printed is enough on all three.
+Checked against the KV caches and weights of vLLM 0.25 engines (Qwen3-32B at utilizations 0.9 and 0.5, Qwen3-1.7B at
+0.95): the bytes per token and the weights are as the formulas give; what else vLLM held varied between engines, and
+`VLLM_OTHER_GIB` is the largest of it, so the utilization printed is enough for each of them.
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ import math
 from .planner import BF16, GIB, ModelShape
 
 KV_BLOCK_TOKENS = 16
-# vLLM memory that is neither weights nor KV cache (profiled activations, sampler, CUDA graphs), measured 1.15-3.0 GiB
-# with `max_num_batched_tokens=4096` (TRL's and our colocate setting); the upper end is used.
+# vLLM memory that is neither weights nor KV cache (profiled activations, sampler, CUDA graphs) with
+# `max_num_batched_tokens=4096` (TRL's and our colocate setting): the largest measured.
 VLLM_OTHER_GIB = 3.0
 
 
@@ -56,11 +54,6 @@ def utilization_kv_cache_bytes(shape: ModelShape, utilization: float, device_byt
     """A lower bound of the KV cache vLLM sizes itself at `utilization` of a device of `device_bytes` bytes: the
     budget less one bf16 copy of the weights and `VLLM_OTHER_GIB` (0 when nothing is left)."""
     return max(0, int(utilization * device_bytes - vllm_weight_bytes(shape) - VLLM_OTHER_GIB * GIB))
-
-
-def kv_tokens_at(shape: ModelShape, utilization: float, gpu_gib: float) -> int:
-    """KV tokens vLLM gets at `utilization` of a `gpu_gib` GPU (with `VLLM_OTHER_GIB`: a lower bound)."""
-    return utilization_kv_cache_bytes(shape, utilization, gpu_gib * GIB) // kv_bytes_per_token(shape)
 
 
 # vLLM's KV block sizes (16 on CUDA, larger on some backends and on the CPU build) all divide this: a sequence rounded

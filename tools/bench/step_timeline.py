@@ -1,4 +1,5 @@
-"""Memory timeline of one training step by component, from the CUDA caching allocator's own trace.
+"""Memory timeline of one training step by component, from the CUDA caching allocator's own trace (a helper of
+`step_memory_timeline.py`; tested by `tests/test_step_timeline.py`).
 
 `record_step(fn)` runs `fn` (one step) under `torch.cuda.memory._record_memory_history`, with `phase_marker(name)`
 calls inside it marking where the forward, the log-prob computation, the backward and the optimizer step begin.
@@ -171,7 +172,7 @@ def plot_memory_timelines(panels: dict[str, dict[str, Any]], path: str | os.Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plotting import save_figure
+    from trl_longctx.plotting import save_figure
 
     colors = ["#9e9e9e", "#1f77b4", "#aec7e8", "#d62728", "#ff7f0e", "#2ca02c"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), dpi=110, sharey=True, squeeze=False)

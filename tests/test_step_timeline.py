@@ -1,8 +1,24 @@
-"""step_timeline on synthetic allocator traces (CPU): components by phase and lifetime, totals, peak, the PNG."""
+"""`tools/bench/step_timeline.py` on synthetic allocator traces (CPU): components by phase and lifetime, totals, peak,
+the PNG."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 
-from trl_longctx.memory.step_timeline import COMPONENTS, GIB, plot_memory_timelines, record_step, step_components
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_step_timeline", Path(__file__).resolve().parents[1] / "tools" / "bench" / "step_timeline.py"
+)
+step_timeline = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = step_timeline
+_SPEC.loader.exec_module(step_timeline)
+COMPONENTS, GIB = step_timeline.COMPONENTS, step_timeline.GIB
+plot_memory_timelines, record_step, step_components = (
+    step_timeline.plot_memory_timelines,
+    step_timeline.record_step,
+    step_timeline.step_components,
+)
 
 RESIDENT, SAVED, FORWARD, LOGPROB, BACKWARD, OPTIMIZER = COMPONENTS
 

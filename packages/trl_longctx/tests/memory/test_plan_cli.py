@@ -1,0 +1,173 @@
+"""`longctx-grpo plan`: the printed plan, defaults from the machine it runs on, GPU presets, flag errors, and `--help`
+and bad values answered without importing torch, transformers, TRL or vLLM."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trl_longctx.memory import plan_cli
+from trl_longctx.memory.machine import GPUS_GIB, HOST_RESERVE_GIB
+from trl_longctx.memory.plan_cli import main as plan_main
+
+HEAVY = ("torch", "transformers", "trl", "vllm")
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine with one 48 GiB CUDA GPU and 125 GiB of memory; `machine.asked` counts the GPU look-ups."""
+
+    class Machine:
+        asked = 0
+
+        @classmethod
+        def cuda_gpu(cls):
+            cls.asked += 1
+            return ("NVIDIA Test", 48.0)
+
+    monkeypatch.setattr(plan_cli, "cuda_gpu", Machine.cuda_gpu)
+    monkeypatch.setattr(plan_cli, "host_memory_gib", lambda: 125.0)
+    return Machine
+
+
+def plan_lines(out):
+    return [line for line in out.splitlines() if "longest completion that fits" in line]
+
+
+def test_defaults_come_from_this_machine(machine, capsys):
+    plan_main([])
+    out = capsys.readouterr().out
+    assert out.startswith("GPU: NVIDIA Test (48 GiB), this machine's, from torch.cuda.\n")
+    assert (
+        f"Host memory the offloaded checkpoints may pin: 109 GiB (this machine's 125.0 GiB less {HOST_RESERVE_GIB:g})."
+        in out
+    )
+    for text in ("model qwen3-8b", "model llama3.1-8b", "TRL 1.16 default (fused_lm_head)", "| weights |",
+                 "| checkpointed layer inputs on GPU |", "NVIDIA Test (48 GiB), ours"):  # fmt: skip
+        assert text in out
+    assert len(plan_lines(out)) == 4  # 2 models x 2 paths x this GPU
+    assert machine.asked == 1
+
+
+def test_without_cuda_every_preset_is_planned(monkeypatch, capsys):
+    monkeypatch.setattr(plan_cli, "cuda_gpu", lambda: None)
+    monkeypatch.setattr(plan_cli, "host_memory_gib", lambda: None)
+    plan_main(["--model", "qwen3-8b", "--paths", "ours"])
+    out = capsys.readouterr().out
+    assert out.startswith("GPU: every preset (no CUDA GPU here; choose with --gpu or --gpu-memory-gib).\n")
+    assert "may pin: not limited (this machine's memory is unknown; set --host-memory-gib)." in out
+    assert [line.split(" (")[0] for line in plan_lines(out)] == list(GPUS_GIB)
+    assert "H100 80GB (79.2 GiB), ours" in out
+
+
+def test_named_gpus_skip_the_machine(machine, capsys):
+    flags = ["--gpu", "H100 80GB", "h200", "A100", "--gpu-memory-gib", "40", "--host-memory-gib", "50"]
+    plan_main([*flags, "--paths", "ours"])
+    out = capsys.readouterr().out
+    assert machine.asked == 0
+    header = (
+        "GPU: H100 80GB (79.2 GiB), H200 141GB ({:g} GiB), A100 40GB ({:g} GiB), A100 80GB (79.2 GiB), GPU (40 GiB)"
+    )
+    assert out.startswith(header.format(GPUS_GIB["H200 141GB"], GPUS_GIB["A100 40GB"]) + " (as given).\n")
+    assert "may pin: 50 GiB (as given)." in out
+    assert len(plan_lines(out)) == 2 * 5
+
+
+def test_plan_verdict_counts_host_memory_as_the_longest_completion_does(capsys):
+    """Qwen3-32B, 2 x (256 + 98,304) tokens, one sequence per pass: the GPU holds it, but the offloaded checkpoints
+    (118 GiB) exceed the host memory allowed (109 GiB), so the verdict agrees with the longest completion (90,368
+    tokens) instead of saying "fits"."""
+    flags = ["--model", "qwen3-32b", "--gpu-memory-gib", "139.8", "--host-memory-gib", "109", "--paths", "ours",
+             "--grpo-mini-batch", "1"]  # fmt: skip
+    plan_main([*flags, "--completion-length", "98304"])
+    out = capsys.readouterr().out
+    assert "98304 completion tokens does NOT fit in host memory (118.43 GiB to pin, 109 GiB allowed)" in out
+    assert "longest completion that fits: 90368 tokens" in out
+    plan_main([*flags, "--completion-length", "65536"])
+    assert "65536 completion tokens fits;" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--model", "gpt-9"],
+            "--model must be one of the presets ['llama3.1-8b', 'qwen3-1.7b', 'qwen3-32b', 'qwen3-8b'] "
+            "or a path to a config.json, got 'gpt-9'.",
+        ),  # fmt: skip
+        (["--completion-length", "-5"], "--completion-length must be >= 1, got -5."),
+        (["--prompt-length", "-1"], "--prompt-length must be >= 0, got -1."),
+        (["--num-generations", "0"], "--num-generations must be >= 1, got 0."),
+        (["--lora-rank", "0"], "--lora-rank must be >= 1, got 0."),
+        (["--mode", "dora"], "--mode must be one of ['lora', 'qlora', 'full'], got 'dora'."),
+        (["--gpu-memory-gib", "0"], "--gpu-memory-gib must be > 0, got 0.0."),
+        (["--host-memory-gib", "-1"], "--host-memory-gib must be > 0, got -1.0."),
+        (["--gpu", "TPU"], f"--gpu 'TPU' is not a preset; allowed: {list(GPUS_GIB)}, or use --gpu-memory-gib."),
+        (
+            ["--paths", "liger"],
+            "--paths must be among ['ours', 'trl', 'ours-no-offload', 'materialized'], got ['liger']",
+        ),
+        (["--grpo-mini-batch", "3"], "--grpo-mini-batch must be in 1..--num-generations, got 3."),
+    ],
+)
+def test_bad_flags_name_the_flag_the_value_and_what_is_allowed(machine, flags, message):
+    with pytest.raises(SystemExit) as error:
+        plan_main(flags)
+    assert str(error.value).startswith(f"longctx-grpo plan: {message}")
+    assert machine.asked == 0  # refused before the machine is asked
+
+
+def test_longctx_grpo_plan_command(capsys):
+    from trl_longctx.cli import main
+
+    main(["plan", "--model", "llama3.1-8b", "--gpu-memory-gib", "80", "--mode", "qlora", "--paths", "ours"])
+    assert "GPU (80 GiB), ours (offloaded checkpoints + selective_logprobs)" in capsys.readouterr().out
+
+
+PROBE = f"""
+import json, sys
+from trl_longctx.cli import main
+try:
+    main(sys.argv[1:])
+    code = 0
+except SystemExit as exit:
+    code = exit.code if exit.code is None or isinstance(exit.code, int) else str(exit.code)
+print(json.dumps({{"code": code, "heavy": sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["plan", "--help"], 0),
+        (["plan", "--completion-length", "-5"], "longctx-grpo plan: --completion-length must be >= 1, got -5."),
+        (["plan", "--gpu", "TPU"], "longctx-grpo plan: --gpu 'TPU' is not a preset"),
+        (["plan", "--model", "gpt-9"], "longctx-grpo plan: --model must be one of the presets"),
+        (["plan", "--bogus"], 2),  # argparse's own error
+        (["plan", "--gpu", "H100", "--model", "qwen3-8b", "--paths", "ours"], 0),  # a whole plan, GPU named
+        (["--help"], 0),
+        (["trian"], "longctx-grpo: unknown command 'trian'; allowed: train, plan."),
+    ],
+)
+def test_plan_answers_without_importing_torch_trl_transformers_or_vllm(argv, code):
+    result = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["heavy"] == [], f"{report['heavy']} imported (by trl_longctx/__init__.py?): {result.stderr[-2000:]}"
+    if isinstance(code, str):
+        assert report["code"].startswith(code)
+    else:
+        assert report["code"] == code
+
+
+def test_python_m_plan_help_imports_nothing_heavy():
+    """The command as typed, `python -m trl_longctx.cli plan --help`, under `-X importtime` (every module imported is
+    listed on stderr)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "trl_longctx.cli", "plan", "--help"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "usage: longctx-grpo plan" in result.stdout and "--gpu-memory-gib" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}  # fmt: skip
+    assert "trl_longctx" in imported
+    assert imported.isdisjoint(HEAVY), sorted(imported & set(HEAVY))
