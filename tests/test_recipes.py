@@ -1,5 +1,7 @@
 """Every recipe under configs/grpo parses with the CLI's parser (unknown keys and bad values fail here)."""
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,17 @@ def test_gpu_recipe_header_states_hardware_launch_and_measurement(recipe):
 def test_the_gpu_recipes_of_the_design_exist():
     names = {r.name for r in RECIPES}
     assert {"qwen3_8b_lora_long_h200.yaml", "qwen3_8b_qlora_long_80gb.yaml", "qwen3_32b_lora_h200.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if "check first: longctx-grpo plan" in r.read_text()],
+                         ids=lambda p: p.name)  # fmt: skip
+def test_the_plan_a_recipe_names_fits_the_recipe(recipe, capsys):
+    """The header's `longctx-grpo plan` check runs, plans the recipe's completion length, and says it fits."""
+    from trl_longctx.memory.plan_cli import main
+
+    command = re.search(r"check first: longctx-grpo plan ([^)]*)\)", recipe.read_text()).group(1)
+    argv = shlex.split(command) + ["--host-memory-gib", "109"]  # the host the headers assume, not this machine's
+    length = yaml.safe_load(recipe.read_text())["max_completion_length"]
+    assert argv[argv.index("--completion-length") + 1] == str(length), f"{recipe.name}: the check plans another length"
+    main(argv)
+    assert f"{length} completion tokens fits" in capsys.readouterr().out
