@@ -126,7 +126,7 @@ def ours_logps(model, input_ids, attention_mask, keep, offloader, sizes=(None, 1
     decoder, lm_head = decoder_and_lm_head(model)
     mini_batch, tiles = sizes
     chunk_sizes = ChunkSizes(mini_batch or input_ids.size(0), None, tiles)
-    logps, _ = run_log_prob_pass(
+    logps, _, _ = run_log_prob_pass(
         model, decoder, plain_lm_head_weights(lm_head), input_ids, attention_mask, keep, chunk_sizes,
         backend="triton", offloader=offloader,
     )  # fmt: skip

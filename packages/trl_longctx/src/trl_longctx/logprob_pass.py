@@ -6,6 +6,12 @@ what is free, per `(sequences, length, completion)`; and, after a step ran out o
 out-of-memory retry set for the rest of the run. The trainer's hook, its retry and the benchmarks call this module;
 the sizes live on the `LogProbPass` object, never in the config.
 
+For a Mixture-of-Experts model the pass also returns the router load-balancing aux loss when asked
+(`aux_loss=moe_aux.router_aux_loss(model)`): each decoder pass records its router logits, and the model's own loss
+function takes them by groups of `sequences` sequences (TRL's `batch_size`) with their attention mask, averaged over
+the groups as TRL's own log-prob pass averages the causal LM's `aux_loss` over its mini batches, whatever mini batch
+the decoder runs in (`moe_aux.RouterAuxLossMean`).
+
 The logit chunk is tokens per chunk of `[tokens, vocab]` float32 logits in the torch backend. The Triton backend
 tiles on its own, in fixed tiles whose memory does not grow with the pass: it has no logit chunk
 (`ChunkSizes.logit_chunk_tokens is None`), and `logit_chunk_multiplier` is refused with it.
@@ -27,6 +33,7 @@ from .memory.offload_checkpoints import CheckpointOffloader
 from .memory.planner import ChunkSizes, mlp_tile_counts
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
+from .moe_aux import RouterAuxLoss, RouterAuxLossMean
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +213,10 @@ class LogProbPass:
         transform: LogitTransform = _NO_TRANSFORM,
         autocast: Callable[[], Any] | None = None,
         optimizer_states_allocated: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs `[B, logits_to_keep]` (float32) of the completion tokens, and their entropies.
+        aux_loss: RouterAuxLoss | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-token log-probs `[B, logits_to_keep]` (float32) of the completion tokens, their entropies, and the
+        router aux loss (mean over mini batches) when `aux_loss` is given.
 
         Args:
             model: The (unwrapped) model whose decoder runs: offloading and MLP tiling attach to its layers.
@@ -219,6 +228,8 @@ class LogProbPass:
             autocast: The accelerator's autocast context factory.
             optimizer_states_allocated: Whether the optimizer's states already exist (the planner counts them as
                 resident).
+            aux_loss: The model's `moe_aux.RouterAuxLoss`, to return its mean over groups of `sequences` sequences;
+                `None`: no aux loss.
         """
         sizes = self.sizes(model.config, head[0].size(0), sequences or input_ids.size(0), input_ids.size(1),
                            logits_to_keep, optimizer_states_allocated)  # fmt: skip
@@ -227,7 +238,7 @@ class LogProbPass:
         return run_log_prob_pass(
             model, decoder, head, input_ids, attention_mask, logits_to_keep, sizes, backend=self.backend,
             offloader=self.offloader if self.offload else None, compute_entropy=compute_entropy,
-            temperature=temperature, transform=transform, autocast=autocast,
+            temperature=temperature, transform=transform, autocast=autocast, aux_loss=aux_loss, aux_group=sequences,
         )  # fmt: skip
 
 
@@ -246,22 +257,30 @@ def run_log_prob_pass(
     temperature: float = 1.0,
     transform: LogitTransform = _NO_TRANSFORM,
     autocast: Callable[[], Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    aux_loss: RouterAuxLoss | None = None,
+    aux_group: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The pass itself, by `sizes`: `sizes.grpo_mini_batch` sequences at a time through the decoder (checkpoints
     offloaded with `offloader`, MLPs in `sizes.tiled_mlp_chunks` tiles), then the fused lm_head + log-softmax in
-    chunks of `sizes.logit_chunk_tokens` tokens (torch backend). See `LogProbPass.__call__` for the arguments."""
+    chunks of `sizes.logit_chunk_tokens` tokens (torch backend); with `aux_loss`, its mean over groups of
+    `aux_group` sequences (default: all). See `LogProbPass.__call__` for the other arguments."""
     weight, bias = head
     all_logps, all_entropies = [], []
+    aux = None if aux_loss is None else RouterAuxLossMean(aux_loss, aux_group or input_ids.size(0))
+    router_logits = {"output_router_logits": True} if aux is not None else {}
     for start in range(0, input_ids.size(0), sizes.grpo_mini_batch):
         ids = input_ids[start : start + sizes.grpo_mini_batch]
+        mask = attention_mask[start : start + sizes.grpo_mini_batch]
         with (
             autocast() if autocast is not None else contextlib.nullcontext(),
             offloader.offload(model) if offloader is not None else contextlib.nullcontext(),
             tile_mlps(model, sizes.tiled_mlp_chunks),
         ):
-            hidden = decoder(
-                input_ids=ids, attention_mask=attention_mask[start : start + sizes.grpo_mini_batch], use_cache=False
-            ).last_hidden_state
+            decoded = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **router_logits)
+            if aux is not None:
+                aux.add(decoded.router_logits, mask)
+        hidden = decoded.last_hidden_state
+        del decoded
         # Position t predicts token t + 1: the completion's tokens are predicted by the positions just before.
         hidden = hidden[:, -logits_to_keep - 1 : -1].to(weight.dtype)
         outputs = selective_logprobs(
@@ -273,7 +292,11 @@ def run_log_prob_pass(
         all_logps.append(logps)
         if compute_entropy:
             all_entropies.append(entropies)
-    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0) if compute_entropy else None
+    entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+    if aux is None:
+        return torch.cat(all_logps, dim=0), entropies, None
+    with autocast() if autocast is not None else contextlib.nullcontext():  # as the groups completed in a pass
+        return torch.cat(all_logps, dim=0), entropies, aux.mean()
 
 
 def _offload_setting(args: Any, device: torch.device) -> bool:

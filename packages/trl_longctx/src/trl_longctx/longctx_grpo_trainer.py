@@ -18,6 +18,7 @@ from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import ReleaseBuffersCallback
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
+from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
 from .trl_contract import check_trl_contract
@@ -268,20 +269,40 @@ class LongContextGRPOTrainer(GRPOTrainer):
             )  # fmt: skip
         decoder, lm_head = decoder_and_lm_head(unwrapped)
         head = plain_lm_head_weights(lm_head)
-        if compute_aux_loss or head is None or any(multimodal.get(k) is not None for k in _MULTIMODAL_KWARGS):
-            # MoE aux losses, adapters on the lm_head and images stay on TRL's path.
+        aux_loss = _router_aux_loss_or_reason(unwrapped) if compute_aux_loss else None
+        if isinstance(aux_loss, str) or head is None or any(multimodal.get(k) is not None for k in _MULTIMODAL_KWARGS):
+            # Adapters on the lm_head, images and MoE models whose aux loss we cannot reproduce stay on TRL's path.
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
-        logps, entropies = self.logprob_pass(
+        logps, entropies, aux = self.logprob_pass(
             unwrapped, decoder, tuple(full_tensor(t) for t in head), input_ids, attention_mask, logits_to_keep,
             sequences=batch_size, compute_entropy=compute_entropy, temperature=self.temperature,
             transform=logit_transform_from_config(unwrapped.config), autocast=self.accelerator.autocast,
-            optimizer_states_allocated=self.state.global_step > 0,
+            optimizer_states_allocated=self.state.global_step > 0, aux_loss=aux_loss,
         )  # fmt: skip
         check_finite(logps, "per-token log-probs", self.state.global_step + 1, skip=self.args.skip_nonfinite_steps)
-        return logps, entropies, None
+        return logps, entropies, aux
+
+
+_AUX_HANDED_BACK: set[str] = set()  # architectures whose hand-back to TRL's path was logged
+
+
+def _router_aux_loss_or_reason(model) -> RouterAuxLoss | str:
+    """`moe_aux.router_aux_loss(model)`, or why it cannot be served (logged once per architecture): the log-prob
+    pass then goes to TRL's path, which runs the causal LM's own forward."""
+    try:
+        return router_aux_loss(model)
+    except RouterAuxLossUnsupported as error:
+        reason = str(error)
+        if reason not in _AUX_HANDED_BACK:
+            _AUX_HANDED_BACK.add(reason)
+            logger.warning(
+                "The router aux loss is computed on TRL's log-prob path (no fused log-probs, no planned sizes): %s",
+                reason,
+            )
+        return reason
 
 
 def _training_mode(model) -> str:

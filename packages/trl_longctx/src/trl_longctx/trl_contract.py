@@ -244,10 +244,12 @@ TRL_HOOKS: tuple[Hook, ...] = (
         ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
          "compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"),
-        reason="the fused log-prob pass replaces it; the multimodal keywords are passed back to TRL's",
+        reason="the fused log-prob pass replaces it, MoE router aux loss included; the multimodal keywords are "
+        "passed back to TRL's",
         upstream="trl/trainer/grpo_trainer.py (v1.16.0)",
         on_change="Review LongContextGRPOTrainer._get_per_token_logps_and_entropies and its (logps, entropies, "
-        "aux loss) return.",
+        "aux loss) return; moe_aux mirrors how TRL's fused lm_head forward (trl.trainer.utils.add_fused_lm_head) "
+        "computes the aux loss and how this method averages it over mini batches.",
         source_sha256={"1.16.0": "fecf708797b16e296612c7b1efdb99e00b34ef1ce0f40afb787fbf86b2d9eac8"},
     ),
     Hook(

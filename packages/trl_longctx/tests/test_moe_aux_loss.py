@@ -1,0 +1,183 @@
+"""The router aux loss of MoE models on our fused log-prob path: the same log-probs, entropies, aux loss and LoRA
+gradients as TRL's path, on tiny random Qwen3-MoE and gpt-oss models; TRL's mean over its mini batches kept whatever
+mini batch the decoder runs in; an architecture we cannot serve goes to TRL's path, logged."""
+
+import logging
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig
+from testing_utils import assert_close
+from trl import GRPOTrainer
+
+from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+from trl_longctx.tasks import make_copy_letter_dataset
+from trl_longctx.tiny_models import build_char_tokenizer
+
+# fp32 end to end. Log-probs and entropies: our chunked log-softmax against TRL's fused lm_head (as in the dense
+# trainer test). Aux loss: the model's own function on router logits of the same decoder, batched differently at
+# most (a group gathered from several decoder passes), so only matmul rounding differs.
+TOLERANCES = {
+    "logps": {"atol": 1e-5, "rtol": 1e-4},
+    "aux": {"atol": 1e-6, "rtol": 1e-5},
+    "grads": {"atol": 1e-5, "rtol": 1e-3},
+}
+# Weight of the aux loss in the compared gradients: larger than the models' 0.001 so that its gradient shows.
+AUX_COEF = 10.0
+LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+
+
+def tiny_moe(arch: str, tokenizer) -> transformers.PreTrainedModel:
+    """A tiny random MoE causal LM of `arch` in fp32: 2 layers, 4 experts, top-2, eager attention."""
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        "num_experts_per_tok": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if arch == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=32, num_experts=4)
+    else:  # gpt-oss: attention sinks, alternating sliding-window / full layers (eager: it has no sdpa)
+        config = transformers.GptOssConfig(
+            **common, head_dim=32, num_local_experts=4, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )  # fmt: skip
+    config._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def varied_reward(completions, **kwargs):
+    """A deterministic reward that differs between completions."""
+    return [(sum(map(ord, c)) % 7) / 7 for c in completions]
+
+
+def make_trainer(arch: str, tmp_path, **overrides) -> LongContextGRPOTrainer:
+    """Our trainer on a tiny MoE with LoRA, on CPU in fp32."""
+    tokenizer = build_char_tokenizer()
+    settings = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "bf16": False,
+    }
+    settings.update(overrides)
+    return LongContextGRPOTrainer(
+        model=tiny_moe(arch, tokenizer),
+        reward_funcs=varied_reward,
+        args=LongContextGRPOConfig(**settings),
+        train_dataset=make_copy_letter_dataset(32),
+        processing_class=tokenizer,
+        peft_config=LORA,
+    )
+
+
+def random_batch(vocab_size, batch=3, prompt=5, completion=7):
+    input_ids = torch.randint(0, vocab_size, (batch, prompt + completion))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0  # left padding on one row
+    return input_ids, attention_mask, completion
+
+
+def run(implementation, trainer, input_ids, attention_mask, keep, batch_size=None):
+    """Log-probs, entropies, aux loss, and the LoRA gradients of logps + entropies + AUX_COEF * aux and of aux."""
+    model = trainer.model
+    logps, entropies, aux = implementation(
+        trainer, model, input_ids, attention_mask, keep, batch_size, compute_entropy=True, compute_aux_loss=True
+    )
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = logps.sum() + entropies.sum() + AUX_COEF * aux
+    grads = dict(zip(lora, torch.autograd.grad(total, list(lora.values()), retain_graph=True), strict=True))
+    aux_grads = dict(zip(lora, torch.autograd.grad(aux, list(lora.values())), strict=True))
+    return logps.detach(), entropies.detach(), aux.detach(), grads, aux_grads
+
+
+def assert_same(ours, trl):
+    assert_close(ours[0], trl[0], "logps", **TOLERANCES["logps"])
+    assert_close(ours[1], trl[1], "entropies", **TOLERANCES["logps"])
+    assert ours[2].shape == () and ours[2].dtype == torch.float32
+    assert_close(ours[2], trl[2], "aux loss", **TOLERANCES["aux"])
+    for which, ours_grads, trl_grads in (("total", ours[3], trl[3]), ("aux", ours[4], trl[4])):
+        assert ours_grads.keys() == trl_grads.keys() and ours_grads
+        assert any(g.abs().max() > 0 for g in ours_grads.values()), f"no gradient of {which}"
+        for name in ours_grads:
+            assert_close(ours_grads[name], trl_grads[name], f"grad of {which} w.r.t. {name}", **TOLERANCES["grads"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("overrides", [{}, {"grpo_mini_batch": 1}], ids=["one-pass", "decoder-mini-batch-1"])
+def test_aux_loss_logps_and_grads_match_trl_path(arch, overrides, tmp_path, monkeypatch):
+    trainer = make_trainer(arch, tmp_path, **overrides)
+    assert trainer.aux_loss_enabled  # TRL turns it on for MoE configs
+    passes = []
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
+    input_ids, attention_mask, keep = random_batch(trainer.model.config.vocab_size)
+    ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
+    trl = run(GRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
+    assert passes and passes[0].grpo_mini_batch == overrides.get("grpo_mini_batch", 3)  # our path ran
+    assert_same(ours, trl)
+
+
+@pytest.mark.parametrize("grpo_mini_batch", [None, 1, 3])
+def test_aux_loss_is_the_mean_over_trl_mini_batches(grpo_mini_batch, tmp_path):
+    # TRL's batch_size=2 over 5 sequences: groups of 2, 2, 1, whatever mini batches our decoder runs in (1, or 2:
+    # never more than batch_size).
+    trainer = make_trainer("qwen3_moe", tmp_path, grpo_mini_batch=grpo_mini_batch)
+    input_ids, attention_mask, keep = random_batch(trainer.model.config.vocab_size, batch=5)
+    ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep, 2)
+    trl = run(GRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep, 2)
+    assert_same(ours, trl)
+    with torch.no_grad():
+        per_group = [
+            trainer.model(
+                input_ids=input_ids[s : s + 2], attention_mask=attention_mask[s : s + 2], output_router_logits=True
+            ).aux_loss
+            for s in range(0, 5, 2)
+        ]
+        whole = trainer.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
+    assert_close(ours[2], torch.stack(per_group).mean(), "aux loss vs mean over groups", **TOLERANCES["aux"])
+    assert (ours[2] - whole).abs() > 1e-4  # the grouping matters: not the loss of the whole batch
+
+
+def test_unsupported_architecture_goes_to_trl_path_logged(tmp_path, monkeypatch, caplog):
+    trainer = make_trainer("qwen3_moe", tmp_path)
+    decoder = type(trainer.model.get_base_model().get_decoder())
+    recorded = {k: v for k, v in decoder._can_record_outputs.items() if k != "router_logits"}
+    monkeypatch.setattr(decoder, "_can_record_outputs", recorded)  # a decoder that records no router logits
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", _refuse)
+    handed_back = []
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", lambda *a, **k: handed_back.append(k))
+    input_ids, attention_mask, keep = random_batch(trainer.model.config.vocab_size)
+    with caplog.at_level(logging.WARNING, logger="trl_longctx.longctx_grpo_trainer"):
+        LongContextGRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, input_ids, attention_mask, keep, compute_aux_loss=True
+        )
+    assert len(handed_back) == 1
+    assert "Qwen3MoeForCausalLM" in caplog.text and "does not record router logits" in caplog.text
+
+
+def _recording(sizes, passes):
+    def recorded(*args, **kwargs):
+        passes.append(sizes(*args, **kwargs))
+        return passes[-1]
+
+    return recorded
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the fused log-prob pass ran for a model it cannot serve")
