@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig
+from test_longctx_grpo_trainer import random_batch, varied_reward
 from testing_utils import assert_close
 from trl import GRPOTrainer
 
@@ -56,11 +57,6 @@ def tiny_moe(arch: str, tokenizer) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def varied_reward(completions, **kwargs):
-    """A deterministic reward that differs between completions."""
-    return [(sum(map(ord, c)) % 7) / 7 for c in completions]
-
-
 def make_trainer(arch: str, tmp_path, **overrides) -> LongContextGRPOTrainer:
     """Our trainer on a tiny MoE with LoRA, on CPU in fp32."""
     tokenizer = build_char_tokenizer()
@@ -85,13 +81,6 @@ def make_trainer(arch: str, tmp_path, **overrides) -> LongContextGRPOTrainer:
         processing_class=tokenizer,
         peft_config=LORA,
     )
-
-
-def random_batch(vocab_size, batch=3, prompt=5, completion=7):
-    input_ids = torch.randint(0, vocab_size, (batch, prompt + completion))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, :2] = 0  # left padding on one row
-    return input_ids, attention_mask, completion
 
 
 def run(implementation, trainer, input_ids, attention_mask, keep, batch_size=None):

@@ -9,7 +9,7 @@ import importlib.util
 import os
 import re
 
-GIB = 2**30
+from .planner import GIB
 
 # GPU presets: the memory torch reports for a card (`torch.cuda.get_device_properties(i).total_memory`), derived from
 # the vendor's nominal capacity by one formula, `usable_gib`:
