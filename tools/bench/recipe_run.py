@@ -1,0 +1,321 @@
+"""Run a recipe of `configs/grpo/` end to end through `longctx-grpo train`, detached, and report what it measured.
+
+A GPU recipe's step can outlast one call to the lent machine (a 131K-token rollout decodes for many minutes), so the
+run is started in its own process session and polled by later calls on the same warm machine:
+
+    python tools/bench/recipe_run.py prepare configs/grpo/qwen3_8b_lora_long_h200.yaml --work /tmp/recipe \
+        --preset qwen3-8b --steps 1
+    python tools/bench/recipe_run.py launch --work /tmp/recipe
+    python tools/bench/recipe_run.py poll --work /tmp/recipe --wait 540      # again until it prints "finished"
+    python tools/bench/recipe_run.py report --work /tmp/recipe --out docs/bench/recipe_x.json
+
+`prepare` writes a checkpoint folder with random weights of the recipe's architecture (a preset of the memory planner,
+or `--tiny` for a CPU dry run) and a word-level tokenizer over the whole vocabulary, then `run.yaml`: the recipe with
+only these keys changed: `model_name_or_path` (that folder), `output_dir`, `max_steps`, and
+`generation_kwargs: {ignore_eos: true}` so that every completion has the recipe's full length (random weights would
+stop at a random EOS), plus any `--set key=value`.
+
+`launch` runs `trl_longctx.cli.main(["train", run.yaml])`, the function behind `longctx-grpo train`, in a process of
+its own session, with timestamped INFO logs of `trl_longctx` and `vllm_standby` (the KV cache restore and release
+that bracket each rollout) and a sampler thread writing, every second, the GPU memory in use on the device (the
+trainer and vLLM together, `torch.cuda.mem_get_info`), the process's resident host memory and the rollout's progress
+(tokens generated so far by the running vLLM requests) to `samples.csv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GIB = 2**30
+SAMPLE_FIELDS = ("t", "gpu_used_gib", "torch_allocated_gib", "rss_gib", "rollout_tokens")
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def _tiny_model_dir(path: Path, vocab_size: int) -> None:
+    """A tiny random Qwen3 (head dim 64, as vLLM's CPU attention needs) with the word-level tokenizer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )  # fmt: skip
+    config.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(path)
+
+
+def _word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over `vocab_size` ids (`<pad>`=0, `<eos>`=1, `<unk>`=2, then `t3`, `t4`, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Special tokens must not be substrings of word tokens (added tokens are matched first, anywhere in the text).
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
+    ).save_pretrained(path)
+
+
+def _parse_value(text: str):
+    """A `--set` value as YAML reads it (numbers, booleans, null, lists), else the string."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def cmd_prepare(args) -> None:
+    import yaml
+
+    work = Path(args.work)
+    model = work / "model"
+    recipe = yaml.safe_load(Path(args.recipe).read_text())
+    if not (model / "done").exists():
+        model.mkdir(parents=True, exist_ok=True)
+        if args.tiny:
+            _tiny_model_dir(model, vocab_size=512)
+            _word_tokenizer(model, vocab_size=512)
+        else:
+            os.environ["BENCH_WORK"] = str(work)  # read by colocate at import
+            from colocate import model_dir
+
+            # The preset's architecture with random bf16 weights, saved from the GPU (colocate.model_dir's folder).
+            built = Path(model_dir(args.preset, recipe["vllm_max_model_length"], weights=True))
+            model.rmdir()
+            built.rename(model)
+        (model / "done").write_text("")
+    overrides = {
+        "model_name_or_path": str(model),
+        "output_dir": str(work / "run"),
+        "max_steps": args.steps,
+        "generation_kwargs": {"ignore_eos": True},
+    }
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = _parse_value(value)
+    changed = {k: {"recipe": recipe.get(k), "run": v} for k, v in overrides.items() if recipe.get(k) != v}
+    recipe.update(overrides)
+    (work / "run.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (work / "prepared.json").write_text(json.dumps({"recipe": args.recipe, "changed": changed}, indent=2))
+    print(f"prepared {work / 'run.yaml'}; changed from the recipe: {json.dumps(changed)}")
+
+
+# ---------------------------------------------------------------- launch / the training process
+
+
+def cmd_launch(args) -> None:
+    work = Path(args.work)
+    for name in ("exit.json", "train.log", "samples.csv"):
+        (work / name).unlink(missing_ok=True)
+    log = open(work / "train.log", "w")  # noqa: SIM115 (the child keeps it)
+    subprocess.Popen(
+        [sys.executable, __file__, "_train", "--work", str(work)], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    (work / "launched_at").write_text(str(time.time()))
+    print(f"launched; log {work / 'train.log'}")
+
+
+class _Sampler(threading.Thread):
+    """Every `period` seconds: GPU memory in use on the device, torch's allocated bytes, resident host memory and the
+    tokens generated so far by the vLLM requests running (0 outside rollouts), appended to `samples.csv`."""
+
+    def __init__(self, path: Path, period: float = 1.0):
+        super().__init__(daemon=True)
+        self.path, self.period, self.engines = path, period, []
+
+    def rollout_tokens(self) -> int:
+        total = 0
+        for llm in self.engines:
+            try:  # the in-process engine core's scheduler; read-only, racy by design (a progress figure)
+                scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+                total += sum(r.num_output_tokens for r in list(scheduler.running))
+            except Exception:
+                continue
+        return total
+
+    def run(self) -> None:
+        import psutil
+        import torch
+
+        process = psutil.Process()
+        with open(self.path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(SAMPLE_FIELDS)
+            while True:
+                gpu = alloc = 0.0
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    free, total = torch.cuda.mem_get_info()
+                    gpu, alloc = (total - free) / GIB, torch.cuda.memory_allocated() / GIB
+                row = (f"{time.time():.1f}", f"{gpu:.3f}", f"{alloc:.3f}", f"{process.memory_info().rss / GIB:.3f}",
+                       self.rollout_tokens())  # fmt: skip
+                writer.writerow(row)
+                f.flush()
+                time.sleep(self.period)
+
+
+def cmd_train(args) -> None:
+    """The detached training process: logging, the sampler, then `longctx-grpo train run.yaml`."""
+    import logging
+
+    work = Path(args.work)
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", level=logging.WARNING)
+    for name in ("trl_longctx", "vllm_standby"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    sampler = _Sampler(work / "samples.csv")
+    import vllm
+
+    original_init = vllm.LLM.__init__
+
+    def recording_init(self, *a, **k):  # the sampler reads the rollout's progress from each engine built
+        original_init(self, *a, **k)
+        sampler.engines.append(self)
+
+    vllm.LLM.__init__ = recording_init
+    sampler.start()
+    from trl_longctx.cli import main
+
+    result = {"rc": 0, "error": None}
+    try:
+        main(["train", str(work / "run.yaml")])
+    except BaseException as error:  # recorded for the report, then re-raised
+        result = {"rc": 1, "error": f"{type(error).__name__}: {error}"}
+        raise
+    finally:
+        result["ended_at"] = time.time()
+        (work / "exit.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- poll / report
+
+
+def _samples(work: Path) -> list[dict]:
+    path = work / "samples.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        rows = []
+        for row in csv.DictReader(f):
+            try:
+                rows.append({k: float(v) for k, v in row.items()})
+            except (TypeError, ValueError):  # the line being written
+                continue
+        return rows
+
+
+def cmd_poll(args) -> None:
+    work = Path(args.work)
+    deadline = time.time() + args.wait
+    while time.time() < deadline and not (work / "exit.json").exists():
+        time.sleep(5)
+    samples = _samples(work)
+    if samples:
+        last = samples[-1]
+        peak = max(s["gpu_used_gib"] for s in samples)
+        print(f"at +{last['t'] - samples[0]['t']:.0f} s: GPU used {last['gpu_used_gib']:.1f} GiB (peak {peak:.1f}), "
+              f"RSS {last['rss_gib']:.1f} GiB, rollout tokens {int(last['rollout_tokens'])}")  # fmt: skip
+    log = (work / "train.log").read_text(errors="replace").splitlines() if (work / "train.log").exists() else []
+    print("\n".join(log[-args.lines :]))
+    if (work / "exit.json").exists():
+        print(f"finished: {(work / 'exit.json').read_text()}")
+
+
+_LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\S+) \w+ (.*)$")
+
+
+def _log_events(work: Path) -> list[tuple[float, str, str]]:
+    """(epoch seconds, logger, message) of the timestamped log lines."""
+    import datetime as dt
+
+    events = []
+    for line in (work / "train.log").read_text(errors="replace").splitlines():
+        m = _LOG_TIME.search(line)  # a progress bar may precede the record on its line
+        if m:
+            stamp = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+            events.append((stamp, m.group(3), m.group(4)))
+    return events
+
+
+def cmd_report(args) -> None:
+    import torch
+    from _common import environment
+
+    work = Path(args.work)
+    samples, events = _samples(work), _log_events(work)
+    launched = float((work / "launched_at").read_text())
+    metrics_path = work / "run" / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    restores = [t for t, _, msg in events if "KV cache restored" in msg]
+    releases = [t for t, _, msg in events if "KV cache released" in msg]
+    rollouts = []
+    for start in restores:  # each rollout runs from a restore to the next release
+        end = next((t for t in releases if t > start), None)
+        if end is not None:
+            in_rollout = [s for s in samples if start <= s["t"] <= end]
+            rollouts.append({
+                "start_s": start - launched, "seconds": end - start,
+                "tokens": max((int(s["rollout_tokens"]) for s in in_rollout), default=None),
+                "gpu_used_peak_gib": max((s["gpu_used_gib"] for s in in_rollout), default=None),
+            })  # fmt: skip
+    exit_info = json.loads((work / "exit.json").read_text()) if (work / "exit.json").exists() else None
+    row = {
+        "what": "recipe_run",
+        "prepared": json.loads((work / "prepared.json").read_text()),
+        "exit": exit_info,
+        "wall_s": (exit_info["ended_at"] if exit_info else time.time()) - launched,
+        "rollouts": rollouts,
+        "gpu_used_peak_gib": max((s["gpu_used_gib"] for s in samples), default=None),
+        "torch_allocated_peak_gib": max((s["torch_allocated_gib"] for s in samples), default=None),
+        "rss_peak_gib": max((s["rss_gib"] for s in samples), default=None),
+        "metrics": metrics,
+        "plan_lines": [msg for _, name, msg in events if "rollout plan" in msg.lower() or "planner" in msg.lower()],
+        **environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(row, indent=2))
+    print(json.dumps({k: v for k, v in row.items() if k != "metrics"}, indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("recipe")
+    p.add_argument("--work", required=True)
+    p.add_argument("--preset", default="qwen3-8b")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Qwen3 (CPU dry run) instead of the preset")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--set", action="append", help="key=value (YAML value) over the recipe")
+    for name in ("launch", "_train"):
+        sub.add_parser(name).add_argument("--work", required=True)
+    p = sub.add_parser("poll")
+    p.add_argument("--work", required=True)
+    p.add_argument("--wait", type=float, default=0)
+    p.add_argument("--lines", type=int, default=15)
+    p = sub.add_parser("report")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    {"prepare": cmd_prepare, "launch": cmd_launch, "_train": cmd_train, "poll": cmd_poll, "report": cmd_report}[
+        args.command
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
