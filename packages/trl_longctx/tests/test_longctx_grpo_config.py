@@ -44,10 +44,22 @@ def test_defaults_are_automatic():
     assert config.vllm_prefix_caching is False
 
 
-def test_use_vllm_when_available_follows_installation():
-    from trl.import_utils import is_vllm_available
+def test_use_vllm_when_available_follows_installation_and_is_not_written_into_the_config(monkeypatch):
+    import importlib.util
 
-    assert make(use_vllm_when_available=True).use_vllm == is_vllm_available()
+    from trl_longctx.rollout_plan import resolve_rollout_plan, wants_vllm
+
+    config = make(use_vllm_when_available=True)
+    assert config.use_vllm is False  # the config keeps what it was given; the rollout plan resolves it
+    assert wants_vllm(config) == (importlib.util.find_spec("vllm") is not None)
+    assert wants_vllm(make(use_vllm=True)) and not wants_vllm(make())
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    plan = resolve_rollout_plan(config, "some/model")
+    assert plan.engine == "transformers" and not plan.uses_vllm
+    assert "vLLM is not installed (use_vllm_when_available=True)" in plan.describe()
+    assert [n.feature for n in plan.notices] == ["vLLM rollouts"]
+    assert plan.trl_args(config).use_vllm is False
 
 
 def test_a_copy_is_checked_again():

@@ -433,7 +433,9 @@ class Combination:
 
 def _vespo_token_mode(config) -> str | None:
     # TRL 1.16 raises this only in `GRPOTrainer.__init__`, after the model is loaded.
-    if config.loss_type != "vespo" or not config.use_vllm or not config.vllm_importance_sampling_correction:
+    from .rollout_plan import wants_vllm
+
+    if config.loss_type != "vespo" or not wants_vllm(config) or not config.vllm_importance_sampling_correction:
         return None
     if config.vllm_importance_sampling_mode in ("token_truncate", "token_mask"):
         return None

@@ -141,8 +141,9 @@ class LongContextGRPOConfig(GRPOConfig):
     use_vllm_when_available: bool = field(
         default=False,
         metadata={
-            "help": "Generate with vLLM when it is installed and with transformers' `generate` otherwise, overriding "
-            "`use_vllm`. The log says which one runs."
+            "help": "Generate with vLLM when it is installed and with transformers' `generate` otherwise (with "
+            "`use_vllm=False`; `use_vllm=True` always asks for vLLM). Resolved by the trainer's rollout plan, not "
+            "written into the config; the log says which one runs."
         },
     )
 
@@ -237,10 +238,6 @@ class LongContextGRPOConfig(GRPOConfig):
         # divides, a list raises a bare TypeError), and nothing may be loaded or written for a value refused here.
         check_fields(self, CONFIG_RULES)
         check_paths(self)
-        if self.use_vllm_when_available:
-            from trl.import_utils import is_vllm_available
-
-            self.use_vllm = is_vllm_available()
         super().__post_init__()
         check_combinations(self)
 

