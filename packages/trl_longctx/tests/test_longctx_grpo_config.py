@@ -54,7 +54,9 @@ def test_use_vllm_when_available_follows_installation_and_is_not_written_into_th
     assert wants_vllm(config) == (importlib.util.find_spec("vllm") is not None)
     assert wants_vllm(make(use_vllm=True)) and not wants_vllm(make())
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+    )
     plan = resolve_rollout_plan(config, "some/model")
     assert plan.engine == "transformers" and not plan.uses_vllm
     assert "vLLM is not installed (use_vllm_when_available=True)" in plan.describe()

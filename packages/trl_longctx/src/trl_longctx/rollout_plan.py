@@ -46,6 +46,8 @@ def wants_vllm(args: Any) -> bool:
     import importlib.util
 
     return importlib.util.find_spec("vllm") is not None
+
+
 #: `RolloutPlan.adapter_transport`: how the trained policy reaches vLLM.
 ADAPTER_TRANSPORTS = ("merged", "lora-request", "weight-sync")
 

@@ -77,7 +77,10 @@ def test_host_memory_comes_from_the_operating_system(monkeypatch, tmp_path):
         ({"memory.max": str(20 * 2**30)}, 20.0),  # a container limited to 20 GiB
         ({"memory/memory.limit_in_bytes": str(8 * 2**30)}, 8.0),  # cgroup v1
         ({"memory/memory.limit_in_bytes": str(2**63 - 4096)}, 32.0),  # v1's "no limit"
-        ({"memory.max": "max", "memory/memory.limit_in_bytes": str(8 * 2**30)}, 32.0),  # the first file present decides
+        (
+            {"memory.max": "max", "memory/memory.limit_in_bytes": str(8 * 2**30)},
+            32.0,
+        ),  # the first file present decides
         ({"memory.max": "garbage"}, 32.0),
     ],
 )
