@@ -9,9 +9,11 @@ run is started in its own process session and polled by later calls on the same 
     python tools/bench/recipe_run.py poll --work /tmp/recipe --wait 540      # again until it prints "finished"
     python tools/bench/recipe_run.py report --work /tmp/recipe --out docs/bench/recipe_x.json
 
-`prepare` writes a checkpoint folder with random weights of the recipe's architecture (a preset of the memory planner,
-or `--tiny` for a CPU dry run) and a word-level tokenizer over the whole vocabulary, then `run.yaml`: the recipe with
-only these keys changed: `model_name_or_path` (that folder), `output_dir`, `max_steps`, and
+`prepare` writes a checkpoint folder of the recipe's architecture (a preset of the memory planner, as the model's
+published config.json has it, with the YaRN scaling of its model card beyond 40,960 tokens; or `--tiny` for a CPU dry
+run) and a word-level tokenizer over the whole vocabulary; random bf16 weights are saved only where vLLM must read
+them (4-bit recipes, quantized at load; `--weights save`), else vLLM's dummy loader draws them and the trainer's
+weights are views of vLLM's. Then `run.yaml`: the recipe with only these keys changed: `model_name_or_path` (that folder), `output_dir`, `max_steps`, and
 `generation_kwargs: {ignore_eos: true}` so that every completion has the recipe's full length (random weights would
 stop at a random EOS), plus any `--set key=value`.
 
@@ -44,33 +46,75 @@ SAMPLE_FIELDS = ("t", "gpu_used_gib", "torch_allocated_gib", "rss_gib", "rollout
 # ---------------------------------------------------------------- prepare
 
 
-def _tiny_model_dir(path: Path, vocab_size: int) -> None:
-    """A tiny random Qwen3 (head dim 64, as vLLM's CPU attention needs) with the word-level tokenizer."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def _published_like_config(preset: str, context: int):
+    """The preset's architecture as its published config.json has it (Qwen3: `max_position_embeddings=40960`,
+    `rope_theta=1e6`), with the YaRN scaling Qwen's model cards prescribe for contexts beyond 32,768 tokens (factor 4 of
+    32,768: 131,072) when `context` needs it."""
+    from transformers import Qwen3Config
+
+    from trl_longctx.memory import PRESETS
+
+    s = PRESETS[preset]
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    if context > 40960:
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
+    config = Qwen3Config(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, tie_word_embeddings=s.tie_word_embeddings,
+        max_position_embeddings=40960, rope_parameters=rope, dtype="bfloat16", pad_token_id=0, eos_token_id=1,
+        bos_token_id=None,
+    )  # fmt: skip
+    config.architectures = ["Qwen3ForCausalLM"]  # vLLM picks the generative runner from it
+    return config
+
+
+def _tiny_config():
+    """A tiny Qwen3 (head dim 64, as vLLM's CPU attention needs) for a CPU dry run."""
+    from transformers import Qwen3Config
 
     config = Qwen3Config(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=40960, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1, bos_token_id=None,
     )  # fmt: skip
     config.architectures = ["Qwen3ForCausalLM"]
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).save_pretrained(path)
+    return config
 
 
 def _word_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over `vocab_size` ids (`<pad>`=0, `<eos>`=1, `<unk>`=2, then `t3`, `t4`, ...)."""
+    """A word-level tokenizer over `vocab_size` ids: `<pad>`=0, `<eos>`=1, `<unk>`=2, the built-in task's words
+    (filler words, its instruction and letters, so that its prompts are distinct tokens), then `t<i>` up to the size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from trl_longctx.tasks import FILLER_WORDS, LETTERS
+
+    words = ["<pad>", "<eos>", "<unk>", *FILLER_WORDS, "copy:", *LETTERS]
+    vocab = {word: i for i, word in enumerate(words)}
     # Special tokens must not be substrings of word tokens (added tokens are matched first, anywhere in the text).
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    vocab.update({f"t{i}": i for i in range(len(words), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
     ).save_pretrained(path)
+
+
+def _model_dir(path: Path, config, weights: bool) -> None:
+    """Config, tokenizer and, with `weights`, random bf16 weights (built on the GPU when there is one) in `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    _word_tokenizer(path, config.vocab_size)
+    if weights:
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+        model.save_pretrained(path)
+    (path / "done").write_text("")
 
 
 def _parse_value(text: str):
@@ -86,20 +130,11 @@ def cmd_prepare(args) -> None:
     work = Path(args.work)
     model = work / "model"
     recipe = yaml.safe_load(Path(args.recipe).read_text())
+    context = recipe["vllm_max_model_length"]
     if not (model / "done").exists():
-        model.mkdir(parents=True, exist_ok=True)
-        if args.tiny:
-            _tiny_model_dir(model, vocab_size=512)
-            _word_tokenizer(model, vocab_size=512)
-        else:
-            os.environ["BENCH_WORK"] = str(work)  # read by colocate at import
-            from colocate import model_dir
-
-            # The preset's architecture with random bf16 weights, saved from the GPU (colocate.model_dir's folder).
-            built = Path(model_dir(args.preset, recipe["vllm_max_model_length"], weights=True))
-            model.rmdir()
-            built.rename(model)
-        (model / "done").write_text("")
+        config = _tiny_config() if args.tiny else _published_like_config(args.preset, context)
+        # vLLM quantizes a 4-bit recipe's checkpoint at load: that needs the weights on disk.
+        _model_dir(model, config, weights=args.weights == "save" or recipe.get("load_in_4bit", False))
     overrides = {
         "model_name_or_path": str(model),
         "output_dir": str(work / "run"),
@@ -112,7 +147,9 @@ def cmd_prepare(args) -> None:
     changed = {k: {"recipe": recipe.get(k), "run": v} for k, v in overrides.items() if recipe.get(k) != v}
     recipe.update(overrides)
     (work / "run.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    (work / "prepared.json").write_text(json.dumps({"recipe": args.recipe, "changed": changed}, indent=2))
+    dummy = not (model / "model.safetensors.index.json").exists() and not (model / "model.safetensors").exists()
+    prepared = {"recipe": args.recipe, "changed": changed, "weights": "vllm-dummy" if dummy else "checkpoint"}
+    (work / "prepared.json").write_text(json.dumps(prepared, indent=2))
     print(f"prepared {work / 'run.yaml'}; changed from the recipe: {json.dumps(changed)}")
 
 
@@ -182,8 +219,11 @@ def cmd_train(args) -> None:
     import vllm
 
     original_init = vllm.LLM.__init__
+    dummy = json.loads((work / "prepared.json").read_text())["weights"] == "vllm-dummy"
 
     def recording_init(self, *a, **k):  # the sampler reads the rollout's progress from each engine built
+        if dummy:  # no weights in the checkpoint folder: vLLM draws random ones (as `load_format="dummy"` does)
+            k["load_format"] = "dummy"
         original_init(self, *a, **k)
         sampler.engines.append(self)
 
@@ -301,6 +341,11 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="qwen3-8b")
     p.add_argument("--tiny", action="store_true", help="a tiny random Qwen3 (CPU dry run) instead of the preset")
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument(
+        "--weights", choices=("dummy", "save"), default="dummy",
+        help="dummy: no checkpoint weights, vLLM's dummy loader draws them (the trainer's are views of vLLM's); "
+        "save: random weights saved (always for 4-bit recipes, which vLLM quantizes at load)",
+    )  # fmt: skip
     p.add_argument("--set", action="append", help="key=value (YAML value) over the recipe")
     for name in ("launch", "_train"):
         sub.add_parser(name).add_argument("--work", required=True)

@@ -143,3 +143,41 @@ def test_nan_loss_steps_are_skipped_when_asked(tiny_model_dir, tmp_path):
 def test_skip_flag_must_be_a_bool(tmp_path):
     with pytest.raises(ValueError, match="skip_nonfinite_steps must be True or False"):
         LongContextGRPOConfig(output_dir=str(tmp_path), skip_nonfinite_steps="yes")
+
+
+@pytest.mark.parametrize(
+    ("max_positions", "rope", "expected"),
+    [
+        (40960, None, 40960),
+        (40960, {"rope_type": "default", "rope_theta": 1e6}, 40960),
+        # Qwen3's published YaRN settings: 4 x 32,768, longer than max_position_embeddings
+        (40960, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6},
+         131072),
+        (131072, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6},
+         131072),
+        (4096, {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, 8192),
+        # Llama 3.1: max_position_embeddings is already the scaled context
+        (131072, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
+                  "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 5e5}, 131072),
+    ],
+)  # fmt: skip
+def test_context_length_limit_follows_rope_scaling(max_positions, rope, expected):
+    from transformers import LlamaConfig, Qwen3Config
+
+    from trl_longctx.guards import context_length_limit
+
+    kind = LlamaConfig if rope and rope["rope_type"] == "llama3" else Qwen3Config
+    config = kind(max_position_embeddings=max_positions, **({"rope_parameters": rope} if rope else {}))
+    assert context_length_limit(config) == expected
+
+
+def test_prompt_length_check_allows_a_yarn_context_and_names_it_when_exceeded():
+    from transformers import Qwen3Config
+
+    from trl_longctx.guards import check_prompt_lengths
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}
+    config = Qwen3Config(max_position_embeddings=40960, rope_parameters=yarn)
+    check_prompt_lengths(["long"], [[0] * 100_000], 31_072, config)  # 131,072 exactly: allowed
+    with pytest.raises(ValueError, match=r"prompt of 100000 tokens .* context of 131072 tokens \(max_position_emb"):
+        check_prompt_lengths(["long"], [[0] * 100_000], 31_073, config)

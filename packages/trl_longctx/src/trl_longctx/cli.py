@@ -45,12 +45,17 @@ def _script_arguments_class() -> type:
         Args:
             task: Built-in verifiable task (dataset and exact reward) used when `dataset_name` is not set.
             num_prompts: Number of prompts the built-in task generates.
+            prompt_words: Filler words opening each prompt of the built-in task (long contexts without a data set of
+                one's own; about one token per word); 0: none.
             reward_funcs: Dotted import paths of reward functions (`f(prompts, completions, **kw) -> list[float]`),
                 used with `dataset_name`; nothing is imported that the user did not name.
         """
 
         task: str = field(default="copy_letter", metadata={"help": "Built-in task.", "choices": sorted(TASKS)})
         num_prompts: int = field(default=4096, metadata={"help": "Number of prompts of the built-in task."})
+        prompt_words: int = field(
+            default=0, metadata={"help": "Filler words opening each prompt of the built-in task (long contexts)."}
+        )
         reward_funcs: list[str] | None = field(
             default=None, metadata={"help": "Dotted import paths of reward functions (with dataset_name)."}
         )
@@ -138,7 +143,7 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
 
     if script_args.dataset_name is None:
         make_dataset, reward = get_task(script_args.task)
-        dataset = make_dataset(script_args.num_prompts, seed=training_args.seed)
+        dataset = make_dataset(script_args.num_prompts, seed=training_args.seed, prompt_words=script_args.prompt_words)
         reward_funcs = [reward]
     else:
         from datasets import load_dataset

@@ -295,6 +295,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
 SCRIPT_RULES: tuple[FieldRule, ...] = (
     _choice("task", sorted(TASKS), example="chess"),
     _int("num_prompts", "counts"),
+    _int("prompt_words", "counts", low=0, example=-1),
 )
 
 # TRL's `ModelConfig`, as the CLI uses it (`get_peft_config` builds PEFT's `LoraConfig` from these).

@@ -159,24 +159,50 @@ def guard_reward_functions(trainer) -> None:
         trainer.reward_funcs[index] = GuardedRewardFunction(func, name, step, skip)
 
 
-def check_prompt_lengths(prompts: list, prompt_ids: list, max_completion_length: int, config) -> None:
-    """Refuse prompts that, with `max_completion_length` new tokens, run past the model's `max_position_embeddings`.
+# RoPE types whose `max_position_embeddings` is already the scaled context (vLLM's rule: they are not multiplied).
+_ROPE_TYPES_UNSCALED = ("su", "longrope", "llama3", "default", "mrope")
 
-    Raises:
-        ValueError: Naming the longest prompt's length, `max_completion_length` and `max_position_embeddings`.
+
+def context_length_limit(config) -> int | None:
+    """The longest prompt + completion the model takes, in tokens, as vLLM derives it from the config.
+
+    `max_position_embeddings`, or for RoPE scaling by a factor (YaRN, linear, dynamic) the unscaled length times the
+    factor when that is longer: YaRN configs of Qwen3 keep `max_position_embeddings=40960` beside
+    `rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`, i.e. 131,072.
+    `None` when the config gives no length.
     """
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text_config, "max_position_embeddings", None)
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if not limit or not factor or rope_type in _ROPE_TYPES_UNSCALED:
+        return limit
+    base = rope.get("original_max_position_embeddings") if rope_type == "yarn" else None
+    return max(limit, int((base or limit) * factor))
+
+
+def check_prompt_lengths(prompts: list, prompt_ids: list, max_completion_length: int, config) -> None:
+    """Refuse prompts that, with `max_completion_length` new tokens, run past the model's context
+    (`context_length_limit`).
+
+    Raises:
+        ValueError: Naming the longest prompt's length, `max_completion_length` and the model's context.
+    """
+    limit = context_length_limit(config)
     if not limit or not prompt_ids:
         return
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     length = len(prompt_ids[longest])
     if length + max_completion_length > limit:
         preview = str(prompts[longest])[:60]
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        what = f"max_position_embeddings={limit}"
+        if limit != text_config.max_position_embeddings:
+            what = f"context of {limit} tokens (max_position_embeddings with its RoPE scaling)"
         raise ValueError(
             f"A prompt of {length} tokens plus max_completion_length={max_completion_length} exceeds the model's "
-            f"max_position_embeddings={limit} (prompt starts {preview!r}). Shorten or filter the prompts, or lower "
-            "max_completion_length."
+            f"{what} (prompt starts {preview!r}). Shorten or filter the prompts, or lower max_completion_length."
         )
 
 

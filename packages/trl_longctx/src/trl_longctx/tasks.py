@@ -1,7 +1,9 @@
 """Built-in verifiable tasks: a dataset with a `prompt` column and a reward computed exactly (no model judge).
 
 The quickstart's task is `copy_letter`: the prompt names a letter, the reward is the fraction of the completion's
-characters that are that letter. A random model scores about 1/48; a model that learned to copy scores 1.
+characters that are that letter. A random model scores about 1/48; a model that learned to copy scores 1. With
+`prompt_words`, each prompt opens with a document of that many filler words (long-context runs without a data set of
+one's own: the instruction comes last, after the whole document).
 """
 
 from __future__ import annotations
@@ -10,21 +12,30 @@ import random
 from collections.abc import Callable
 
 LETTERS = "abcd"
+# Filler words of `prompt_words` documents: common lowercase English words, one token each in the usual BPE
+# vocabularies (with their leading space), so a document of N words is about N tokens.
+FILLER_WORDS = (
+    "the of and to in is was for on that with as by at from it his an were are which this be or has had not but "
+    "their one all its new after first two who also they been more other time years when into over most some"
+).split()
 
 
-def make_copy_letter_dataset(num_prompts: int, seed: int = 0, letters: str = LETTERS):
+def make_copy_letter_dataset(num_prompts: int, seed: int = 0, letters: str = LETTERS, prompt_words: int = 0):
     """Build the `copy_letter` dataset.
 
     Args:
         num_prompts: Number of rows.
-        seed: Seed of the letter choice.
+        seed: Seed of the letter choice and of the filler documents.
         letters: Letters to draw from.
+        prompt_words: Filler words before each instruction (a document of `FILLER_WORDS` drawn at random, then a
+            newline); 0: the instruction alone.
 
     Returns:
-        A `datasets.Dataset` with columns `prompt` (e.g. `"copy: c"`) and `target` (e.g. `"c"`).
+        A `datasets.Dataset` with columns `prompt` (e.g. `"copy: c"`, or `"<document>\ncopy: c"`) and `target`
+        (e.g. `"c"`).
 
     Raises:
-        ValueError: If `num_prompts` < 1 or `letters` is empty.
+        ValueError: If `num_prompts` < 1, `letters` is empty or `prompt_words` < 0.
     """
     from datasets import Dataset
 
@@ -32,9 +43,14 @@ def make_copy_letter_dataset(num_prompts: int, seed: int = 0, letters: str = LET
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}.")
     if not letters:
         raise ValueError("letters must name at least one letter.")
+    if prompt_words < 0:
+        raise ValueError(f"prompt_words must be >= 0, got {prompt_words}.")
     rng = random.Random(seed)
     targets = [rng.choice(letters) for _ in range(num_prompts)]
-    return Dataset.from_dict({"prompt": [f"copy: {t}" for t in targets], "target": targets})
+    prompts = [f"copy: {t}" for t in targets]
+    if prompt_words:
+        prompts = [" ".join(rng.choices(FILLER_WORDS, k=prompt_words)) + "\n" + p for p in prompts]
+    return Dataset.from_dict({"prompt": prompts, "target": targets})
 
 
 def copy_letter_reward(prompts: list[str], completions: list[str], target: list[str], **kwargs) -> list[float]:

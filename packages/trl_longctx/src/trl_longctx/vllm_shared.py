@@ -105,7 +105,7 @@ def build_shared_engine(
     from vllm.platforms import current_platform
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    dtype = (args.model_init_kwargs or {}).get("dtype") or config.dtype
+    dtype = weights_dtype(args, config)
     max_num_seqs = args.per_device_train_batch_size * args.steps_per_generation
     kv_cache = (
         rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype))
@@ -116,7 +116,7 @@ def build_shared_engine(
         # CUDA: decode-only CUDA graphs up to max_num_seqs and a quieter compile (`vllm_standby.fast_start`).
         fast_start=current_platform.is_cuda(),
         model=model_path,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         max_model_len=args.vllm_max_model_length,
         max_num_seqs=max_num_seqs,
@@ -187,6 +187,15 @@ def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -
         rollout / 2**30, max_num_seqs, max_model_len, args.vllm_gpu_memory_utilization, budget / 2**30,
     )  # fmt: skip
     return {"kv_cache_memory_bytes": rollout}
+
+
+def weights_dtype(args, config) -> str:
+    """The dtype of the shared weights, as transformers would load the model: `model_init_kwargs["dtype"]`, else (or
+    for `"auto"`) the checkpoint config's, else float32, transformers' default for a config that names none (vLLM's
+    own `"auto"` would cast such a checkpoint to 16 bits instead: the trainer would not train what TRL trains)."""
+    requested = (args.model_init_kwargs or {}).get("dtype")
+    dtype = requested if requested not in (None, "auto") else (config.get_text_config().dtype or "float32")
+    return str(dtype).removeprefix("torch.")
 
 
 def _dtype_bytes(dtype) -> int:

@@ -19,10 +19,8 @@ layer's checkpointed function is therefore wrapped so that the recompute runs wi
 
 Cost: each tile runs forward once more, in its own backward. The layer's recompute stops early (torch's default) once
 it has saved the last tile's input, so it skips the last tile: `(chunks - 1) / chunks` of an extra MLP forward per
-layer and step (counted: 3 + 4 tile forwards in the backward of a layer in 4 tiles). Measured on two Qwen3-8B-sized
-layers with LoRA under bf16 autocast, forward + backward (automatic tiles): at 65,536 tokens the backward's peak fell
-from 19.5 to 11.0 GiB for 4.8% more time, at 32,768 from 9.8 to 5.5 GiB for 7%; gradients stayed as close to an fp32
-reference as untiled ones. Small tiles are slow (8 tiles of 512 tokens: +85% time), hence
+layer and step (counted: 3 + 4 tile forwards in the backward of a layer in 4 tiles). Small tiles are slow (each
+tile's matmuls get thinner while the fixed costs stay), hence
 `tile_mlps(model, None)` tiles only where the intermediates dominate the layer's memory (`auto_mlp_chunks`);
 `LongContextGRPOTrainer` instead asks the memory planner for the fewest tiles that fit (none when untiled fits).
 """
