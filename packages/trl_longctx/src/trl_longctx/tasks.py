@@ -14,10 +14,7 @@ from collections.abc import Callable
 LETTERS = "abcd"
 # Filler words of `prompt_words` documents: common lowercase English words, one token each in the usual BPE
 # vocabularies (with their leading space), so a document of N words is about N tokens.
-FILLER_WORDS = (
-    "the of and to in is was for on that with as by at from it his an were are which this be or has had not but "
-    "their one all its new after first two who also they been more other time years when into over most some"
-).split()
+FILLER_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "it", "his", "an", "were", "are", "which", "this", "be", "or", "has", "had", "not", "but", "their", "one", "all", "its", "new", "after", "first", "two", "who", "also", "they", "been", "more", "other", "time", "years", "when", "into", "over", "most", "some"]
 
 
 def make_copy_letter_dataset(num_prompts: int, seed: int = 0, letters: str = LETTERS, prompt_words: int = 0):
