@@ -116,3 +116,25 @@ def test_metrics_file_appears_with_the_first_logged_step(tmp_path):
     state.global_step = 1
     callback.on_log(args, state, TrainerControl(), logs={"reward": 0.5, "loss": 1.0})
     assert [json.loads(line)["reward"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0.5]
+
+
+def test_model_arguments_reach_the_trainer_as_in_trls_script(recipe):
+    """The recipe's dtype, attention and 4-bit settings are not dropped: `model_init_kwargs` and the trainer's
+    `quantization_config`, as `trl grpo` passes them (a 4-bit recipe once trained in bf16 without a word)."""
+    from trl_longctx.cli import apply_model_arguments
+    from trl_longctx.longctx_grpo_trainer import _quantization_config
+
+    flags = ["--dtype", "float32", "--attn_implementation", "eager", "--load_in_4bit", "true",
+             "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant", "true", "--use_peft", "true"]  # fmt: skip
+    _, config, model_args = parse_train_args([str(recipe), *flags])
+    quantization = apply_model_arguments(model_args, config)
+    assert config.model_init_kwargs["dtype"] == "float32"
+    assert config.model_init_kwargs["attn_implementation"] == "eager"
+    assert quantization.load_in_4bit and quantization.bnb_4bit_quant_type == "nf4"
+    assert quantization.bnb_4bit_use_double_quant
+    assert _quantization_config(config, {"quantization_config": quantization}) is quantization
+    _, plain_config, plain_args = parse_train_args([str(recipe)])
+    assert apply_model_arguments(plain_args, plain_config) is None
+    _, kept, kept_args = parse_train_args([str(recipe), "--model_init_kwargs", '{"dtype": "bfloat16"}'])
+    apply_model_arguments(kept_args, kept)
+    assert kept.model_init_kwargs["dtype"] == "bfloat16"  # what the recipe put in model_init_kwargs wins

@@ -124,6 +124,25 @@ def import_reward_function(path: str):
     return function
 
 
+def apply_model_arguments(model_args: ModelConfig, training_args: LongContextGRPOConfig):
+    """Give the config the model-loading arguments of the recipe, as TRL's own `trl grpo` script does: revision,
+    `attn_implementation` and `dtype` into `model_init_kwargs` (values the recipe set there win), and return the
+    quantization config (`load_in_4bit`, `bnb_4bit_quant_type`, ...; `None` without quantization) for the trainer's
+    `quantization_config` argument. The config is the one this command built from the recipe.
+    """
+    from trl import get_quantization_config
+
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+    training_args.model_init_kwargs = model_init_kwargs
+    return get_quantization_config(model_args)
+
+
 def train(script_args: LongContextScriptArguments, training_args: LongContextGRPOConfig, model_args: ModelConfig):
     """Build the dataset, rewards and model named by the arguments, then train and save the run files.
 
@@ -155,6 +174,7 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
     if len(dataset) == 0:
         raise ValueError("The training dataset is empty.")
     peft_config = get_peft_config(model_args)
+    quantization_config = apply_model_arguments(model_args, training_args)
 
     with tempfile.TemporaryDirectory(prefix="longctx-tiny-model-") as scratch:
         model = model_args.model_name_or_path
@@ -164,8 +184,9 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
             # Random weights from the seed: the same model every time, so nothing of it needs keeping.
             model = str(save_tiny_model(Path(scratch) / "model", seed=training_args.seed))
         trainer = LongContextGRPOTrainer(
-            model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset, peft_config=peft_config
-        )
+            model=model, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset, peft_config=peft_config,
+            quantization_config=quantization_config,
+        )  # fmt: skip
         rollout = "vllm" if trainer.use_vllm else "transformers"
         # The trained adapter (or model) is published there, complete or not at all, once training ends.
         trained = Path(training_args.output_dir) / FINAL_MODEL_DIR
