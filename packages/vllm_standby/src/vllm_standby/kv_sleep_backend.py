@@ -48,11 +48,14 @@ class KVOnlySleepBackend(SleepModeBackend):
         from vllm.device_allocator.cumem import create_and_map
 
         self._state = "RESUMING"
+        restored = 0
         for data in get_mem_allocator_instance().pointer_to_data.values():
             if data.is_asleep and (tags is None or data.tag in tags):
                 create_and_map(data.handle)
                 data.is_asleep = False
+                restored += data.handle[1]
         self._state = "RUNNING"
+        logger.info("vllm_standby: KV cache restored (%.2f GiB)", restored / 2**30)
 
     @classmethod
     def preserves_communicators(cls) -> bool:
