@@ -11,10 +11,15 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .device_memory import DeviceMemorySampler
 
-def peak_memory_mb() -> float:
-    """Peak memory of this process in MiB: CUDA allocator peak on a GPU, resident set peak on CPU."""
+
+def peak_memory_mb(sampler: DeviceMemorySampler | None = None) -> float:
+    """Peak memory of this run in MiB: on a GPU, the device's memory in use at its peak (`sampler`'s, see
+    `trl_longctx.device_memory`; without one, torch's allocator peak); on CPU, the resident set peak."""
     if torch.cuda.is_available():
+        if sampler is not None:
+            return sampler.peak_bytes() / 2**20
         return torch.cuda.max_memory_allocated() / 2**20
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -52,7 +57,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 class RunFilesCallback(TrainerCallback):
     """Append one JSON object per logged step to `metrics.jsonl`; at the end, write `summary.json` and `reward.png`.
 
-    Each line holds `step`, `reward`, `loss`, `peak_memory_mb`, `rss_gib` (resident memory now, see
+    Each line holds `step`, `reward`, `loss`, `peak_memory_mb` (on a GPU the device's memory in use at its peak so
+    far, sampled every second; on CPU the resident set peak), `allocator_peak_mb` (torch's `max_memory_allocated`
+    on a GPU, which counts a colocated vLLM's released KV cache as allocated), `rss_gib` (resident memory now, see
     `resident_memory_gib`), `elapsed_s` and every other logged scalar. No file is created before the first logged
     step, so a run that fails before it leaves no empty `metrics.jsonl`.
 
@@ -66,6 +73,7 @@ class RunFilesCallback(TrainerCallback):
         self.extra_summary = dict(extra_summary or {})
         self.records: list[dict] = []
         self._start = time.perf_counter()
+        self._sampler: DeviceMemorySampler | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         path = self.run_dir / "metrics.jsonl"
@@ -79,14 +87,19 @@ class RunFilesCallback(TrainerCallback):
             write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self.records = kept
         self._start = time.perf_counter()
+        if torch.cuda.is_available() and self._sampler is None:
+            self._sampler = DeviceMemorySampler()
+            self._sampler.start()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "reward" not in logs:
             return
         record = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+        if torch.cuda.is_available():
+            record["allocator_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         record.update(
             step=state.global_step,
-            peak_memory_mb=peak_memory_mb(),
+            peak_memory_mb=peak_memory_mb(self._sampler),
             rss_gib=resident_memory_gib(),
             elapsed_s=time.perf_counter() - self._start,
         )
@@ -96,6 +109,10 @@ class RunFilesCallback(TrainerCallback):
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def on_train_end(self, args, state, control, **kwargs):
+        peak = peak_memory_mb(self._sampler)
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
         if not state.is_world_process_zero:
             return
         rewards = [r["reward"] for r in self.records]
@@ -105,7 +122,7 @@ class RunFilesCallback(TrainerCallback):
             "steps": state.global_step,
             "logged_steps": len(rewards),
             "train_seconds": time.perf_counter() - self._start,
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": peak,
             "reward_first_fifth": sum(rewards[:fifth]) / fifth if rewards else None,
             "reward_last_fifth": sum(rewards[-fifth:]) / fifth if rewards else None,
         }
