@@ -14,6 +14,8 @@ from testing_utils import assert_close
 from trl import GRPOTrainer
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, vision_language
+from trl_longctx.memory import planner
+from trl_longctx.memory.planner import ModelShape
 from trl_longctx.tasks import count_squares_reward, draw_squares, make_count_squares_dataset
 from trl_longctx.tiny_vl_models import build_tiny_vl_model, build_tiny_vl_processor
 from trl_longctx.vision_language import ImageInputs
@@ -34,7 +36,9 @@ def varied_chat_reward(completions, **kwargs):
     return varied_reward([c[-1]["content"] for c in completions])
 
 
-def make_trainer(family, tmp_path, peft_config=LORA, reward_funcs=varied_chat_reward, **overrides) -> LongContextGRPOTrainer:
+def make_trainer(
+    family, tmp_path, peft_config=LORA, reward_funcs=varied_chat_reward, **overrides
+) -> LongContextGRPOTrainer:
     """Our trainer on a tiny vision-language model of `family`, on CPU in fp32."""
     processor = build_tiny_vl_processor(family)
     settings = {
@@ -62,7 +66,9 @@ def make_trainer(family, tmp_path, peft_config=LORA, reward_funcs=varied_chat_re
     )
     # What `Trainer.train` does first (the comparisons call the log-prob hooks directly): checkpoint every layer, the
     # vision tower's blocks included.
-    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+    trainer.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs
+    )
     return trainer
 
 
@@ -70,9 +76,7 @@ def image_batch(processor, completion: int = 5, sizes=IMAGE_SIZES):
     """Prompts with images of `sizes` through the processor (left padded), random completion tokens appended, and
     the multimodal keywords TRL passes (`mm_token_type_ids` extended with zeros over the completion, as TRL does)."""
     generator = torch.Generator().manual_seed(0)
-    images = [
-        [_noise_image(width, height, generator) for width, height in sequence_sizes] for sequence_sizes in sizes
-    ]
+    images = [[_noise_image(width, height, generator) for width, height in sequence_sizes] for sequence_sizes in sizes]
     prompts = [
         [{"role": "user", "content": [*({"type": "image", "image": i} for i in imgs), {"type": "text", "text": "n?"}]}]
         for imgs in images
@@ -161,6 +165,24 @@ def test_trl_batch_size_does_not_change_our_pass(mini_batch, tmp_path):
     assert_same(ours, trl)
 
 
+@pytest.mark.parametrize("targets, trained", [("all-linear", True), (["q_proj", "v_proj"], False)])
+def test_the_planner_counts_image_tokens_and_the_vision_tower(targets, trained, tmp_path, monkeypatch):
+    trainer = make_trainer("qwen2_5_vl", tmp_path, peft_config=LoraConfig(r=4, target_modules=targets))
+    planned = []
+    plan = planner.auto_chunk_sizes
+    monkeypatch.setattr(planner, "auto_chunk_sizes", lambda *a, **k: planned.append((a, k)) or plan(*a, **k))
+    trainer.logprob_pass.free_bytes = lambda: 64 * 2**30  # plan on CPU, as on CUDA
+    input_ids, attention_mask, keep, multimodal = image_batch(trainer.processing_class)
+    LongContextGRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, input_ids, attention_mask, keep, **multimodal
+    )
+    ((config, _, sequences, prompt, completion), options), *_ = planned
+    assert ModelShape.from_config(config).vision is not None
+    # The image tokens are part of the prompt; the most patches of one sequence: its 112 x 56 image, 8 x 4 patches.
+    assert (sequences, prompt, completion) == (3, input_ids.size(1) - keep, keep)
+    assert (options["vision_patches"], options["vision_trained"]) == (32, trained)
+
+
 def test_image_inputs_are_trls_slices():
     # The rows TRL 1.16's loop gives sequences start:end (its own arithmetic, restated), including a sequence
     # without an image.
@@ -220,9 +242,7 @@ def test_count_squares_dataset_and_reward():
     dataset = make_count_squares_dataset(6, seed=1)
     assert dataset.column_names == ["prompt", "image", "target"]
     row = dataset[0]
-    assert row["prompt"][0]["content"][0] == {"type": "image", "text": None} or row["prompt"][0]["content"][0][
-        "type"
-    ] == "image"
+    assert [part["type"] for part in row["prompt"][0]["content"]] == ["image", "text"]
     assert row["image"].size == (56, 56) and row["target"] in {"1", "2", "3", "4"}
     completions = [[{"role": "assistant", "content": c}] for c in (" 3 ", "3 squares", "4")]
     assert count_squares_reward(completions, target=["3", "3", "3"]) == [1.0, 0.0, 0.0]
@@ -239,7 +259,7 @@ def test_draw_squares_draws_that_many_squares(count):
     assert cells.sum() == count and pixels.sum() == count * 9 * 9
 
 
-def test_count_squares_grpo_run_trains_every_adapter(tmp_path, monkeypatch):
+def test_count_squares_grpo_run_trains_every_adapter(tmp_path, monkeypatch, caplog):
     # Two steps: our trainer's rollouts with transformers' generate, rewards, the loss from our fused pass on the
     # images. The exact-count reward of a random model is almost always 0 (no advantage, no update), so a varied
     # reward is added as TRL's own tests do with their dummy reward functions.
@@ -250,8 +270,10 @@ def test_count_squares_grpo_run_trains_every_adapter(tmp_path, monkeypatch):
     passes = []
     monkeypatch.setattr(ImageInputs, "batch", _recording(ImageInputs.batch, passes))
     trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="trl_longctx.longctx_grpo_trainer"):
+        trainer.train()
     assert passes, "the fused pass never ran on images"
+    assert "Image inputs go to TRL's log-prob path" not in caplog.text
     assert "rewards/count_squares_reward/mean" in trainer.state.log_history[0]
     params = dict(trainer.model.named_parameters())
     unchanged = [n for n in trainable if torch.equal(params[n], trainable[n])]

@@ -45,6 +45,7 @@ from .vision_language import ImageInputs
 logger = logging.getLogger(__name__)
 
 _NO_TRANSFORM = LogitTransform()
+_NO_IMAGES = VisionLoad()
 
 __all__ = ["ChunkSizes", "LogProbPass", "lowered_sizes", "run_log_prob_pass"]
 
@@ -152,7 +153,7 @@ class LogProbPass:
         length: int,
         completion: int,
         optimizer_states_allocated: bool = False,
-        vision: VisionLoad = VisionLoad(),
+        vision: VisionLoad = _NO_IMAGES,
     ) -> ChunkSizes:
         """The sizes a pass over `sequences` sequences of `length` tokens (`completion` of them scored) runs by, for a
         model of `config` whose lm_head has `vocab_size` rows; `vision`: what its images feed the vision tower."""
@@ -184,7 +185,13 @@ class LogProbPass:
         return min(default_chunk_size(vocab_size), tokens)
 
     def _plan(
-        self, config, sequences: int, length: int, completion: int, optimizer_states_allocated: bool, vision: VisionLoad
+        self,
+        config,
+        sequences: int,
+        length: int,
+        completion: int,
+        optimizer_states_allocated: bool,
+        vision: VisionLoad,
     ):
         key = (sequences, length, completion, vision)
         if key not in self._planned:

@@ -97,7 +97,9 @@ def build_tiny_vl_processor(family: str = "qwen2_5_vl"):
         min_pixels=factor * factor,
         max_pixels=factor * factor * MAX_TOKENS_PER_IMAGE,
     )
-    return processor_class(image_processor=image_processor, tokenizer=build_vl_tokenizer(), chat_template=CHAT_TEMPLATE)
+    return processor_class(
+        image_processor=image_processor, tokenizer=build_vl_tokenizer(), chat_template=CHAT_TEMPLATE
+    )
 
 
 def build_tiny_vl_model(

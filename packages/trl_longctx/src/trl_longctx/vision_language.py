@@ -129,7 +129,9 @@ class ImageInputs:
                 f"image_grid_thw ({grid.size(0)}), got {num_images}."
             )
         # TRL's own split of the batch per sequence: lists of per-sequence `pixel_values` and `image_grid_thw`.
-        split = split_pixel_values_by_grid({k: multimodal[k] for k in ("pixel_values", "image_grid_thw", "num_images")})
+        split = split_pixel_values_by_grid(
+            {k: multimodal[k] for k in ("pixel_values", "image_grid_thw", "num_images")}
+        )
         self._split = {"pixel_values": split["pixel_values"], "image_grid_thw": split["image_grid_thw"]}
 
     def batch(self, start: int, end: int) -> dict[str, torch.Tensor]:

@@ -287,9 +287,9 @@ class TrainSetup:
     vision_trained: bool = False
 
     def __post_init__(self):
-        names = ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks", "vision_patches")
-        for name in names:
-            _check_int(name, getattr(self, name), 0 if name in ("prompt_length", "vision_patches") else 1)
+        for name in ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks"):
+            _check_int(name, getattr(self, name), 0 if name == "prompt_length" else 1)
+        _check_int("vision_patches", self.vision_patches, 0)
         for name in ("logit_chunk_tokens", "grpo_mini_batch"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
