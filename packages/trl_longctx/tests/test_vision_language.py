@@ -13,6 +13,8 @@ from test_longctx_grpo_trainer import varied_reward
 from testing_utils import assert_close
 from trl import GRPOTrainer
 
+pytest.importorskip("PIL", reason="vision-language tests need the `vision` extra (Pillow)")
+
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, vision_language
 from trl_longctx.memory import planner
 from trl_longctx.memory.planner import ModelShape
