@@ -15,7 +15,7 @@ from trl import GRPOTrainer
 
 pytest.importorskip("PIL", reason="vision-language tests need the `vision` extra (Pillow)")
 
-from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, vision_language
+from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, logprob_pass, vision_language
 from trl_longctx.memory import planner
 from trl_longctx.memory.planner import ModelShape
 from trl_longctx.tasks import count_squares_reward, draw_squares, make_count_squares_dataset
@@ -141,6 +141,9 @@ def test_logps_entropies_and_lora_grads_match_trl_path(family, overrides, tmp_pa
     passes, slices = [], []
     monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
     monkeypatch.setattr(ImageInputs, "batch", _recording(ImageInputs.batch, slices))
+    tiled = []
+    tile = logprob_pass.tile_mlps
+    monkeypatch.setattr(logprob_pass, "tile_mlps", lambda module, chunks: tiled.append(module) or tile(module, chunks))
     batch = image_batch(trainer.processing_class)
     offloaded_before = trainer.logprob_pass.offloader.offloaded_count
     ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies, trainer, batch)
@@ -150,6 +153,9 @@ def test_logps_entropies_and_lora_grads_match_trl_path(family, overrides, tmp_pa
     assert len(slices) == -(-3 // mini_batch)
     assert ours[0].shape == (3, batch[2]) and ours[0].dtype == torch.float32
     assert_same(ours, trl)
+    # MLP tiles go to the language decoder's MLPs only (Qwen2.5-VL's vision blocks have gate/up/down MLPs too).
+    language_model = trainer.model.get_base_model().model.language_model
+    assert tiled and all(module is language_model for module in tiled)
     if overrides.get("offload_checkpoints"):
         # One offloaded input per mini batch and language layer but the last (kept on the device); none of the
         # vision tower's blocks, which are checkpointed too.

@@ -26,21 +26,6 @@ from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUns
 
 logger = logging.getLogger(__name__)
 
-# Keyword arguments of `_get_per_token_logps_and_entropies` that only multimodal models pass; with any of them set,
-# the pass serves the model's images (`vision_language`) or hands them to TRL's path, saying why.
-_MULTIMODAL_KWARGS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
-
 
 class LongContextGRPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer` whose per-token log-probs and entropies come from `longctx_kernels.selective_logprobs`.
