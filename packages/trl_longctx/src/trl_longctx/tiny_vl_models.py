@@ -13,8 +13,6 @@ transformers (the processor has no `video_processor`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .tiny_models import CHARACTERS, SPECIAL_TOKENS
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -179,21 +177,6 @@ def build_tiny_vl_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def save_tiny_vl_model(output_dir: str | Path, family: str = "qwen2_5_vl", *, seed: int = 0) -> Path:
-    """Build `build_tiny_vl_processor(family)` and a tiny model of `family`, and save both to `output_dir`.
-
-    Returns:
-        The folder (`config.json`, weights, tokenizer, image processor and chat template files).
-    """
-    output_dir = Path(output_dir)
-    processor = build_tiny_vl_processor(family)
-    model = build_tiny_vl_model(family, processor.tokenizer, seed=seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
 
 
 def _checked(family: str) -> str:
