@@ -259,7 +259,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
         images = {k: v for k, v in multimodal.items() if v is not None}
         vision = _vision_parts_or_reason(unwrapped, images) if images else None
         if isinstance(aux_loss, str) or head is None or isinstance(vision, str):
-            # Adapters on the lm_head, images and MoE models whose aux loss we cannot reproduce stay on TRL's path.
+            # Adapters on the lm_head, images we do not serve and MoE models whose aux loss we cannot reproduce stay on
+            # TRL's path.
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
