@@ -12,6 +12,12 @@ function takes them by groups of `sequences` sequences (TRL's `batch_size`) with
 the groups as TRL's own log-prob pass averages the causal LM's `aux_loss` over its mini batches, whatever mini batch
 the decoder runs in (`moe_aux.RouterAuxLossMean`).
 
+For a vision-language model (`vision_language`) the decoder is the multimodal backbone: each mini batch gets its
+sequences' image inputs (`images`, `vision_language.ImageInputs`, sliced as TRL's own pass slices them), runs the
+vision tower and the language decoder to hidden states; offloaded checkpoints and tiled MLPs attach to the language
+decoder's layers (`layers`). The planner counts the image tokens (part of each sequence's length) and what the vision
+tower keeps for its backward (`memory.planner.VisionShape`).
+
 The logit chunk is tokens per chunk of `[tokens, vocab]` float32 logits in the torch backend. The Triton backend
 tiles on its own, in fixed tiles whose memory does not grow with the pass: it has no logit chunk
 (`ChunkSizes.logit_chunk_tokens is None`), and `logit_chunk_multiplier` is refused with it.
@@ -30,14 +36,16 @@ import torch
 from longctx_kernels import default_chunk_size, resolve_backend, selective_logprobs
 
 from .memory.offload_checkpoints import CheckpointOffloader
-from .memory.planner import ChunkSizes, mlp_tile_counts
+from .memory.planner import ChunkSizes, VisionLoad, mlp_tile_counts
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
 from .moe_aux import RouterAuxLoss, RouterAuxLossMean
+from .vision_language import ImageInputs
 
 logger = logging.getLogger(__name__)
 
 _NO_TRANSFORM = LogitTransform()
+_NO_IMAGES = VisionLoad()
 
 __all__ = ["ChunkSizes", "LogProbPass", "lowered_sizes", "run_log_prob_pass"]
 
@@ -145,14 +153,15 @@ class LogProbPass:
         length: int,
         completion: int,
         optimizer_states_allocated: bool = False,
+        vision: VisionLoad = _NO_IMAGES,
     ) -> ChunkSizes:
         """The sizes a pass over `sequences` sequences of `length` tokens (`completion` of them scored) runs by, for a
-        model of `config` whose lm_head has `vocab_size` rows."""
+        model of `config` whose lm_head has `vocab_size` rows; `vision`: what its images feed the vision tower."""
         args = self._args
         mini_batch, tiles = args.grpo_mini_batch, args.tiled_mlp_chunks
         planned = None
         if self.free_bytes is not None and (mini_batch is None or tiles is None):
-            planned = self._plan(config, sequences, length, completion, optimizer_states_allocated)
+            planned = self._plan(config, sequences, length, completion, optimizer_states_allocated, vision)
         mini_batch = min(mini_batch or (planned.grpo_mini_batch if planned else sequences), sequences)
         tiles = tiles or (planned.tiled_mlp_chunks if planned else 1)
         chunk = None
@@ -175,8 +184,16 @@ class LogProbPass:
             return min(planned.logit_chunk_tokens, tokens)
         return min(default_chunk_size(vocab_size), tokens)
 
-    def _plan(self, config, sequences: int, length: int, completion: int, optimizer_states_allocated: bool):
-        key = (sequences, length, completion)
+    def _plan(
+        self,
+        config,
+        sequences: int,
+        length: int,
+        completion: int,
+        optimizer_states_allocated: bool,
+        vision: VisionLoad,
+    ):
+        key = (sequences, length, completion, vision)
         if key not in self._planned:
             from .memory.planner import auto_chunk_sizes
 
@@ -186,7 +203,7 @@ class LogProbPass:
                 config, free, sequences, length - completion, completion, mode=self._mode,
                 lora_rank=self._lora_rank or 32, offload_checkpoints=self.offload, logprob_backend=self.backend,
                 optimizer_states_allocated=optimizer_states_allocated, tile_mlps=args.tiled_mlp_chunks is None,
-                grpo_mini_batch=args.grpo_mini_batch,
+                grpo_mini_batch=args.grpo_mini_batch, vision_patches=vision.patches, vision_trained=vision.trained,
             )  # fmt: skip
             self._planned[key] = planned
             if planned.grpo_mini_batch < sequences or planned.tiled_mlp_chunks > 1:
@@ -214,12 +231,16 @@ class LogProbPass:
         autocast: Callable[[], Any] | None = None,
         optimizer_states_allocated: bool = False,
         aux_loss: RouterAuxLoss | None = None,
+        images: ImageInputs | None = None,
+        layers: torch.nn.Module | None = None,
+        vision_trained: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Per-token log-probs `[B, logits_to_keep]` (float32) of the completion tokens, their entropies, and the
         router aux loss (mean over mini batches) when `aux_loss` is given.
 
         Args:
-            model: The (unwrapped) model whose decoder runs: offloading and MLP tiling attach to its layers.
+            model: The (unwrapped) model whose decoder runs: offloading and MLP tiling attach to its layers (unless
+                `layers` is given).
             decoder, head: `model_heads.decoder_and_lm_head`'s decoder and `plain_lm_head_weights`' `(weight, bias)`.
             input_ids, attention_mask: `[B, T]` prompt + completion.
             logits_to_keep: Completion tokens scored (the last ones).
@@ -230,15 +251,23 @@ class LogProbPass:
                 resident).
             aux_loss: The model's `moe_aux.RouterAuxLoss`, to return its mean over groups of `sequences` sequences;
                 `None`: no aux loss.
+            images: A vision-language model's image inputs of the `B` sequences (`decoder` is then its multimodal
+                backbone, `vision_language.VisionLanguageParts.backbone`); `None` without images.
+            layers: The module whose decoder layers offloading and MLP tiling attach to (a vision-language model's
+                language decoder); default `model`.
+            vision_trained: Whether the vision tower takes gradients (the planner then counts its saved tensors).
         """
+        patches = images.patches_per_sequence() if images is not None else []
+        vision = VisionLoad(max(patches, default=0), vision_trained)
         sizes = self.sizes(model.config, head[0].size(0), sequences or input_ids.size(0), input_ids.size(1),
-                           logits_to_keep, optimizer_states_allocated)  # fmt: skip
+                           logits_to_keep, optimizer_states_allocated, vision)  # fmt: skip
         self.used.append(sizes)
         self._lengths.append(input_ids.size(1))
         return run_log_prob_pass(
             model, decoder, head, input_ids, attention_mask, logits_to_keep, sizes, backend=self.backend,
             offloader=self.offloader if self.offload else None, compute_entropy=compute_entropy,
             temperature=temperature, transform=transform, autocast=autocast, aux_loss=aux_loss, aux_group=sequences,
+            images=images, layers=layers,
         )  # fmt: skip
 
 
@@ -259,24 +288,29 @@ def run_log_prob_pass(
     autocast: Callable[[], Any] | None = None,
     aux_loss: RouterAuxLoss | None = None,
     aux_group: int | None = None,
+    images: ImageInputs | None = None,
+    layers: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The pass itself, by `sizes`: `sizes.grpo_mini_batch` sequences at a time through the decoder (checkpoints
-    offloaded with `offloader`, MLPs in `sizes.tiled_mlp_chunks` tiles), then the fused lm_head + log-softmax in
-    chunks of `sizes.logit_chunk_tokens` tokens (torch backend); with `aux_loss`, its mean over groups of
-    `aux_group` sequences (default: all). See `LogProbPass.__call__` for the other arguments."""
+    offloaded with `offloader`, MLPs in `sizes.tiled_mlp_chunks` tiles, both on the layers of `layers`, default
+    `model`), each with its sequences' `images`, then the fused lm_head + log-softmax in chunks of
+    `sizes.logit_chunk_tokens` tokens (torch backend); with `aux_loss`, its mean over groups of `aux_group` sequences
+    (default: all). See `LogProbPass.__call__` for the other arguments."""
     weight, bias = head
+    layers = model if layers is None else layers
     all_logps, all_entropies = [], []
     aux = None if aux_loss is None else RouterAuxLossMean(aux_loss, aux_group or input_ids.size(0))
     router_logits = {"output_router_logits": True} if aux is not None else {}
     for start in range(0, input_ids.size(0), sizes.grpo_mini_batch):
-        ids = input_ids[start : start + sizes.grpo_mini_batch]
-        mask = attention_mask[start : start + sizes.grpo_mini_batch]
+        end = min(start + sizes.grpo_mini_batch, input_ids.size(0))
+        ids, mask = input_ids[start:end], attention_mask[start:end]
+        image_inputs = images.batch(start, end) if images is not None else {}
         with (
             autocast() if autocast is not None else contextlib.nullcontext(),
-            offloader.offload(model) if offloader is not None else contextlib.nullcontext(),
-            tile_mlps(model, sizes.tiled_mlp_chunks),
+            offloader.offload(layers) if offloader is not None else contextlib.nullcontext(),
+            tile_mlps(layers, sizes.tiled_mlp_chunks),
         ):
-            decoded = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **router_logits)
+            decoded = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **router_logits, **image_inputs)
             if aux is not None:
                 aux.add(decoded.router_logits, mask)
         hidden = decoded.last_hidden_state

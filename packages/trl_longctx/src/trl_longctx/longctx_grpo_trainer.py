@@ -22,23 +22,9 @@ from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
 from .trl_contract import check_trl_contract
+from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, vision_parts
 
 logger = logging.getLogger(__name__)
-
-# Keyword arguments of `_get_per_token_logps_and_entropies` that only multimodal models pass; with any of them set,
-# TRL's own path (which knows how to slice images per sequence) runs instead of ours.
-_MULTIMODAL_KWARGS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
 
 
 class LongContextGRPOTrainer(GRPOTrainer):
@@ -270,17 +256,27 @@ class LongContextGRPOTrainer(GRPOTrainer):
         decoder, lm_head = decoder_and_lm_head(unwrapped)
         head = plain_lm_head_weights(lm_head)
         aux_loss = _router_aux_loss_or_reason(unwrapped) if compute_aux_loss else None
-        if isinstance(aux_loss, str) or head is None or any(multimodal.get(k) is not None for k in _MULTIMODAL_KWARGS):
-            # Adapters on the lm_head, images and MoE models whose aux loss we cannot reproduce stay on TRL's path.
+        images = {k: v for k, v in multimodal.items() if v is not None}
+        vision = _vision_parts_or_reason(unwrapped, images) if images else None
+        if isinstance(aux_loss, str) or head is None or isinstance(vision, str):
+            # Adapters on the lm_head, images we do not serve and MoE models whose aux loss we cannot reproduce stay on
+            # TRL's path.
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
+        on_images = {}
+        if vision is not None:
+            # The multimodal backbone (vision tower + language decoder) runs; checkpoints and MLP tiles attach to the
+            # language decoder's layers.
+            decoder = vision.backbone
+            on_images = {"images": ImageInputs(images, input_ids.size(0)), "layers": vision.language_model,
+                         "vision_trained": vision.vision_trained}  # fmt: skip
         logps, entropies, aux = self.logprob_pass(
             unwrapped, decoder, tuple(full_tensor(t) for t in head), input_ids, attention_mask, logits_to_keep,
             sequences=batch_size, compute_entropy=compute_entropy, temperature=self.temperature,
             transform=logit_transform_from_config(unwrapped.config), autocast=self.accelerator.autocast,
-            optimizer_states_allocated=self.state.global_step > 0, aux_loss=aux_loss,
+            optimizer_states_allocated=self.state.global_step > 0, aux_loss=aux_loss, **on_images,
         )  # fmt: skip
         check_finite(logps, "per-token log-probs", self.state.global_step + 1, skip=self.args.skip_nonfinite_steps)
         return logps, entropies, aux
@@ -300,6 +296,26 @@ def _router_aux_loss_or_reason(model) -> RouterAuxLoss | str:
             _AUX_HANDED_BACK.add(reason)
             logger.warning(
                 "The router aux loss is computed on TRL's log-prob path (no fused log-probs, no planned sizes): %s",
+                reason,
+            )
+        return reason
+
+
+_IMAGES_HANDED_BACK: set[str] = set()  # reasons images were handed to TRL's path (logged once each)
+
+
+def _vision_parts_or_reason(model, images: dict) -> VisionLanguageParts | str:
+    """`vision_language.vision_parts(model, images)`, or why the pass cannot serve these images (logged once per
+    reason): the log-prob pass then goes to TRL's path, which runs the causal LM's own forward."""
+    try:
+        return vision_parts(model, images)
+    except VisionLanguageUnsupported as error:
+        reason = str(error)
+        if reason not in _IMAGES_HANDED_BACK:
+            _IMAGES_HANDED_BACK.add(reason)
+            logger.warning(
+                "Image inputs go to TRL's log-prob path (no fused log-probs, no offloaded checkpoints, no planned "
+                "sizes): %s",
                 reason,
             )
         return reason

@@ -4,6 +4,11 @@ The quickstart's task is `copy_letter`: the prompt names a letter, the reward is
 characters that are that letter. A random model scores about 1/48; a model that learned to copy scores 1. With
 `prompt_words`, each prompt opens with a document of that many filler words (long-context runs without a data set of
 one's own: the instruction comes last, after the whole document).
+
+`count_squares` is a vision task for vision-language models (Python API; the command line trains text models): each
+image, drawn in code, holds 1 to 4 filled squares; the reward is 1 for a completion that is exactly their number.
+Its rows have TRL's vision format: a conversational `prompt` whose user message holds an image placeholder and the
+question, and an `image` column (TRL puts the image into the placeholder).
 """
 
 from __future__ import annotations
@@ -109,6 +114,78 @@ def copy_letter_reward(prompts: list[str], completions: list[str], target: list[
         One float in [0, 1] per completion (0 for an empty completion).
     """
     return [sum(ch == t for ch in c) / len(c) if c else 0.0 for c, t in zip(completions, target, strict=True)]
+
+
+COUNT_SQUARES_QUESTION = "how many squares?"
+# The canvas is a grid of cells with at most one square each, so squares never touch: 4 x 4 cells of 14 pixels on a
+# 56-pixel canvas (Qwen2.5-VL's 2 x 2 merged 14-pixel patches: 4 image tokens).
+CANVAS_CELLS, CELL_PIXELS, SQUARE_PIXELS = 4, 14, 9
+
+
+def draw_squares(count: int, rng: random.Random):
+    """A `CANVAS_CELLS * CELL_PIXELS` pixel square RGB image with `count` filled squares of random colours on black,
+    each in its own grid cell at a random offset.
+
+    Raises:
+        ValueError: If `count` is not in [0, CANVAS_CELLS**2].
+    """
+    from PIL import Image, ImageDraw
+
+    if not 0 <= count <= CANVAS_CELLS**2:
+        raise ValueError(f"count must be in [0, {CANVAS_CELLS**2}] (one square per grid cell), got {count}.")
+    size = CANVAS_CELLS * CELL_PIXELS
+    image = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(image)
+    for cell in rng.sample(range(CANVAS_CELLS**2), count):
+        left = (cell % CANVAS_CELLS) * CELL_PIXELS + rng.randrange(CELL_PIXELS - SQUARE_PIXELS + 1)
+        top = (cell // CANVAS_CELLS) * CELL_PIXELS + rng.randrange(CELL_PIXELS - SQUARE_PIXELS + 1)
+        colour = tuple(rng.randrange(96, 256) for _ in range(3))
+        draw.rectangle((left, top, left + SQUARE_PIXELS - 1, top + SQUARE_PIXELS - 1), fill=colour)
+    return image
+
+
+def make_count_squares_dataset(num_prompts: int, seed: int = 0, max_squares: int = 4):
+    """Build the `count_squares` dataset (images drawn in code, nothing downloaded; needs Pillow).
+
+    Args:
+        num_prompts: Number of rows.
+        seed: Seed of the counts, positions and colours.
+        max_squares: Counts are drawn from 1 to this.
+
+    Returns:
+        A `datasets.Dataset` with columns `prompt` (`[{"role": "user", "content": [{"type": "image"}, {"type":
+        "text", "text": "how many squares?"}]}]`), `image` (a PIL image) and `target` (the count, e.g. `"3"`).
+
+    Raises:
+        ValueError: If `num_prompts` < 1 or `max_squares` is not in [1, 16].
+    """
+    from datasets import Dataset
+
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}.")
+    if not 1 <= max_squares <= CANVAS_CELLS**2:
+        raise ValueError(f"max_squares must be in [1, {CANVAS_CELLS**2}], got {max_squares}.")
+    rng = random.Random(seed)
+    counts = [rng.randint(1, max_squares) for _ in range(num_prompts)]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": COUNT_SQUARES_QUESTION}]}]
+    return Dataset.from_dict(
+        {
+            "prompt": [prompt] * num_prompts,
+            "image": [draw_squares(count, rng) for count in counts],
+            "target": [str(count) for count in counts],
+        }
+    )
+
+
+def count_squares_reward(completions: list, target: list[str], **kwargs) -> list[float]:
+    """Reward of `count_squares`: 1.0 for a completion that is exactly the number of squares (surrounding spaces
+    ignored), else 0.0.
+
+    Follows TRL's reward function signature; completions are conversational (`[{"role": "assistant", "content":
+    ...}]`) or plain strings.
+    """
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(text.strip() == t) for text, t in zip(texts, target, strict=True)]
 
 
 TASKS: dict[str, tuple[Callable, Callable]] = {

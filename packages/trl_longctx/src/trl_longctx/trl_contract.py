@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 GRPO_TRAINER = "trl.trainer.grpo_trainer:GRPOTrainer"
 TRAINER = "transformers.trainer:Trainer"
 VLLM_GENERATION = "trl.generation.vllm_generation:VLLMGeneration"
+TRL_UTILS = "trl.trainer.utils"
 
 
 class TRLContractError(RuntimeError):
@@ -48,8 +49,9 @@ class Hook:
     """One method of TRL or transformers that `trl_longctx` overrides, calls or relies on being called.
 
     Attributes:
-        owner: `"module:Class"` the method is looked up on (through the class's MRO, as a call would).
-        name: The method's name.
+        owner: `"module:Class"` the method is looked up on (through the class's MRO, as a call would), or
+            `"module"` for a module-level function.
+        name: The method's (or function's) name.
         use: `"override"` (our subclass replaces it and calls `super()`), `"call"` (our code calls it) or `"reached"`
             (TRL must call it for our override of something else to run).
         parameters: Its parameter names, in order (`self` included); what we pass or accept.
@@ -86,8 +88,10 @@ class Hook:
 
     def resolve(self):
         """The method as the installed library has it (looked up through the MRO); `TRLContractError` if absent."""
-        module_name, class_name = self.owner.split(":")
-        owner = getattr(importlib.import_module(module_name), class_name)
+        module_name, _, class_name = self.owner.partition(":")
+        owner = importlib.import_module(module_name)
+        if class_name:
+            owner = getattr(owner, class_name)
         method = getattr(owner, self.name, None)
         if not callable(method):
             raise TRLContractError(
@@ -244,13 +248,31 @@ TRL_HOOKS: tuple[Hook, ...] = (
         ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
          "compute_aux_loss", "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"),
-        reason="the fused log-prob pass replaces it, MoE router aux loss included; the multimodal keywords are "
-        "passed back to TRL's",
+        reason="the fused log-prob pass replaces it, MoE router aux loss and Qwen-VL images included (sliced per "
+        "mini batch as it slices them); other multimodal keywords are passed back to TRL's",
         upstream="trl/trainer/grpo_trainer.py (v1.16.0)",
         on_change="Review LongContextGRPOTrainer._get_per_token_logps_and_entropies and its (logps, entropies, "
         "aux loss) return; moe_aux mirrors how TRL's fused lm_head forward (trl.trainer.utils.add_fused_lm_head) "
         "computes the aux loss and how this method averages it over mini batches.",
         source_sha256={"1.16.0": "fecf708797b16e296612c7b1efdb99e00b34ef1ce0f40afb787fbf86b2d9eac8"},
+    ),
+    Hook(
+        TRL_UTILS, "split_pixel_values_by_grid", "call",
+        ("batch",),
+        reason="vision_language.ImageInputs splits Qwen-VL image inputs per sequence with it (pixel_values rows by "
+        "image_grid_thw and num_images), the rows TRL's _get_per_token_logps_and_entropies gives each mini batch",
+        upstream="trl/trainer/utils.py (v1.16.0)",
+        on_change="Check that it still splits as TRL's _get_per_token_logps_and_entropies slices "
+        "(tests/test_vision_language.py::test_image_inputs_are_trls_slices); review vision_language.ImageInputs.",
+        source_sha256={"1.16.0": "3aca66e33a7978d3803635d549b67dc7d270be6db196836c51e475a6f1fa7b0d"},
+    ),
+    Hook(
+        TRL_UTILS, "unsplit_pixel_values_by_grid", "call",
+        ("batch",),
+        reason="vision_language.ImageInputs joins a mini batch's per-sequence image inputs with it",
+        upstream="trl/trainer/utils.py (v1.16.0)",
+        on_change="Review vision_language.ImageInputs.batch.",
+        source_sha256={"1.16.0": "9d31b407fc5f4399a89a747438997d3eb8698c65bc27bad53ebb469dac124275"},
     ),
     Hook(
         GRPO_TRAINER, "_compute_loss", "reached",

@@ -13,11 +13,13 @@ from trl_longctx.memory.planner import (
     GIB,
     ChunkSizes,
     ModelShape,
+    VisionShape,
     auto_chunk_sizes,
     checkpoint_inputs_on_gpu,
     default_logit_chunk_tokens,
     final_norm_backward_bytes_per_token,
     layer_recompute_bytes_per_token,
+    vision_saved_bytes_per_patch,
 )
 
 QWEN3_8B = PRESETS["qwen3-8b"]
@@ -284,3 +286,63 @@ def test_pinned_host_bytes_by_hand_and_bound_the_longest_completion():
     assert limited < unlimited
     assert pinned_host_bytes(QWEN3_8B, replace(setup, completion_length=limited)) <= 109 * GIB
     assert pinned_host_bytes(QWEN3_8B, replace(setup, completion_length=limited + 256)) > 109 * GIB
+
+
+# Hv = 4, 3 blocks, one merger, 3 x 2 x 2 x 2 = 24 pixel values per patch.
+TINY_VL = replace(TINY, vision=VisionShape(hidden_size=4, depth=3, mergers=1, patch_dim=24))
+
+
+def test_vision_saved_bytes_by_hand():
+    # bf16 block inputs 3 x 2Hv; the merger's fp32 norm input 4Hv and three bf16 MLP tensors of Hv per patch (the
+    # MLP runs over patches / 4 rows of 4Hv); the bf16 patch pixels.
+    assert vision_saved_bytes_per_patch(TINY_VL.vision) == 3 * 8 + (16 + 3 * 8) + 2 * 24
+    deepstack = VisionShape(hidden_size=4, depth=3, mergers=3, patch_dim=24)
+    assert vision_saved_bytes_per_patch(deepstack) - vision_saved_bytes_per_patch(TINY_VL.vision) == 2 * 40
+
+
+def test_vision_tower_term_by_hand():
+    # 4 sequences in mini-batches of 2, 7 patches per sequence: while the second mini-batch is back-propagated, the
+    # tower keeps what it saved for all four sequences; then for the first two. A frozen tower keeps nothing.
+    setup = TrainSetup.for_path("ours", 4, 3, 5, lora_rank=2, grpo_mini_batch=2, vision_patches=7)
+    per_sequence = vision_saved_bytes_per_patch(TINY_VL.vision) * 7
+    frozen, text_only = plan_memory(TINY_VL, setup, activation_scale=1.0), plan_memory(TINY, setup)
+    assert frozen.phases == pytest.approx(plan_memory(TINY, setup, activation_scale=1.0).phases)
+    assert "vision tower saved tensors" not in frozen.components and text_only.allocated > 0
+    trained = plan_memory(TINY_VL, replace(setup, vision_trained=True), activation_scale=1.0)
+    for phase in ("layer recompute", "log-prob step"):
+        added = {
+            j: trained.phases[f"{phase}, mini-batch {j}"] - frozen.phases[f"{phase}, mini-batch {j}"] for j in (0, 1)
+        }
+        assert added == pytest.approx({1: 4 * per_sequence, 0: 2 * per_sequence})
+    assert trained.components["vision tower saved tensors"] == pytest.approx(4 * per_sequence)
+    with pytest.raises(ValueError, match=r"vision_patches=7 with vision_trained=True, but the model shape has no"):
+        plan_memory(TINY, replace(setup, vision_trained=True))
+    with pytest.raises(ValueError, match="vision_patches must be an integer >= 0"):
+        TrainSetup(2, 3, 5, vision_patches=-1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_model_shape_of_a_vision_language_config(family):
+    pytest.importorskip("PIL")
+    from trl_longctx.tiny_vl_models import build_tiny_vl_model, build_vl_tokenizer
+
+    config = build_tiny_vl_model(family, build_vl_tokenizer()).config
+    shape = ModelShape.from_config(config)
+    assert (shape.hidden_size, shape.num_hidden_layers, shape.vocab_size) == (64, 2, len(build_vl_tokenizer()))
+    patch = 14 if family == "qwen2_5_vl" else 16
+    mergers = 1 if family == "qwen2_5_vl" else 3  # Qwen3-VL: one deepstack merger per vision block here
+    assert shape.vision == VisionShape(hidden_size=32, depth=2, mergers=mergers, patch_dim=3 * 2 * patch * patch)
+    assert ModelShape.from_config(config.to_dict()) == shape  # config.json
+    assert ModelShape.from_config(config.text_config).vision is None
+
+
+def test_auto_chunk_sizes_count_a_trained_vision_tower():
+    # The least free memory (in 1/4 GiB) where 8 sequences fit in one pass with a frozen tower: a trained one's
+    # saved tensors (32 blocks x 2 x 1280 B and more per patch, 4096 patches per sequence: 3.0 GiB) do not fit.
+    shape = replace(QWEN3_8B, vision=VisionShape(hidden_size=1280, depth=32, mergers=1, patch_dim=1176))
+    kwargs = {"logprob_backend": "triton", "vision_patches": 4096}
+    free = next(
+        q / 4 * GIB for q in range(4, 800) if auto_chunk_sizes(shape, q / 4 * GIB, 8, 2048, 4096, **kwargs)[0] == 8
+    )
+    trained = auto_chunk_sizes(shape, free, 8, 2048, 4096, vision_trained=True, **kwargs)
+    assert trained.grpo_mini_batch < 8

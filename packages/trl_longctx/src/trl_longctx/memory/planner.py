@@ -35,7 +35,10 @@ Bytes alive then, each derived from the ops of transformers 5.17's Llama/Qwen3 l
   Llama-3.1-8B: 344,192 B = 42.0 x `2H`;
 - other mini-batches (not yet back-propagated): each keeps its final norm's fp32 input `N * 4H` and the log-prob
   kernel's saved tensors (`selective_logprobs`: hidden rows + their stored gradient, `N_p * 4H`; TRL: `N_p * 2H`);
-- rotary tables `2 * T * head_dim * 2` per mini-batch.
+- rotary tables `2 * T * head_dim * 2` per mini-batch;
+- vision-language models: what the vision tower keeps for its backward, for this and every other mini-batch not yet
+  back-propagated (`vision_saved_bytes_per_patch`, when the tower takes gradients; a frozen tower keeps nothing). The
+  image tokens themselves are part of `P` (the processor writes one token per merged patch into the prompt).
 
 Phase B, the log-prob step of the first mini-batch back-propagated, on top of the same weights and checkpoints
 (offload: the last layer's input and the embedding output): its final norm's saved fp32 input `N * 4H`, the last
@@ -52,6 +55,14 @@ hidden state `N * 2H`, and the path's own tensors:
 
 The prediction is the larger phase: `allocated` is what `torch.cuda.max_memory_allocated` should show. `total` adds
 what the GPU needs beyond that: allocator fragmentation (a fraction of the peak) and the CUDA context.
+
+Vision tower, assumed from its ops (Qwen2.5-VL and Qwen3-VL; not measured, not scaled): with gradient checkpointing
+each of its `depth` blocks keeps its input `[patches, Hv]` in bf16; each patch merger (Qwen3-VL: the main one and one
+per deepstack layer) keeps its norm's fp32 input and the bf16 input, pre-activation and activation of its MLP, which
+runs over `patches / 4` rows of `4 Hv`: `10 Hv` bytes per patch; the patch embedding keeps its bf16 input, the patch
+pixels. The recompute of one vision block runs after the language decoder's backward of its mini-batch and is assumed
+below the decoder's peak; the tower's weights (and adapters) are not counted (`auto_chunk_sizes` measures free memory
+with them loaded).
 
 Fitted: only `ACTIVATION_SCALE`, one global factor on the per-token activation terms of both phases (not on weights,
 optimizer states or checkpoint inputs, which are exact): least squares on the relative error against measured
@@ -111,8 +122,59 @@ MIN_TILE_TOKENS = 8192
 
 
 @dataclass(frozen=True)
+class VisionShape:
+    """Architecture numbers of a vision-language model's vision tower (its `vision_config`).
+
+    Attributes:
+        hidden_size: Width of the tower's blocks (`Hv`).
+        depth: Blocks.
+        mergers: Patch mergers (1, plus Qwen3-VL's one per `deepstack_visual_indexes` entry).
+        patch_dim: Pixel values per patch (`in_channels * temporal_patch_size * patch_size**2`).
+    """
+
+    hidden_size: int
+    depth: int
+    mergers: int = 1
+    patch_dim: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> VisionShape:
+        """The shape of a `vision_config` dict (Qwen2.5-VL, Qwen3-VL field names).
+
+        Raises:
+            ValueError: If `hidden_size` or `depth` is missing.
+        """
+        missing = [k for k in ("hidden_size", "depth") if config.get(k) is None]
+        if missing:
+            raise ValueError(f"vision_config lacks {missing}; is it a Qwen-VL vision config?")
+        patch, temporal = config.get("patch_size") or 0, config.get("temporal_patch_size") or 1
+        return cls(
+            hidden_size=config["hidden_size"],
+            depth=config["depth"],
+            mergers=1 + len(config.get("deepstack_visual_indexes") or ()),
+            patch_dim=(config.get("in_channels") or 3) * temporal * patch * patch,
+        )
+
+
+def vision_saved_bytes_per_patch(vision: VisionShape) -> int:
+    """What a vision tower that takes gradients keeps per patch until its backward (module docstring: block inputs,
+    patch mergers, patch embedding input)."""
+    h = vision.hidden_size
+    return BF16 * h * vision.depth + (FP32 * h + 3 * BF16 * h) * vision.mergers + BF16 * vision.patch_dim
+
+
+class VisionLoad(NamedTuple):
+    """What the images of a log-prob pass feed the vision tower: `patches` per sequence (the most of any sequence)
+    and whether the tower takes gradients (`trained`). `VisionLoad()`: no images."""
+
+    patches: int = 0
+    trained: bool = False
+
+
+@dataclass(frozen=True)
 class ModelShape:
-    """Architecture numbers of a decoder-only LM (the `config.json` fields of the same names)."""
+    """Architecture numbers of a decoder-only LM (the `config.json` fields of the same names); `vision` those of a
+    vision-language model's vision tower (`None` for a text-only model)."""
 
     hidden_size: int
     intermediate_size: int
@@ -123,6 +185,7 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool = False
     qk_norm: bool = False
+    vision: VisionShape | None = None
 
     @property
     def q_size(self) -> int:
@@ -153,14 +216,21 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any) -> ModelShape:
-        """The shape of a transformers config object or `config.json` dict (multimodal: its text config).
+        """The shape of a transformers config object or `config.json` dict (multimodal: its text config, and its
+        `vision_config` as `vision`).
 
         Raises:
             ValueError: If a needed key is missing.
         """
+        vision = None
         if not isinstance(config, Mapping):
+            vision = getattr(config, "vision_config", None)
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
             config = text.to_dict() if hasattr(text, "to_dict") else vars(text)
+        else:
+            vision = config.get("vision_config")
+        if vision is not None and not isinstance(vision, Mapping):
+            vision = vision.to_dict()
         config = config.get("text_config") or config
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         missing = [k for k in required if config.get(k) is None]
@@ -177,6 +247,7 @@ class ModelShape:
             vocab_size=config["vocab_size"],
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qk_norm=str(config.get("model_type", "")).startswith("qwen3"),
+            vision=None if vision is None else VisionShape.from_config(vision),
         )
 
 
@@ -196,6 +267,9 @@ class TrainSetup:
         grpo_mini_batch: Sequences per decoder pass (`m`); `None` = all `B`.
         logprob_backend: `"triton"` (CUDA default) or `"torch"` (chunked) backend of `selective_logprobs`.
         tiled_mlp_chunks: Tiles of each decoder MLP call (`trl_longctx.memory.tile_mlps`); 1 = untiled.
+        vision_patches: Patches each sequence's images feed the vision tower (`pixel_values` rows); 0 = no images.
+            The image tokens are already part of `prompt_length`.
+        vision_trained: Whether the vision tower takes gradients (then it keeps `vision_saved_bytes_per_patch`).
     """
 
     num_generations: int
@@ -209,10 +283,13 @@ class TrainSetup:
     grpo_mini_batch: int | None = None
     logprob_backend: str = "triton"
     tiled_mlp_chunks: int = 1
+    vision_patches: int = 0
+    vision_trained: bool = False
 
     def __post_init__(self):
         for name in ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks"):
             _check_int(name, getattr(self, name), 0 if name == "prompt_length" else 1)
+        _check_int("vision_patches", self.vision_patches, 0)
         for name in ("logit_chunk_tokens", "grpo_mini_batch"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
@@ -442,7 +519,8 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
     inputs_before = BF16 * h * seq * sum(before) * checkpoint_inputs_on_gpu(shape, setup.mode, offload)[1]
     waiting = sum(FP32 * h * b * seq + _logprob_saved_bytes(shape, setup, b) for b in before)
     shared = {"other mini-batches' saved tensors": scale * waiting,
-              "rotary tables": (j + 1) * 2 * seq * shape.head_dim * BF16}  # fmt: skip
+              "rotary tables": (j + 1) * 2 * seq * shape.head_dim * BF16,
+              "vision tower saved tensors": _vision_bytes(shape, setup, m + sum(before))}  # fmt: skip
     current_inputs, waiting_inputs = checkpoint_inputs_on_gpu(shape, setup.mode, offload)
     # With offload the recompute peak is at layer 1 (layers 2.. are done); without, at the top layer. Once a later
     # mini-batch has been back-propagated, every layer has its gradient.
@@ -462,6 +540,18 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
     for name, value in _logprob_step_bytes(shape, setup, m).items():
         b[name] = value if "workspace" in name else scale * value
     return {"layer recompute": a, "log-prob step": {**b, **shared}}
+
+
+def _vision_bytes(shape: ModelShape, setup: TrainSetup, sequences: int) -> float:
+    """What the vision tower keeps for the backward of `sequences` sequences' images (0 when it is frozen)."""
+    if not (setup.vision_patches and setup.vision_trained):
+        return 0
+    if shape.vision is None:
+        raise ValueError(
+            f"vision_patches={setup.vision_patches} with vision_trained=True, but the model shape has no vision tower "
+            "(ModelShape.vision is None): build it from the vision-language model's config."
+        )
+    return vision_saved_bytes_per_patch(shape.vision) * setup.vision_patches * sequences
 
 
 def pinned_host_bytes(shape: ModelShape, setup: TrainSetup) -> int:
@@ -563,6 +653,8 @@ def auto_chunk_sizes(
     max_logit_chunk_tokens: int | None = None,
     tile_mlps: bool = False,
     grpo_mini_batch: int | None = None,
+    vision_patches: int = 0,
+    vision_trained: bool = False,
 ) -> ChunkSizes:
     """The largest mini-batch and logit chunk (and, with `tile_mlps`, the fewest MLP tiles) whose predicted step fits
     in `free_bytes` with a `margin`.
@@ -592,6 +684,7 @@ def auto_chunk_sizes(
         max_logit_chunk_tokens: Cap of the chunk; `None` = `default_logit_chunk_tokens(vocab_size)`.
         tile_mlps: Whether MLP tiles may be chosen (otherwise `tiled_mlp_chunks` is 1).
         grpo_mini_batch: A mini-batch fixed by the user (a divisor of `num_sequences`); `None` = chosen here.
+        vision_patches, vision_trained: As in `TrainSetup` (the images of a vision-language model).
 
     Returns:
         `ChunkSizes(grpo_mini_batch, logit_chunk_tokens, tiled_mlp_chunks)`, all `>= 1`; the mini-batch divides
@@ -608,7 +701,8 @@ def auto_chunk_sizes(
     cap = max_logit_chunk_tokens or default_logit_chunk_tokens(shape.vocab_size)
     _check_int("max_logit_chunk_tokens", cap, 1)
     base = TrainSetup(num_sequences, prompt_len, completion_len, mode=mode, lora_rank=lora_rank,
-                      offload_checkpoints=offload_checkpoints, logprob_backend=logprob_backend)  # fmt: skip
+                      offload_checkpoints=offload_checkpoints, logprob_backend=logprob_backend,
+                      vision_patches=vision_patches, vision_trained=vision_trained)  # fmt: skip
     resident = _resident_bytes(shape, base, optimizer_states_allocated)
 
     def fits(mini_batch: int, chunk: int, tiles: int = 1) -> bool:
