@@ -183,3 +183,23 @@ def test_merge_default_follows_the_platform(tmp_path):
     assert merge_adapter_default(args, quantized=False, platform="cpu") is False
     assert merge_adapter_default(args, quantized=True, platform="cuda") is False
     assert merge_adapter_default(trl_colocate(tmp_path, vllm_merge_adapter=False), False, "cuda") is False
+
+
+def test_vision_language_checkpoints_do_not_share_weights(tmp_path):
+    """A vision-language checkpoint keeps TRL's own engine (the shared views are built for causal LMs only), said in
+    a notice; asking for shared weights is refused naming why."""
+    import json
+
+    folder = tmp_path / "vl"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "vision_config": {"depth": 2}}))
+    args = trl_colocate(tmp_path, vllm_enable_sleep_mode=False)
+    result = plan(args, model=str(folder), runtime=CUDA_API)
+    assert not result.shared_weights
+    assert any("vision-language model" in n and "shared weights off" in n for n in notices(result))
+    with pytest.raises(ValueError, match="vllm_shared_weights=True: the shared engine's views .* vision-language"):
+        plan(trl_colocate(tmp_path, vllm_shared_weights=True), model=str(folder), runtime=CUDA_API)
+    text_only = tmp_path / "text"
+    text_only.mkdir()
+    (text_only / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    assert plan(args, model=str(text_only), runtime=CUDA_API).shared_weights

@@ -314,6 +314,10 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     if not isinstance(model, str):
         return ("the model is an instance; the shared engine loads the checkpoint itself",
                 "pass the model as a path or id (model='...')")  # fmt: skip
+    if _is_vision_language(model):
+        return ("the shared engine's views of vLLM's tensors are built and verified for causal language models only, "
+                "and this checkpoint is a vision-language model (its config has a vision_config)",
+                "none for vision-language models yet (TRL's own engine serves them)")  # fmt: skip
     if args.vllm_tensor_parallel_size != 1:
         return (f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}; views of vLLM's weights need them in "
                 "this process, unsharded", "vllm_tensor_parallel_size=1")  # fmt: skip
@@ -332,6 +336,29 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
         return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
                 "install a vLLM with bitsandbytes quantization (a CUDA build) and the bitsandbytes package")  # fmt: skip
     return None
+
+
+def _is_vision_language(model: str) -> bool:
+    """Whether the checkpoint `model` (a folder, or a Hub id already in the local cache) is a vision-language model:
+    its config.json has a `vision_config`. Reads no network; `False` when the config cannot be read here."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a repository id, or no cache here: the trainer's load will say more
+            return False
+        if not isinstance(cached, str):
+            return False
+        path = Path(cached)
+    try:
+        return "vision_config" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _decide_shared_standby(args, runtime, notices) -> str:
