@@ -66,6 +66,7 @@ def test_trainer_with_flex_attention_matches_eager(overrides, tmp_path, monkeypa
     decoder_model = trainer.model.get_base_model()
     assert decoder_model.config._attn_implementation == LONGCTX_FLEX
     assert f"Attention: {LONGCTX_FLEX} for GptOssForCausalLM (attention sinks folded" in caplog.text
+    assert trainer.logprob_pass._attention == LONGCTX_FLEX  # what the planner is told
     calls = []
     monkeypatch.setattr(flex_sinks, "sink_flex_attention", _counting(flex_sinks.sink_flex_attention, calls))
 

@@ -79,7 +79,9 @@ def choose_attention(setting: bool | None, model: nn.Module, device: torch.devic
                 "kernels only compiled on CUDA and has no flex attention backward on CPU. Allowed here: None or False."
             )
         return AttentionChoice(LONGCTX_FLEX, name, "flex_attention=True")
-    quadratic = " whose [batch, heads, T, T] scores grow with the square of the sequence" if current == "eager" else ""
+    quadratic = (
+        ", whose [batch, heads, T, T] scores grow with the square of the sequence" if current == "eager" else ""
+    )
     if setting is False:
         return AttentionChoice(current, name, f"the model's own{quadratic}, as flex_attention=False asks")
     if not sinks:
