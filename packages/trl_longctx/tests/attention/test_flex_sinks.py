@@ -42,9 +42,9 @@ SINKS = (-4.0, 0.0, 2.5, 9.0)
 LAYERS = [("sliding", 47, 16), ("full", 47, None), ("sliding", 130, 128), ("full", 130, None), ("sliding", 130, 33)]
 
 
-def padding(length: int) -> torch.Tensor:
+def padding(length: int, device="cpu") -> torch.Tensor:
     """`[3, T]` bool: row 0 unpadded, row 1 left-padded (5), row 2 left- (17) and right-padded (4)."""
-    mask = torch.ones(BATCH, length, dtype=torch.bool)
+    mask = torch.ones(BATCH, length, dtype=torch.bool, device=device)
     mask[1, :5] = False
     mask[2, :17] = False
     mask[2, -4:] = False
@@ -55,12 +55,13 @@ def mask_function(window):
     return causal_mask_function if window is None else sliding_window_causal_mask_function(window)
 
 
-def masks(length: int, window, dtype):
+def masks(length: int, window, dtype, device="cpu"):
     """transformers' eager mask `[B, 1, T, T]` and the same mask function as a `BlockMask`."""
-    pad = padding(length)
-    eager = eager_mask(BATCH, length, length, mask_function=mask_function(window), attention_mask=pad, dtype=dtype)
+    pad = padding(length, device)
+    eager = eager_mask(BATCH, length, length, mask_function=mask_function(window), attention_mask=pad, dtype=dtype,
+                       device=device)  # fmt: skip
     rule = and_masks(mask_function(window), padding_mask_function(pad))
-    block = create_block_mask(rule, BATCH, None, length, length, device="cpu", _compile=False)
+    block = create_block_mask(rule, BATCH, None, length, length, device=device, _compile=False)
     return eager, block
 
 
@@ -75,13 +76,14 @@ class Attention(nn.Module):
         self.sinks = None if sinks is None else nn.Parameter(sinks)
 
 
-def inputs(length: int, with_sinks: bool = True):
+def inputs(length: int, with_sinks: bool = True, device="cpu"):
     """float64 q `[B, Hq, T, D]`, k, v `[B, Hkv, T, D]`, sinks `[Hq]` and the output gradient `[B, T, Hq, D]`."""
     q = torch.randn(BATCH, HEADS, length, HEAD_DIM, dtype=torch.float64)
     k = torch.randn(BATCH, KV_HEADS, length, HEAD_DIM, dtype=torch.float64)
     v = torch.randn(BATCH, KV_HEADS, length, HEAD_DIM, dtype=torch.float64)
     sinks = torch.tensor(SINKS, dtype=torch.float64) if with_sinks else None
-    return q, k, v, sinks, torch.randn(BATCH, length, HEADS, HEAD_DIM, dtype=torch.float64)
+    grad_out = torch.randn(BATCH, length, HEADS, HEAD_DIM, dtype=torch.float64)
+    return tuple(None if t is None else t.to(device) for t in (q, k, v, sinks, grad_out))
 
 
 def output_and_grads(attention, dtype, q, k, v, sinks, grad_out, **options):
@@ -103,29 +105,33 @@ def check(ours, reference, tolerances, what):
         assert_close(mine, theirs, f"{what}: grad of {name}", atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize(("layer", "length", "window"), LAYERS, ids=[f"{a}-T{t}-w{w}" for a, t, w in LAYERS])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_sinks_match_gpt_oss_eager(layer, length, window, dtype):
-    q, k, v, sinks, grad_out = inputs(length)
-    eager, block = masks(length, window, torch.float64)
+def compare_with_gpt_oss_eager(layer, length, window, dtype, device="cpu"):
+    """Ours in `dtype` against gpt-oss's eager attention in float64 (and, for bf16, eager in bf16), on `device`."""
+    q, k, v, sinks, grad_out = inputs(length, device=device)
+    eager, block = masks(length, window, torch.float64, device)
     reference = output_and_grads(gpt_oss_eager, torch.float64, q, k, v, sinks, grad_out, attention_mask=eager)
     ours = output_and_grads(flex_attention_forward, dtype, q, k, v, sinks, grad_out, attention_mask=block)
-    what = f"{layer} T={length} {dtype}"
+    what = f"{layer} T={length} {dtype} on {device}"
     if dtype != torch.bfloat16:
         check(ours, reference, TOLERANCES[dtype], what)
         return
-    low, _ = masks(length, window, dtype)
+    low, _ = masks(length, window, dtype, device)
     naive = output_and_grads(gpt_oss_eager, dtype, q, k, v, sinks, grad_out, attention_mask=low)
     for kind, mine, theirs, base in (
-        ("output", [ours[0]], [naive[0]], [reference[0]]),
+        ("out", [ours[0]], [naive[0]], [reference[0]]),
         ("grads", ours[1], naive[1], reference[1]),
     ):
-        slack = BF16_SLACK["out" if kind == "output" else "grads"]
         for name, m, n, r in zip("qkvs", mine, theirs, base, strict=False):
             error, naive_error = (m - r).abs().max().item(), (n - r).abs().max().item()
-            assert error <= 2 * naive_error + slack, (
+            assert error <= 2 * naive_error + BF16_SLACK[kind], (
                 f"{what} {kind} {name}: {error:.3g} vs eager bf16 {naive_error:.3g}"
             )
+
+
+@pytest.mark.parametrize(("layer", "length", "window"), LAYERS, ids=[f"{a}-T{t}-w{w}" for a, t, w in LAYERS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_sinks_match_gpt_oss_eager(layer, length, window, dtype):
+    compare_with_gpt_oss_eager(layer, length, window, dtype)
 
 
 def test_sinks_reach_the_output_and_their_gradient():
