@@ -54,9 +54,16 @@ def test_choice_keeps_a_model_without_flex_support(monkeypatch):
     assert not choice.ours and "declares no flex attention support; flex_attention=True tries" in choice.reason
 
 
-def test_true_needs_cuda():
+def test_ours_needs_cuda():
     with pytest.raises(ValueError, match=r"flex_attention=True needs training on CUDA, got cpu.*None or False"):
         choose_attention(True, gpt_oss(), CPU)
+    for setting in (None, False, True):
+        assert (
+            choose_attention(setting, gpt_oss(LONGCTX_FLEX), CUDA).reason
+            == "loaded with attn_implementation='longctx_flex'"
+        )
+        with pytest.raises(ValueError, match=r"loaded with attn_implementation='longctx_flex', which trains on CUDA"):
+            choose_attention(setting, gpt_oss(LONGCTX_FLEX), CPU)
 
 
 def test_use_flex_attention_registers_and_switches_through_peft():

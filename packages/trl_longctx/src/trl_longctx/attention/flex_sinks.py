@@ -3,7 +3,7 @@
 gpt-oss gives every head a learned sink logit `c` (transformers' `s_aux`, the attention module's `sinks`): one more
 column of the softmax that takes probability mass and contributes no value. transformers 5.17 trains such models with
 `eager` attention, which holds `[batch, heads, T, T]` scores per layer; its `flex_attention` folds the sink in too but
-refuses to run on CPU (so it cannot be checked there) and does the folding in the activations' dtype. Here torch's
+refuses sinks on CPU (so it cannot be checked there) and does the folding in the activations' dtype. Here torch's
 flex attention runs over a `BlockMask` (causal, sliding window, padding: transformers' masking utilities build it
 from the model's config) and the sink is folded into its output exactly, through the log-sum-exp it returns.
 
@@ -74,6 +74,7 @@ def sink_flex_attention(
     *,
     scale: float | None = None,
     softcap: float | None = None,
+    kernel_options: dict | None = None,
 ) -> torch.Tensor:
     """Flex attention over `block_mask`, with one learned sink logit per query head folded in (module docstring).
 
@@ -85,6 +86,7 @@ def sink_flex_attention(
         sinks: `[Hq]` sink logits (any float dtype, used in the `lse` dtype), or `None` for plain attention.
         scale: Factor of `q @ k^T`; `None`: `D ** -0.5`.
         softcap: Scores become `softcap * tanh(score / softcap)` before the softmax (Gemma 2); `None`: unchanged.
+        kernel_options: Passed to flex attention (its Triton kernels' block sizes, stages, ...).
 
     Returns:
         `[B, Hq, T, Dv]` in the dtype of `query`.
@@ -102,6 +104,7 @@ def sink_flex_attention(
         "block_mask": block_mask,
         "scale": scale,
         "enable_gqa": query.size(1) != key.size(1),
+        "kernel_options": kernel_options,
     }
     if sinks is None:
         return kernel(query, key, value, **options)
@@ -132,7 +135,8 @@ def flex_attention_forward(
         module: The attention module (its `is_causal` is checked when no mask comes).
         query, key, value: `[B, heads, T, head_dim]` as the model's attention module passes them.
         attention_mask: The `BlockMask`; `None` only for a non-causal module.
-        scaling, softcap, s_aux: As `sink_flex_attention`'s `scale`, `softcap` and `sinks`.
+        scaling, softcap, s_aux: As `sink_flex_attention`'s `scale`, `softcap` and `sinks`; a `kernel_options`
+            keyword is passed on too.
         dropout: Must be 0: flex attention has no dropout.
 
     Returns:
@@ -160,7 +164,10 @@ def flex_attention_forward(
             f"attn_implementation={LONGCTX_FLEX!r} got no attention mask for the causal {type(module).__name__}: "
             "without a BlockMask every query would see every key."
         )
-    out = sink_flex_attention(query, key, value, attention_mask, s_aux, scale=scaling, softcap=softcap)
+    out = sink_flex_attention(
+        query, key, value, attention_mask, s_aux, scale=scaling, softcap=softcap,
+        kernel_options=kwargs.get("kernel_options"),
+    )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -50,8 +50,8 @@ def _pretrained(model: nn.Module) -> nn.Module:
 
 
 def has_attention_sinks(model: nn.Module) -> bool:
-    """Whether an attention module of `model` holds learned sink logits (a `sinks` parameter, as transformers'
-    gpt-oss, GraniteSWA, DeepSeek-V4 and MiMo-V2-Flash attention modules do)."""
+    """Whether an attention module of `model` holds learned sink logits: a `sinks` parameter, as the attention modules
+    of transformers' gpt-oss (and of the later models that copied it) do."""
     return any(isinstance(getattr(module, "sinks", None), nn.Parameter) for module in model.modules())
 
 
@@ -67,11 +67,18 @@ def choose_attention(setting: bool | None, model: nn.Module, device: torch.devic
         The `AttentionChoice`; nothing is changed on the model (`use_flex_attention` does that).
 
     Raises:
-        ValueError: `setting=True` on a device other than CUDA.
+        ValueError: Our attention asked for (`setting=True`, or the model loaded with it) on a device other than CUDA.
     """
     pretrained = _pretrained(model)
     name, current = type(pretrained).__name__, pretrained.config._attn_implementation
     sinks = has_attention_sinks(pretrained)
+    if current == LONGCTX_FLEX:
+        if device.type != "cuda":
+            raise ValueError(
+                f"{name} was loaded with attn_implementation={LONGCTX_FLEX!r}, which trains on CUDA only (torch has no "
+                f"flex attention backward on {device.type}); load it with the model's own attention instead."
+            )
+        return AttentionChoice(LONGCTX_FLEX, name, f"loaded with attn_implementation={LONGCTX_FLEX!r}")
     if setting is True:
         if device.type != "cuda":
             raise ValueError(
