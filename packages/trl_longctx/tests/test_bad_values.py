@@ -150,6 +150,7 @@ def test_paths(run, tmp_path):
         ),
         ({"logprob_backend": "triton"}, r"logprob_backend must be 'auto' or 'torch' on cpu, got 'triton'"),
         ({"offload_checkpoints": True, "gradient_checkpointing": False}, r"offload_checkpoints=True needs"),
+        ({"flex_attention": True}, r"flex_attention must be None or False when training on cpu, got True: torch's"),
     ],
 )
 def test_combinations(run, entries, message):

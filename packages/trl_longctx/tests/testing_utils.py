@@ -1,5 +1,8 @@
 """Helpers shared by the trl_longctx tests (on sys.path through the tests folder's conftest)."""
 
+import contextlib
+import inspect
+
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
@@ -48,3 +51,28 @@ def build_model(arch: str, lora: bool = False, use_reentrant: bool = False, laye
         targets = ["gate_proj", "up_proj", "down_proj", "q_proj", "v_proj"]
         model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     return model.train()
+
+
+@contextlib.contextmanager
+def flex_backward_on_cpu():
+    """Let torch's flex attention run its backward on CPU, for the tests only.
+
+    torch 2.13 refuses `flex_attention` on CPU inputs that require grad with one check (`_validate_device`); behind
+    it the uncompiled path runs flex attention's reference implementation (dense scores, the same higher-order op
+    the compiled kernels lower), whose backward computes on CPU too. Lifting that check lets the tests compare
+    `trl_longctx.attention` and its gradients with eager attention. Fails loudly when torch no longer has the check.
+    """
+    from torch.nn.attention import flex_attention as module
+
+    check = module._validate_device
+    assert list(inspect.signature(check).parameters) == ["query", "key", "value"], "torch's flex check moved"
+
+    def allow_cpu_backward(query, key, value):
+        if query.device.type != "cpu":
+            check(query, key, value)
+
+    module._validate_device = allow_cpu_backward
+    try:
+        yield
+    finally:
+        module._validate_device = check

@@ -262,6 +262,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _flag("vllm_importance_sampling_correction"),
     _flag("gradient_checkpointing"),
     _flag("offload_checkpoints", none=_AUTO),
+    _flag("flex_attention", none=_AUTO),
     _flag("skip_nonfinite_steps"),
     _flag("retry_on_oom"),
     _flag("use_cpu"),
@@ -472,6 +473,16 @@ def _offload_needs_checkpointing(config) -> str | None:
     return None
 
 
+def _flex_attention_on_cuda(config) -> str | None:
+    # Compiled flex attention runs its fused kernels on CUDA; torch has no flex attention backward on CPU.
+    if config.flex_attention is True and config.device.type != "cuda":
+        return (
+            f"flex_attention must be None or False when training on {config.device.type}, got True: torch's flex "
+            "attention has no backward on CPU and runs fused (memory linear in the sequence) only compiled on CUDA."
+        )
+    return None
+
+
 COMBINATIONS: tuple[Combination, ...] = (
     Combination(
         ("vllm_importance_sampling_mode", "loss_type"),
@@ -488,6 +499,11 @@ COMBINATIONS: tuple[Combination, ...] = (
         ("offload_checkpoints", "gradient_checkpointing"),
         "offload_checkpoints=True only with gradient_checkpointing=True",
         _offload_needs_checkpointing,
+    ),
+    Combination(
+        ("flex_attention", "use_cpu"),
+        "flex_attention=True only when training on CUDA (not with use_cpu=True, nor without a GPU)",
+        _flex_attention_on_cuda,
     ),
 )
 

@@ -36,7 +36,7 @@ import torch
 from longctx_kernels import default_chunk_size, resolve_backend, selective_logprobs
 
 from .memory.offload_checkpoints import CheckpointOffloader
-from .memory.planner import ChunkSizes, VisionLoad, mlp_tile_counts
+from .memory.planner import ATTENTIONS, ChunkSizes, VisionLoad, mlp_tile_counts
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
 from .moe_aux import RouterAuxLoss, RouterAuxLossMean
@@ -100,6 +100,8 @@ class LogProbPass:
         device: Where training runs.
         mode: The planner's training mode: `"lora"`, `"qlora"` or `"full"`.
         lora_rank: Rank of the LoRA adapter (the planner counts its parameters), `None` without one.
+        attention: The `attn_implementation` the decoder runs; `"longctx_flex"` is planned as such
+            (`memory.planner.ATTENTIONS`), any other as SDPA.
 
     Attributes:
         backend: `"torch"` or `"triton"`, as `longctx_kernels.resolve_backend` resolves `logprob_backend` here.
@@ -112,9 +114,17 @@ class LogProbPass:
         ValueError: `logit_chunk_multiplier` is set while the Triton backend runs (it has no logit chunk).
     """
 
-    def __init__(self, args: Any, device: torch.device, mode: str = "lora", lora_rank: int | None = None):
+    def __init__(
+        self,
+        args: Any,
+        device: torch.device,
+        mode: str = "lora",
+        lora_rank: int | None = None,
+        attention: str = "sdpa",
+    ):
         self.backend = resolved_backend(args, device)
         self._args, self._device, self._mode, self._lora_rank = args, device, mode, lora_rank
+        self._attention = attention if attention in ATTENTIONS else "sdpa"
         self.free_bytes: Callable[[], float] | None = cuda_free_bytes if device.type == "cuda" else None
         self.offloader = CheckpointOffloader()
         self.used: list[ChunkSizes] = []
@@ -204,6 +214,7 @@ class LogProbPass:
                 lora_rank=self._lora_rank or 32, offload_checkpoints=self.offload, logprob_backend=self.backend,
                 optimizer_states_allocated=optimizer_states_allocated, tile_mlps=args.tiled_mlp_chunks is None,
                 grpo_mini_batch=args.grpo_mini_batch, vision_patches=vision.patches, vision_trained=vision.trained,
+                attention=self._attention,
             )  # fmt: skip
             self._planned[key] = planned
             if planned.grpo_mini_batch < sequences or planned.tiled_mlp_chunks > 1:

@@ -43,7 +43,7 @@ __all__ = [
 # that order.
 FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend")),
-    ("memory", ("offload_checkpoints", "tiled_mlp_chunks")),
+    ("memory", ("offload_checkpoints", "tiled_mlp_chunks", "flex_attention")),
     ("compilation of the training path", ("compile_decoder_layers",)),
     ("generation with vLLM", ("use_vllm_when_available",)),
     (
@@ -118,6 +118,20 @@ class LongContextGRPOConfig(GRPOConfig):
             "more MLP forward per layer. `1` turns it off. `None`: on CUDA the memory planner tiles only when the "
             "untiled step does not fit in the free memory even one sequence per decoder pass, with the fewest tiles "
             "that fit (tiles of at least 8,192 tokens); elsewhere untiled."
+        },
+    )
+    flex_attention: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run the decoder's attention as `trl_longctx.attention` (registered with transformers as "
+            '`attn_implementation="longctx_flex"`): torch\'s flex attention, compiled, over a block mask (causal, '
+            "sliding window, padding), with learned attention sinks (gpt-oss) folded in exactly through the "
+            "log-sum-exp it returns; its memory grows linearly with the sequence. `None` turns it on when training "
+            "on CUDA a model with attention sinks that runs `eager` attention (the only trainable one transformers "
+            "gives it, whose `[batch, heads, T, T]` scores grow with the square of the sequence), and keeps the "
+            "model's own attention otherwise. `True` runs it for any model whose attention goes through "
+            "transformers' `AttentionInterface` (sliding-window models too); CUDA only, as torch's flex attention "
+            "has no backward on CPU. `False` keeps the model's own. The log says which attention runs and why."
         },
     )
 

@@ -9,6 +9,7 @@ import logging
 from trl import GRPOTrainer
 
 from . import oom_retry
+from .attention import choose_attention, use_flex_attention
 from .checkpoints import atomic_checkpoint
 from .compile_regions import compile_decoder_layers
 from .distributed import ForwardRedirection, full_tensor
@@ -71,6 +72,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args=plan.trl_args(args), **kwargs)
         self.args.use_vllm, self.args.vllm_enable_sleep_mode = plan.uses_vllm, args.vllm_enable_sleep_mode
         self._attach_shared_engine(engine)
+        self._select_attention()
         self._prepare_log_prob_path()
         guard_reward_functions(self)  # errors name the reward function and the step
         logger.warning(plan.describe())
@@ -106,6 +108,17 @@ class LongContextGRPOTrainer(GRPOTrainer):
 
             self._adapter_merger = AdapterMerger(self.accelerator.unwrap_model(self.model))
 
+    def _select_attention(self) -> None:
+        """Resolve `flex_attention` for the model (`trl_longctx.attention`), switch it (and a separate reference
+        model) to our flex attention when chosen, and log which attention runs."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.attention = choose_attention(self.args.flex_attention, unwrapped, self.accelerator.device)
+        if self.attention.ours:
+            use_flex_attention(unwrapped)
+            if getattr(self, "ref_model", None) is not None:
+                use_flex_attention(self.accelerator.unwrap_model(self.ref_model))
+        logger.warning(self.attention.describe())
+
     def _prepare_log_prob_path(self) -> None:
         """What the fused log-prob pass reuses across steps: compiled layers, the checkpoint offloader, the planner."""
         compile_setting = getattr(self.args, "compile_decoder_layers", None)
@@ -117,8 +130,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
         peft = getattr(unwrapped, "peft_config", {}).get("default")
         # The sizes of every pass (planner, OOM retry caps) and the offloader whose pinned buffers every step reuses.
         self.logprob_pass = LogProbPass(
-            self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None)
-        )
+            self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None),
+            attention=self.attention.implementation,
+        )  # fmt: skip
         self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
         self._forward_redirection = ForwardRedirection()
 

@@ -59,6 +59,35 @@ def test_layer_recompute_bytes_by_hand():
     assert final_norm_backward_bytes_per_token(TINY) == 6 * 4 * 8
 
 
+def test_flex_attention_with_sinks_is_linear_in_the_length():
+    # Our flex attention with sinks (`trl_longctx.attention`) saves the sink factor twice: fp32 (sigmoid's output)
+    # and bf16 (the product's input), 6 x heads bytes per token more than SDPA; no term grows faster than the tokens.
+    for mode in ("lora", "qlora", "full"):
+        sdpa = layer_recompute_bytes_per_token(TINY, mode)
+        flex = layer_recompute_bytes_per_token(TINY, mode, attention="longctx_flex")
+        assert sum(flex.values()) - sum(sdpa.values()) == 6 * TINY.num_attention_heads
+    recompute = "recompute working set (1 layer)"
+    plans = {}
+    for attention in ("sdpa", "longctx_flex"):
+        for length in (1000, 2000, 4000):
+            setup = TrainSetup.for_path("ours", 2, 0, length, attention=attention, lora_rank=2)
+            plans[attention, length] = plan_memory(TINY, setup, activation_scale=1.0).components[recompute]
+        assert plans[attention, 4000] == 2 * plans[attention, 2000] == 4 * plans[attention, 1000]
+    assert plans["longctx_flex", 1000] - plans["sdpa", 1000] == 6 * TINY.num_attention_heads * 2 * 1000
+    with pytest.raises(ValueError, match=r"attention must be one of \['sdpa', 'longctx_flex'\], got 'eager'"):
+        TrainSetup(2, 0, 100, attention="eager")
+    # The planner sizes the pass for it: never a larger mini batch than for SDPA, a smaller one in some band of memory.
+    batches = {
+        attention: [
+            auto_chunk_sizes(TINY, free, 4, 0, 1000, attention=attention, lora_rank=2, margin=0).grpo_mini_batch
+            for free in (int(1.01**i) for i in range(1100, 1500))
+        ]
+        for attention in ("sdpa", "longctx_flex")
+    }
+    pairs = list(zip(batches["longctx_flex"], batches["sdpa"], strict=True))
+    assert all(flex <= sdpa for flex, sdpa in pairs) and any(flex < sdpa for flex, sdpa in pairs)
+
+
 @pytest.mark.parametrize(
     ("layers", "mode", "offload", "expected"),
     [

@@ -40,6 +40,12 @@ Bytes alive then, each derived from the ops of transformers 5.17's Llama/Qwen3 l
   back-propagated (`vision_saved_bytes_per_patch`, when the tower takes gradients; a frozen tower keeps nothing). The
   image tokens themselves are part of `P` (the processor writes one token per merged patch into the prompt).
 
+Attention is linear in `T` in both of the attentions the planner models (`TrainSetup.attention`): SDPA's fused
+kernels, and `"longctx_flex"` (`trl_longctx.attention`: compiled flex attention, which saves the same q, k, v,
+output and fp32 logsumexp, never a `[T, T]` score matrix) with attention sinks, whose folding keeps `6 heads` more
+bytes per token (the sink factor, fp32 from its sigmoid and its bf16 cast for the product). Eager attention, which
+holds `[m, heads, T, T]` scores, is not modelled.
+
 Phase B, the log-prob step of the first mini-batch back-propagated, on top of the same weights and checkpoints
 (offload: the last layer's input and the embedding output): its final norm's saved fp32 input `N * 4H`, the last
 hidden state `N * 2H`, and the path's own tensors:
@@ -82,6 +88,8 @@ GIB = 2**30
 MODES = ("lora", "qlora", "full")
 LOGPROB_PATHS = ("fused", "trl", "materialized")
 LOGPROB_BACKENDS = ("triton", "torch")
+# Attentions the recompute working set is modelled for: SDPA's fused kernels; our flex attention with sinks.
+ATTENTIONS = ("sdpa", "longctx_flex")
 BF16 = 2
 FP32 = 4
 # NF4 with double quantization (bitsandbytes): 4 bits per weight plus ~0.127 bits of block scales.
@@ -270,6 +278,7 @@ class TrainSetup:
         vision_patches: Patches each sequence's images feed the vision tower (`pixel_values` rows); 0 = no images.
             The image tokens are already part of `prompt_length`.
         vision_trained: Whether the vision tower takes gradients (then it keeps `vision_saved_bytes_per_patch`).
+        attention: `"sdpa"` or `"longctx_flex"` (`trl_longctx.attention`, with attention sinks); see `ATTENTIONS`.
     """
 
     num_generations: int
@@ -285,6 +294,7 @@ class TrainSetup:
     tiled_mlp_chunks: int = 1
     vision_patches: int = 0
     vision_trained: bool = False
+    attention: str = "sdpa"
 
     def __post_init__(self):
         for name in ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks"):
@@ -295,7 +305,12 @@ class TrainSetup:
                 _check_int(name, getattr(self, name), 1)
         if self.grpo_mini_batch is not None and self.grpo_mini_batch > self.num_generations:
             raise ValueError(f"grpo_mini_batch must be <= num_generations, got {self.grpo_mini_batch}.")
-        for name, allowed in (("mode", MODES), ("logprob_path", LOGPROB_PATHS), ("logprob_backend", LOGPROB_BACKENDS)):
+        for name, allowed in (
+            ("mode", MODES),
+            ("logprob_path", LOGPROB_PATHS),
+            ("logprob_backend", LOGPROB_BACKENDS),
+            ("attention", ATTENTIONS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
 
@@ -349,7 +364,9 @@ class MemoryPlan:
                        ("total", self.total / GIB)]  # fmt: skip
 
 
-def layer_recompute_bytes_per_token(shape: ModelShape, mode: str = "lora", tiles: int = 1) -> dict[str, float]:
+def layer_recompute_bytes_per_token(
+    shape: ModelShape, mode: str = "lora", tiles: int = 1, attention: str = "sdpa"
+) -> dict[str, float]:
     """Bytes per token alive at the peak of one decoder layer's backward, by kind (formulas: module docstring).
 
     LoRA (fp32 adapters): the peak is the down adapter's input cast (`[N, I]` to fp32, then back to bf16 by
@@ -361,12 +378,17 @@ def layer_recompute_bytes_per_token(shape: ModelShape, mode: str = "lora", tiles
     gate/up adapter inputs) is held for one tile at a time: those terms are divided by `tiles`; the tiles' outputs,
     kept until they are concatenated, add one `[N, H]` bf16 tensor.
 
+    With `attention="longctx_flex"` the attention saves `6 * heads` bytes more per token (the sink factor); every
+    term stays per token: no term grows with `T` beyond the token count.
+
     Returns:
         `{"saved for backward", "forward values", "adapter cast", "gradients"}`, bytes per token.
     """
     h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_size, shape.kv_size
     saved = FP32 * h + FP32 * h  # input and post-attention RMSNorm: fp32 upcast of the input
     saved += BF16 * (2 * q + 2 * kv) + FP32 * shape.num_attention_heads  # SDPA's q, k, v, output; logsumexp
+    if attention == "longctx_flex":
+        saved += (FP32 + BF16) * shape.num_attention_heads  # sigmoid(lse - sink): its fp32 output, its bf16 cast
     if shape.qk_norm:
         saved += FP32 * (q + kv)  # q_norm and k_norm: fp32 upcasts
     mlp_saved = BF16 * 3 * i  # gate (SiLU's input), up and silu(gate) (the product's inputs)
@@ -526,7 +548,8 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
     # mini-batch has been back-propagated, every layer has its gradient.
     done_before = layers if j < len(batches) - 1 else 0
     layers_done = max(done_before, layers - 2 if offload and layers >= 3 else 0)
-    recompute = sum(layer_recompute_bytes_per_token(shape, setup.mode, setup.tiled_mlp_chunks).values()) * tokens
+    per_token = layer_recompute_bytes_per_token(shape, setup.mode, setup.tiled_mlp_chunks, setup.attention)
+    recompute = sum(per_token.values()) * tokens
     a = {
         **_static_bytes(shape, setup, layers_done),
         "checkpointed layer inputs on GPU": BF16 * h * tokens * current_inputs + inputs_before,
@@ -655,6 +678,7 @@ def auto_chunk_sizes(
     grpo_mini_batch: int | None = None,
     vision_patches: int = 0,
     vision_trained: bool = False,
+    attention: str = "sdpa",
 ) -> ChunkSizes:
     """The largest mini-batch and logit chunk (and, with `tile_mlps`, the fewest MLP tiles) whose predicted step fits
     in `free_bytes` with a `margin`.
@@ -685,6 +709,7 @@ def auto_chunk_sizes(
         tile_mlps: Whether MLP tiles may be chosen (otherwise `tiled_mlp_chunks` is 1).
         grpo_mini_batch: A mini-batch fixed by the user (a divisor of `num_sequences`); `None` = chosen here.
         vision_patches, vision_trained: As in `TrainSetup` (the images of a vision-language model).
+        attention: As in `TrainSetup`.
 
     Returns:
         `ChunkSizes(grpo_mini_batch, logit_chunk_tokens, tiled_mlp_chunks)`, all `>= 1`; the mini-batch divides
@@ -702,7 +727,7 @@ def auto_chunk_sizes(
     _check_int("max_logit_chunk_tokens", cap, 1)
     base = TrainSetup(num_sequences, prompt_len, completion_len, mode=mode, lora_rank=lora_rank,
                       offload_checkpoints=offload_checkpoints, logprob_backend=logprob_backend,
-                      vision_patches=vision_patches, vision_trained=vision_trained)  # fmt: skip
+                      vision_patches=vision_patches, vision_trained=vision_trained, attention=attention)  # fmt: skip
     resident = _resident_bytes(shape, base, optimizer_states_allocated)
 
     def fits(mini_batch: int, chunk: int, tiles: int = 1) -> bool:
