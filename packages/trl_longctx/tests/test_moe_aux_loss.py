@@ -83,6 +83,14 @@ def make_trainer(arch: str, tmp_path, **overrides) -> LongContextGRPOTrainer:
     )
 
 
+def as_in_training(trainer) -> None:
+    """The model as `Trainer.train()` leaves it for a step: gradient checkpointing on (offloading needs it), train
+    mode."""
+    kwargs = trainer.args.gradient_checkpointing_kwargs
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    trainer.model.train()
+
+
 def run(implementation, trainer, input_ids, attention_mask, keep, batch_size=None):
     """Log-probs, entropies, aux loss, and the LoRA gradients of logps + entropies + AUX_COEF * aux and of aux."""
     model = trainer.model
@@ -109,16 +117,26 @@ def assert_same(ours, trl):
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-@pytest.mark.parametrize("overrides", [{}, {"grpo_mini_batch": 1}], ids=["one-pass", "decoder-mini-batch-1"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"grpo_mini_batch": 1}, {"tiled_mlp_chunks": 4}, {"tiled_mlp_chunks": 4, "offload_checkpoints": True}],
+    ids=["one-pass", "decoder-mini-batch-1", "tiled-experts", "tiled-experts-offloaded"],
+)
 def test_aux_loss_logps_and_grads_match_trl_path(arch, overrides, tmp_path, monkeypatch):
+    """Our path (its decoder in mini batches, its experts tiled, its checkpoints offloaded) against TRL's untiled one:
+    tiling the experts leaves the recorded router logits, hence the aux loss, as they are."""
     trainer = make_trainer(arch, tmp_path, **overrides)
     assert trainer.aux_loss_enabled  # TRL turns it on for MoE configs
+    as_in_training(trainer)
     passes = []
     monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
     input_ids, attention_mask, keep = random_batch(trainer.model.config.vocab_size)
     ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
+    offloaded = trainer.logprob_pass.offloader.offloaded_count
     trl = run(GRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
     assert passes and passes[0].grpo_mini_batch == overrides.get("grpo_mini_batch", 3)  # our path ran
+    assert passes[0].tiled_mlp_chunks == overrides.get("tiled_mlp_chunks", 1)
+    assert offloaded == (1 if overrides.get("offload_checkpoints") else 0)  # layer 0's input of the one pass
     assert_same(ours, trl)
 
 
