@@ -9,7 +9,7 @@ import torch
 import transformers
 from peft import LoraConfig
 from test_longctx_grpo_trainer import random_batch, varied_reward
-from testing_utils import assert_close
+from testing_utils import assert_close, moe_config
 from trl import GRPOTrainer
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
@@ -29,36 +29,17 @@ AUX_COEF = 10.0
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
 
 
-def tiny_moe(arch: str, tokenizer) -> transformers.PreTrainedModel:
-    """A tiny random MoE causal LM of `arch` in fp32: 2 layers, 4 experts, top-2, eager attention."""
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-        "num_experts_per_tok": 2,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if arch == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=32, num_experts=4)
-    else:  # gpt-oss: attention sinks, alternating sliding-window / full layers (eager: it has no sdpa)
-        config = transformers.GptOssConfig(
-            **common, head_dim=32, num_local_experts=4, sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        )  # fmt: skip
-    config._attn_implementation = "eager"
-    return transformers.AutoModelForCausalLM.from_config(config)
+def tiny_moe(arch: str, tokenizer, **config) -> transformers.PreTrainedModel:
+    """A tiny random MoE causal LM of `arch` (`testing_utils.moe_config`, 2 layers, `config` on top) in fp32 for
+    `tokenizer`."""
+    special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+    return transformers.AutoModelForCausalLM.from_config(moe_config(arch, vocab=len(tokenizer), **special, **config))
 
 
-def make_trainer(arch: str, tmp_path, peft_config: LoraConfig = LORA, **overrides) -> LongContextGRPOTrainer:
-    """Our trainer on a tiny MoE with LoRA (`peft_config`), on CPU in fp32."""
+def make_trainer(
+    arch: str, tmp_path, peft_config: LoraConfig = LORA, model_config: dict | None = None, **overrides
+) -> LongContextGRPOTrainer:
+    """Our trainer on a tiny MoE (`model_config` on top of `tiny_moe`'s) with LoRA (`peft_config`), on CPU in fp32."""
     tokenizer = build_char_tokenizer()
     settings = {
         "output_dir": str(tmp_path),
@@ -74,7 +55,7 @@ def make_trainer(arch: str, tmp_path, peft_config: LoraConfig = LORA, **override
     }
     settings.update(overrides)
     return LongContextGRPOTrainer(
-        model=tiny_moe(arch, tokenizer),
+        model=tiny_moe(arch, tokenizer, **(model_config or {})),
         reward_funcs=varied_reward,
         args=LongContextGRPOConfig(**settings),
         train_dataset=make_copy_letter_dataset(32),
@@ -178,6 +159,26 @@ def test_unsupported_architecture_goes_to_trl_path_logged(tmp_path, monkeypatch,
         )
     assert len(handed_back) == 1
     assert "Qwen3MoeForCausalLM" in caplog.text and "does not record router logits" in caplog.text
+    assert "build the trainer with router_aux_loss_coef=0.0 in its config, or in the model config" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["trainer config", "model config"])
+def test_zero_aux_loss_coef_keeps_the_fused_path(where, tmp_path, monkeypatch):
+    """What the hand-back warning advises, checked on TRL 1.16: with router_aux_loss_coef=0.0 in the trainer config,
+    or in the model config while the trainer's is None, TRL asks for no aux loss and every pass of a training step is
+    ours, even for a decoder whose aux loss we could not compute."""
+    settings = {"router_aux_loss_coef": 0.0} if where == "trainer config" else {}
+    model_config = {"router_aux_loss_coef": 0.0} if where == "model config" else {}
+    trainer = make_trainer("qwen3_moe", tmp_path, model_config=model_config, **settings)
+    assert not trainer.aux_loss_enabled
+    decoder = type(trainer.model.get_base_model().get_decoder())
+    recorded = {k: v for k, v in decoder._can_record_outputs.items() if k != "router_logits"}
+    monkeypatch.setattr(decoder, "_can_record_outputs", recorded)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", _refuse_trl)
+    passes = []
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
+    trainer.train()
+    assert passes and "aux_loss" not in trainer.state.log_history[0]
 
 
 def _recording(sizes, passes):
@@ -190,3 +191,7 @@ def _recording(sizes, passes):
 
 def _refuse(*args, **kwargs):
     raise AssertionError("the fused log-prob pass ran for a model it cannot serve")
+
+
+def _refuse_trl(*args, **kwargs):
+    raise AssertionError("TRL's log-prob path ran")
