@@ -92,6 +92,9 @@ class LogProbPass:
         device: Where training runs.
         mode: The planner's training mode: `"lora"`, `"qlora"` or `"full"`.
         lora_rank: Rank of the LoRA adapter (the planner counts its parameters), `None` without one.
+        lora_experts: Whether the adapter is also on MoE expert weights (PEFT `target_parameters`).
+        router_aux_loss: Whether the router aux loss is computed (TRL's `aux_loss_enabled`), so that its router
+            logits are kept.
 
     Attributes:
         backend: `"torch"` or `"triton"`, as `longctx_kernels.resolve_backend` resolves `logprob_backend` here.
@@ -104,9 +107,19 @@ class LogProbPass:
         ValueError: `logit_chunk_multiplier` is set while the Triton backend runs (it has no logit chunk).
     """
 
-    def __init__(self, args: Any, device: torch.device, mode: str = "lora", lora_rank: int | None = None):
+    def __init__(
+        self,
+        args: Any,
+        device: torch.device,
+        mode: str = "lora",
+        lora_rank: int | None = None,
+        *,
+        lora_experts: bool = False,
+        router_aux_loss: bool = True,
+    ):
         self.backend = resolved_backend(args, device)
         self._args, self._device, self._mode, self._lora_rank = args, device, mode, lora_rank
+        self._moe = {"lora_experts": lora_experts, "router_aux_loss": router_aux_loss}
         self.free_bytes: Callable[[], float] | None = cuda_free_bytes if device.type == "cuda" else None
         self.offloader = CheckpointOffloader()
         self.used: list[ChunkSizes] = []
@@ -186,7 +199,7 @@ class LogProbPass:
                 config, free, sequences, length - completion, completion, mode=self._mode,
                 lora_rank=self._lora_rank or 32, offload_checkpoints=self.offload, logprob_backend=self.backend,
                 optimizer_states_allocated=optimizer_states_allocated, tile_mlps=args.tiled_mlp_chunks is None,
-                grpo_mini_batch=args.grpo_mini_batch,
+                grpo_mini_batch=args.grpo_mini_batch, **self._moe,
             )  # fmt: skip
             self._planned[key] = planned
             if planned.grpo_mini_batch < sequences or planned.tiled_mlp_chunks > 1:

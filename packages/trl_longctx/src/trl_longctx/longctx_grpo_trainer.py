@@ -130,9 +130,11 @@ class LongContextGRPOTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         peft = getattr(unwrapped, "peft_config", {}).get("default")
         # The sizes of every pass (planner, OOM retry caps) and the offloader whose pinned buffers every step reuses.
+        expert_lora = any("experts" in name for name in (getattr(peft, "target_parameters", None) or ()))
         self.logprob_pass = LogProbPass(
-            self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None)
-        )
+            self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None),
+            lora_experts=expert_lora, router_aux_loss=self.aux_loss_enabled,
+        )  # fmt: skip
         self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
         self._forward_redirection = ForwardRedirection()
 
