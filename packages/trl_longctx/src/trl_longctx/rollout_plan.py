@@ -244,6 +244,7 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
             quantized=quantized, kv_cache_sizing=sizing, needs_vllm_standby=True, runtime=runtime,
             notices=tuple(notices), honoured=tuple(honoured),
         )  # fmt: skip
+    _refuse_moe_weight_sync_on_cpu(args, model, runtime)
     kv_standby, trl_sleep = _decide_trl_engine_standby(args, runtime, has_rollout_func, notices, honoured)
     return RolloutPlan(
         engine="vllm-colocate", kv_standby=kv_standby, trl_sleep_mode=trl_sleep, adapter_transport="weight-sync",
@@ -288,6 +289,10 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     if not isinstance(model, str):
         return ("the model is an instance; the shared engine loads the checkpoint itself",
                 "pass the model as a path or id (model='...')")  # fmt: skip
+    if experts := _num_experts(model):
+        return (f"the model has {experts} experts per MoE layer, which vLLM holds fused (w13_weight, w2_weight; its "
+                "CPU build also repacks them for its kernel), so the trainer's expert weights cannot be views of "
+                "them", "a dense model; this one keeps TRL's engine, which syncs the weights")  # fmt: skip
     if args.vllm_tensor_parallel_size != 1:
         return (f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}; views of vLLM's weights need them in "
                 "this process, unsharded", "vllm_tensor_parallel_size=1")  # fmt: skip
@@ -306,6 +311,54 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
         return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
                 "install a vLLM with bitsandbytes quantization (a CUDA build) and the bitsandbytes package")  # fmt: skip
     return None
+
+
+def _refuse_moe_weight_sync_on_cpu(args: Any, model: Any, runtime: VLLMRuntime) -> None:
+    """vLLM's CPU build prepacks MoE expert weights for its kernel once, after loading the checkpoint
+    (`cpu_moe`'s `process_weights_after_loading`); TRL's weight sync (`load_weights`) later writes each update into
+    those tensors in the checkpoint's layout, so rollouts after the first sync decode from scrambled experts, with no
+    error. vllm_standby's CPU weight patch keeps 2-D weights plain, not expert weights."""
+    experts = _num_experts(model) if isinstance(model, str) else _config_experts(getattr(model, "config", None))
+    if runtime.platform != "cpu" or not experts:
+        return
+    how = "use_vllm_when_available=True found it installed" if args.use_vllm_when_available else "use_vllm=True"
+    raise ValueError(
+        f"{how}, but {runtime.describe()} cannot roll out a Mixture-of-Experts model ({experts} experts per MoE "
+        "layer) that trains: it prepacks the expert weights for its CPU kernel when it loads the checkpoint, and "
+        "TRL's weight sync writes every update into them in the checkpoint's layout, so each rollout after the "
+        "first sync would decode from scrambled experts. Allowed here: use_vllm=False (and "
+        "use_vllm_when_available=False): transformers' generate."
+    )
+
+
+def _config_experts(config: Any) -> int:
+    """Experts per MoE layer of a transformers config object (0: dense, or no config)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
+
+
+def _num_experts(model: str) -> int:
+    """Experts per MoE layer of `model` (0: dense), from its `config.json` in the folder `model` or in the Hugging Face
+    cache. A Hub model not downloaded yet is not read (nothing is fetched here): its experts then surface when the
+    shared engine maps its weights (`vllm_standby.shared_hf_model` names the expert weights it has no view for)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            cached = try_to_load_from_cache(model, "config.json")
+        except HFValidationError:  # neither a folder nor a Hub id: loading the model fails later, naming it
+            return 0
+        if not isinstance(cached, str):
+            return 0
+        path = Path(cached)
+    config = json.loads(path.read_text())
+    text = config.get("text_config") or config
+    return int(text.get("num_experts") or text.get("num_local_experts") or 0)
 
 
 def _decide_shared_standby(args, runtime, notices) -> str:
