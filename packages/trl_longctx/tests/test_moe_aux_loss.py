@@ -195,3 +195,19 @@ def _refuse(*args, **kwargs):
 
 def _refuse_trl(*args, **kwargs):
     raise AssertionError("TRL's log-prob path ran")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_full_fine_tuning_steps_change_every_parameter(arch, tmp_path):
+    """Two GRPO steps of a tiny MoE, fully trained on our path with its experts tiled and its checkpoints offloaded:
+    every parameter moves (router and experts included) and TRL logs the aux loss."""
+    trainer = make_trainer(
+        arch, tmp_path, peft_config=None, max_steps=2, learning_rate=1e-2, logging_steps=1, tiled_mlp_chunks=2,
+        offload_checkpoints=True,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert not [n for n in before if torch.equal(params[n], before[n])]
+    assert all("aux_loss" in h for h in trainer.state.log_history if "reward" in h)
+    assert trainer.logprob_pass.used and all(s.tiled_mlp_chunks == 2 for s in trainer.logprob_pass.used)
