@@ -137,7 +137,9 @@ def bench_speed(args, device, record) -> None:
                         record({**base, "mode": mode, "metric": "GiB", "p20": gib, "p50": gib, "p80": gib})
                 except Exception as error:  # noqa: BLE001 - every failure is recorded, with its kind
                     kind = "OOM" if is_oom(error) else "refused"
-                    status = f"{kind}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                    status = (
+                        f"{kind}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                    )
                     record({**base, "metric": "status", "status": status})
                 finally:
                     del mask

@@ -9,7 +9,7 @@ import torch
 import transformers
 from peft import LoraConfig
 from test_longctx_grpo_trainer import random_batch, varied_reward
-from testing_utils import assert_close
+from testing_utils import assert_close, moe_config
 from trl import GRPOTrainer
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
@@ -29,36 +29,17 @@ AUX_COEF = 10.0
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
 
 
-def tiny_moe(arch: str, tokenizer) -> transformers.PreTrainedModel:
-    """A tiny random MoE causal LM of `arch` in fp32: 2 layers, 4 experts, top-2, eager attention."""
-    common = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-        "num_experts_per_tok": 2,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if arch == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(**common, head_dim=32, moe_intermediate_size=32, num_experts=4)
-    else:  # gpt-oss: attention sinks, alternating sliding-window / full layers (eager: it has no sdpa)
-        config = transformers.GptOssConfig(
-            **common, head_dim=32, num_local_experts=4, sliding_window=4,
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        )  # fmt: skip
-    config._attn_implementation = "eager"
-    return transformers.AutoModelForCausalLM.from_config(config)
+def tiny_moe(arch: str, tokenizer, **config) -> transformers.PreTrainedModel:
+    """A tiny random MoE causal LM of `arch` (`testing_utils.moe_config`, 2 layers, `config` on top) in fp32 for
+    `tokenizer`."""
+    special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+    return transformers.AutoModelForCausalLM.from_config(moe_config(arch, vocab=len(tokenizer), **special, **config))
 
 
-def make_trainer(arch: str, tmp_path, **overrides) -> LongContextGRPOTrainer:
-    """Our trainer on a tiny MoE with LoRA, on CPU in fp32."""
+def make_trainer(
+    arch: str, tmp_path, peft_config: LoraConfig = LORA, model_config: dict | None = None, **overrides
+) -> LongContextGRPOTrainer:
+    """Our trainer on a tiny MoE (`model_config` on top of `tiny_moe`'s) with LoRA (`peft_config`), on CPU in fp32."""
     tokenizer = build_char_tokenizer()
     settings = {
         "output_dir": str(tmp_path),
@@ -74,13 +55,21 @@ def make_trainer(arch: str, tmp_path, **overrides) -> LongContextGRPOTrainer:
     }
     settings.update(overrides)
     return LongContextGRPOTrainer(
-        model=tiny_moe(arch, tokenizer),
+        model=tiny_moe(arch, tokenizer, **(model_config or {})),
         reward_funcs=varied_reward,
         args=LongContextGRPOConfig(**settings),
         train_dataset=make_copy_letter_dataset(32),
         processing_class=tokenizer,
-        peft_config=LORA,
+        peft_config=peft_config,
     )
+
+
+def as_in_training(trainer) -> None:
+    """The model as `Trainer.train()` leaves it for a step: gradient checkpointing on (offloading needs it), train
+    mode."""
+    kwargs = trainer.args.gradient_checkpointing_kwargs
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    trainer.model.train()
 
 
 def run(implementation, trainer, input_ids, attention_mask, keep, batch_size=None):
@@ -92,33 +81,45 @@ def run(implementation, trainer, input_ids, attention_mask, keep, batch_size=Non
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = logps.sum() + entropies.sum() + AUX_COEF * aux
     grads = dict(zip(lora, torch.autograd.grad(total, list(lora.values()), retain_graph=True), strict=True))
-    aux_grads = dict(zip(lora, torch.autograd.grad(aux, list(lora.values())), strict=True))
+    # The last MoE layer's expert adapters (LoRA on experts) act after every router: no gradient of the aux loss.
+    aux_grads = torch.autograd.grad(aux, list(lora.values()), allow_unused=True)
+    aux_grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(lora.items(), aux_grads, strict=True)}
     return logps.detach(), entropies.detach(), aux.detach(), grads, aux_grads
 
 
-def assert_same(ours, trl):
-    assert_close(ours[0], trl[0], "logps", **TOLERANCES["logps"])
-    assert_close(ours[1], trl[1], "entropies", **TOLERANCES["logps"])
+def assert_same(ours, trl, tolerances=TOLERANCES):
+    assert_close(ours[0], trl[0], "logps", **tolerances["logps"])
+    assert_close(ours[1], trl[1], "entropies", **tolerances["logps"])
     assert ours[2].shape == () and ours[2].dtype == torch.float32
-    assert_close(ours[2], trl[2], "aux loss", **TOLERANCES["aux"])
+    assert_close(ours[2], trl[2], "aux loss", **tolerances["aux"])
     for which, ours_grads, trl_grads in (("total", ours[3], trl[3]), ("aux", ours[4], trl[4])):
         assert ours_grads.keys() == trl_grads.keys() and ours_grads
         assert any(g.abs().max() > 0 for g in ours_grads.values()), f"no gradient of {which}"
         for name in ours_grads:
-            assert_close(ours_grads[name], trl_grads[name], f"grad of {which} w.r.t. {name}", **TOLERANCES["grads"])
+            assert_close(ours_grads[name], trl_grads[name], f"grad of {which} w.r.t. {name}", **tolerances["grads"])
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
-@pytest.mark.parametrize("overrides", [{}, {"grpo_mini_batch": 1}], ids=["one-pass", "decoder-mini-batch-1"])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"grpo_mini_batch": 1}, {"tiled_mlp_chunks": 4}, {"tiled_mlp_chunks": 4, "offload_checkpoints": True}],
+    ids=["one-pass", "decoder-mini-batch-1", "tiled-experts", "tiled-experts-offloaded"],
+)
 def test_aux_loss_logps_and_grads_match_trl_path(arch, overrides, tmp_path, monkeypatch):
+    """Our path (its decoder in mini batches, its experts tiled, its checkpoints offloaded) against TRL's untiled one:
+    tiling the experts leaves the recorded router logits, hence the aux loss, as they are."""
     trainer = make_trainer(arch, tmp_path, **overrides)
     assert trainer.aux_loss_enabled  # TRL turns it on for MoE configs
+    as_in_training(trainer)
     passes = []
     monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
     input_ids, attention_mask, keep = random_batch(trainer.model.config.vocab_size)
     ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
+    offloaded = trainer.logprob_pass.offloader.offloaded_count
     trl = run(GRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
     assert passes and passes[0].grpo_mini_batch == overrides.get("grpo_mini_batch", 3)  # our path ran
+    assert passes[0].tiled_mlp_chunks == overrides.get("tiled_mlp_chunks", 1)
+    assert offloaded == (1 if overrides.get("offload_checkpoints") else 0)  # layer 0's input of the one pass
     assert_same(ours, trl)
 
 
@@ -158,6 +159,26 @@ def test_unsupported_architecture_goes_to_trl_path_logged(tmp_path, monkeypatch,
         )
     assert len(handed_back) == 1
     assert "Qwen3MoeForCausalLM" in caplog.text and "does not record router logits" in caplog.text
+    assert "build the trainer with router_aux_loss_coef=0.0 in its config, or in the model config" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["trainer config", "model config"])
+def test_zero_aux_loss_coef_keeps_the_fused_path(where, tmp_path, monkeypatch):
+    """What the hand-back warning advises, checked on TRL 1.16: with router_aux_loss_coef=0.0 in the trainer config,
+    or in the model config while the trainer's is None, TRL asks for no aux loss and every pass of a training step is
+    ours, even for a decoder whose aux loss we could not compute."""
+    settings = {"router_aux_loss_coef": 0.0} if where == "trainer config" else {}
+    model_config = {"router_aux_loss_coef": 0.0} if where == "model config" else {}
+    trainer = make_trainer("qwen3_moe", tmp_path, model_config=model_config, **settings)
+    assert not trainer.aux_loss_enabled
+    decoder = type(trainer.model.get_base_model().get_decoder())
+    recorded = {k: v for k, v in decoder._can_record_outputs.items() if k != "router_logits"}
+    monkeypatch.setattr(decoder, "_can_record_outputs", recorded)
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", _refuse_trl)
+    passes = []
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
+    trainer.train()
+    assert passes and "aux_loss" not in trainer.state.log_history[0]
 
 
 def _recording(sizes, passes):
@@ -170,3 +191,23 @@ def _recording(sizes, passes):
 
 def _refuse(*args, **kwargs):
     raise AssertionError("the fused log-prob pass ran for a model it cannot serve")
+
+
+def _refuse_trl(*args, **kwargs):
+    raise AssertionError("TRL's log-prob path ran")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_full_fine_tuning_steps_change_every_parameter(arch, tmp_path):
+    """Two GRPO steps of a tiny MoE, fully trained on our path with its experts tiled and its checkpoints offloaded:
+    every parameter moves (router and experts included) and TRL logs the aux loss."""
+    trainer = make_trainer(
+        arch, tmp_path, peft_config=None, max_steps=2, learning_rate=1e-2, logging_steps=1, tiled_mlp_chunks=2,
+        offload_checkpoints=True,
+    )  # fmt: skip
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert not [n for n in before if torch.equal(params[n], before[n])]
+    assert all("aux_loss" in h for h in trainer.state.log_history if "reward" in h)
+    assert trainer.logprob_pass.used and all(s.tiled_mlp_chunks == 2 for s in trainer.logprob_pass.used)

@@ -203,3 +203,48 @@ def test_vision_language_checkpoints_do_not_share_weights(tmp_path):
     text_only.mkdir()
     (text_only / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     assert plan(args, model=str(text_only), runtime=CUDA_API).shared_weights
+
+
+def moe_checkpoint(tmp_path, experts_key="num_experts"):
+    """A folder whose config.json describes a Mixture-of-Experts model (Qwen3-MoE's or gpt-oss's key)."""
+    import json
+
+    model = tmp_path / "moe"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", experts_key: 8}))
+    return str(model)
+
+
+@pytest.mark.parametrize("experts_key", ["num_experts", "num_local_experts"])
+def test_moe_checkpoint_keeps_trls_engine_and_says_why(tmp_path, experts_key):
+    """A Mixture-of-Experts checkpoint (its config.json read before anything loads): vLLM holds its experts fused, so
+    they cannot be shared; TRL's engine syncs them. Asking for shared weights is refused."""
+    model = moe_checkpoint(tmp_path, experts_key)
+    result = plan(trl_colocate(tmp_path), model=model, runtime=CUDA_API)
+    assert not result.shared_weights and result.adapter_transport == "weight-sync"
+    (shared,) = [m for m in notices(result) if "shared weights off" in m]
+    assert "the model has 8 experts per MoE layer, which vLLM holds fused" in shared
+    with pytest.raises(ValueError, match=r"^vllm_shared_weights=True: the model has 8 experts"):
+        plan(trl_colocate(tmp_path, vllm_shared_weights=True), model=model, runtime=CUDA_API)
+
+
+@pytest.mark.parametrize("peft", [LORA, None], ids=["lora", "full-finetuning"])
+def test_moe_on_vllms_cpu_build_is_refused_naming_the_setting(tmp_path, peft):
+    """vLLM's CPU build prepacks expert weights at load and TRL's weight sync overwrites them unpacked (rollouts from
+    scrambled experts, no error): refused before anything loads, for a path or a model instance."""
+    import transformers
+
+    message = r"^use_vllm=True, but vLLM 0\.32\.0 \(cpu\) cannot roll out a Mixture-of-Experts model \(8 experts"
+    with pytest.raises(ValueError, match=message) as error:
+        plan(trl_colocate(tmp_path), model=moe_checkpoint(tmp_path), peft=peft, runtime=CPU)
+    assert str(error.value).endswith("Allowed here: use_vllm=False (and use_vllm_when_available=False): "
+                                     "transformers' generate.")  # fmt: skip
+
+    class Instance:
+        config = transformers.Qwen3MoeConfig(num_experts=8)
+
+    with pytest.raises(ValueError, match=message):
+        plan(trl_colocate(tmp_path), model=Instance(), peft=peft, runtime=CPU)
+    assert plan(trl_colocate(tmp_path, use_vllm=False), model=moe_checkpoint(tmp_path), runtime=CPU).engine == (
+        "transformers"
+    )

@@ -1,7 +1,8 @@
 """The TRL/transformers hooks the trainer relies on, checked from the same data `check_trl_contract()` reads.
 
-Generated per hook (`trl_contract.TRL_HOOKS`): it exists with the parameters, calls, assignments and call keywords
-declared, and its source is the one reviewed for the installed release. Then: every method our subclasses override
+Generated per hook (`trl_contract.TRL_HOOKS`: methods, and module-level functions such as TRL's `add_fused_lm_head`,
+whose aux loss `moe_aux` mirrors): it exists with the parameters, calls, assignments and call keywords declared, and
+its source is the one reviewed for the installed release. Then: every method our subclasses override
 on TRL or transformers has an entry; a doctored upstream fails loudly, before any model is loaded, naming the hook.
 """
 
@@ -69,6 +70,24 @@ def test_a_doctored_trl_is_refused_naming_the_hook_what_changed_and_what_to_revi
     assert "Check that rollouts still reach _generate_single_turn." in message
     assert "Doctored._get_per_token_logps_and_entropies: its parameters are ('self', 'model', 'input_ids', " in message
     assert "Install the TRL release trl_longctx supports" in message
+
+
+def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+    """A TRL whose fused forward computes the aux loss with another function than the one `moe_aux` calls."""
+    model.aux = model.switch_loss(model.router_logits, model.num_experts)
+
+
+def test_a_doctored_module_level_function_is_refused_naming_what_moe_aux_mirrors():
+    (hook,) = [h for h in TRL_HOOKS if h.name == "add_fused_lm_head"]
+    assert hook.owner == "trl.trainer.utils" and hook.use == "mirrored"
+    with pytest.raises(TRLContractError) as error:
+        check_trl_contract([Hook(**{**vars(hook), "owner": __name__})])
+    message = str(error.value)
+    assert f"{__name__}.add_fused_lm_head: it no longer calls load_balancing_loss_func(...)." in message
+    assert "Compare its aux-loss block with moe_aux.router_aux_loss" in message
+    renamed = Hook(**{**vars(hook), "name": "add_fused_head"})
+    with pytest.raises(TRLContractError, match=r"trl\.trainer\.utils\.add_fused_head does not exist in trl 1\.16"):
+        check_trl_contract([renamed])
 
 
 def test_a_missing_hook_is_refused():

@@ -76,3 +76,59 @@ def flex_backward_on_cpu():
         yield
     finally:
         module._validate_device = check
+
+
+# Sizes of `build_moe_model`'s experts: distinct from HIDDEN, INTERMEDIATE and VOCAB so that a tensor's last dimension
+# tells what it is (the gate/up output of the experts is `[rows, 2 * EXPERT_INTERMEDIATE]`).
+EXPERT_INTERMEDIATE, NUM_EXPERTS, TOP_K = 20, 4, 2
+MOE_ARCHS = ["qwen3_moe", "gpt_oss", "mixtral"]
+# PEFT 0.21 `target_parameters`: LoRA on the fused expert weights (`ParamWrapper`, nested for the two of a module).
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def moe_config(arch: str, layers: int = 2, vocab: int = VOCAB, **extra):
+    """A tiny `arch` MoE config (qwen3_moe, gpt_oss, mixtral): NUM_EXPERTS experts of EXPERT_INTERMEDIATE, top
+    TOP_K, eager attention. Qwen3-MoE with 3 or more layers makes layer 1 a dense MLP (`mlp_only_layers`)."""
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        "num_experts_per_tok": TOP_K,
+        **extra,
+    }
+    if arch == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, intermediate_size=INTERMEDIATE, moe_intermediate_size=EXPERT_INTERMEDIATE,
+            num_experts=NUM_EXPERTS, mlp_only_layers=[1] if layers >= 3 else [],
+        )  # fmt: skip
+    elif arch == "gpt_oss":  # attention sinks, sliding-window and full layers; its experts' intermediate size
+        config = transformers.GptOssConfig(
+            **common, intermediate_size=EXPERT_INTERMEDIATE, num_local_experts=NUM_EXPERTS, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )  # fmt: skip
+    else:
+        config = transformers.MixtralConfig(
+            **common, intermediate_size=EXPERT_INTERMEDIATE, num_local_experts=NUM_EXPERTS, sliding_window=None
+        )
+    config._attn_implementation = "eager"
+    return config
+
+
+def build_moe_model(arch: str, lora: str = "none", layers: int = 2, use_reentrant: bool = False):
+    """A tiny random MoE causal LM (`moe_config`) with gradient checkpointing on, in train mode; `lora`: "none" (full
+    fine-tuning), "attention" (LoRA on q/v) or "experts" (q/v and the fused expert weights), non-zero B."""
+    model = transformers.AutoModelForCausalLM.from_config(moe_config(arch, layers))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if lora != "none":
+        parameters = EXPERT_PARAMETERS if lora == "experts" else None
+        config = LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], target_parameters=parameters, init_lora_weights=False
+        )
+        model = get_peft_model(model, config)
+    return model.train()

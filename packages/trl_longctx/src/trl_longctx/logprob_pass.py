@@ -102,6 +102,9 @@ class LogProbPass:
         lora_rank: Rank of the LoRA adapter (the planner counts its parameters), `None` without one.
         attention: The `attn_implementation` the decoder runs; `"longctx_flex"` is planned as such
             (`memory.planner.ATTENTIONS`), any other as SDPA.
+        lora_experts: Whether the adapter is also on MoE expert weights (PEFT `target_parameters`).
+        router_aux_loss: Whether the router aux loss is computed (TRL's `aux_loss_enabled`), so that its router
+            logits are kept.
 
     Attributes:
         backend: `"torch"` or `"triton"`, as `longctx_kernels.resolve_backend` resolves `logprob_backend` here.
@@ -121,10 +124,14 @@ class LogProbPass:
         mode: str = "lora",
         lora_rank: int | None = None,
         attention: str = "sdpa",
+        *,
+        lora_experts: bool = False,
+        router_aux_loss: bool = True,
     ):
         self.backend = resolved_backend(args, device)
         self._args, self._device, self._mode, self._lora_rank = args, device, mode, lora_rank
         self._attention = attention if attention in ATTENTIONS else "sdpa"
+        self._moe = {"lora_experts": lora_experts, "router_aux_loss": router_aux_loss}
         self.free_bytes: Callable[[], float] | None = cuda_free_bytes if device.type == "cuda" else None
         self.offloader = CheckpointOffloader()
         self.used: list[ChunkSizes] = []
@@ -214,7 +221,7 @@ class LogProbPass:
                 lora_rank=self._lora_rank or 32, offload_checkpoints=self.offload, logprob_backend=self.backend,
                 optimizer_states_allocated=optimizer_states_allocated, tile_mlps=args.tiled_mlp_chunks is None,
                 grpo_mini_batch=args.grpo_mini_batch, vision_patches=vision.patches, vision_trained=vision.trained,
-                attention=self._attention,
+                attention=self._attention, **self._moe,
             )  # fmt: skip
             self._planned[key] = planned
             if planned.grpo_mini_batch < sequences or planned.tiled_mlp_chunks > 1:

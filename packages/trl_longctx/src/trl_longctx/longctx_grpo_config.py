@@ -115,7 +115,8 @@ class LongContextGRPOConfig(GRPOConfig):
             "help": "Run each decoder MLP (gate/up/down) over this many tiles of the mini-batch's `B * T` tokens, "
             "each tile recomputed in its own backward, so the backward holds one tile's `[tile, intermediate_size]` "
             "tensors instead of `[B * T, intermediate_size]` ones (`trl_longctx.memory.tile_mlps`); costs about one "
-            "more MLP forward per layer. `1` turns it off. `None`: on CUDA the memory planner tiles only when the "
+            "more MLP forward per layer. In Mixture-of-Experts layers the experts are tiled (their `top_k` rows per "
+            "token), the router is not. `1` turns it off. `None`: on CUDA the memory planner tiles only when the "
             "untiled step does not fit in the free memory even one sequence per decoder pass, with the fewest tiles "
             "that fit (tiles of at least 8,192 tokens); elsewhere untiled."
         },

@@ -129,9 +129,10 @@ class LongContextGRPOTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         peft = getattr(unwrapped, "peft_config", {}).get("default")
         # The sizes of every pass (planner, OOM retry caps) and the offloader whose pinned buffers every step reuses.
+        expert_lora = any("experts" in name for name in (getattr(peft, "target_parameters", None) or ()))
         self.logprob_pass = LogProbPass(
             self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None),
-            attention=self.attention.implementation,
+            attention=self.attention.implementation, lora_experts=expert_lora, router_aux_loss=self.aux_loss_enabled,
         )  # fmt: skip
         self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
         self._forward_redirection = ForwardRedirection()
@@ -301,7 +302,12 @@ _AUX_HANDED_BACK: set[str] = set()  # architectures whose hand-back to TRL's pat
 
 def _router_aux_loss_or_reason(model) -> RouterAuxLoss | str:
     """`moe_aux.router_aux_loss(model)`, or why it cannot be served (logged once per architecture): the log-prob
-    pass then goes to TRL's path, which runs the causal LM's own forward."""
+    pass then goes to TRL's path, which runs the causal LM's own forward.
+
+    The warning names the way out that keeps the fused path: TRL 1.16's `GRPOTrainer.__init__` reads the coefficient
+    once, from `args.router_aux_loss_coef` or, when that is `None`, from the model config's, and asks for the aux loss
+    (`compute_aux_loss=self.aux_loss_enabled`) only when it is non-zero.
+    """
     try:
         return router_aux_loss(model)
     except RouterAuxLossUnsupported as error:
@@ -309,7 +315,9 @@ def _router_aux_loss_or_reason(model) -> RouterAuxLoss | str:
         if reason not in _AUX_HANDED_BACK:
             _AUX_HANDED_BACK.add(reason)
             logger.warning(
-                "The router aux loss is computed on TRL's log-prob path (no fused log-probs, no planned sizes): %s",
+                "The router aux loss is computed on TRL's log-prob path (no fused log-probs, no planned sizes): %s "
+                "To keep the fused path without the aux loss, build the trainer with router_aux_loss_coef=0.0 in its "
+                "config, or in the model config with the trainer config's router_aux_loss_coef left at None.",
                 reason,
             )
         return reason

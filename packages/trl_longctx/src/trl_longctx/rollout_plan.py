@@ -270,6 +270,7 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
             quantized=quantized, kv_cache_sizing=sizing, needs_vllm_standby=True, runtime=runtime,
             notices=tuple(notices), honoured=tuple(honoured),
         )  # fmt: skip
+    _refuse_moe_weight_sync_on_cpu(args, model, runtime)
     kv_standby, trl_sleep = _decide_trl_engine_standby(args, runtime, has_rollout_func, notices, honoured)
     return RolloutPlan(
         engine="vllm-colocate", kv_standby=kv_standby, trl_sleep_mode=trl_sleep, adapter_transport="weight-sync",
@@ -318,6 +319,10 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
         return ("the shared engine's views of vLLM's tensors are built and verified for causal language models only, "
                 "and this checkpoint is a vision-language model (its config has a vision_config)",
                 "none for vision-language models yet (TRL's own engine serves them)")  # fmt: skip
+    if experts := _num_experts(model):
+        return (f"the model has {experts} experts per MoE layer, which vLLM holds fused (w13_weight, w2_weight; its "
+                "CPU build also repacks them for its kernel), so the trainer's expert weights cannot be views of "
+                "them", "a dense model; this one keeps TRL's engine, which syncs the weights")  # fmt: skip
     if args.vllm_tensor_parallel_size != 1:
         return (f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}; views of vLLM's weights need them in "
                 "this process, unsharded", "vllm_tensor_parallel_size=1")  # fmt: skip
@@ -338,27 +343,68 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     return None
 
 
-def _is_vision_language(model: str) -> bool:
-    """Whether the checkpoint `model` (a folder, or a Hub id already in the local cache) is a vision-language model:
-    its config.json has a `vision_config`. Reads no network; `False` when the config cannot be read here."""
+def _checkpoint_config(model: str) -> dict | None:
+    """The `config.json` of the checkpoint `model`: in the folder `model`, or in the Hugging Face cache for a Hub id.
+    Nothing is fetched: `None` for a Hub model not downloaded yet (what this plan would have read surfaces when the
+    model loads), for a name that is neither, or for an unreadable file."""
     import json
     from pathlib import Path
 
     path = Path(model) / "config.json"
     if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
 
+        try:
             cached = try_to_load_from_cache(model, "config.json")
-        except Exception:  # not a repository id, or no cache here: the trainer's load will say more
-            return False
+        except HFValidationError:  # neither a folder nor a Hub id: loading the model fails later, naming it
+            return None
         if not isinstance(cached, str):
-            return False
+            return None
         path = Path(cached)
     try:
-        return "vision_config" in json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _is_vision_language(model: str) -> bool:
+    """Whether the checkpoint `model` is a vision-language model: its config has a `vision_config`
+    (`_checkpoint_config`; `False` when it cannot be read here)."""
+    return "vision_config" in (_checkpoint_config(model) or {})
+
+
+def _refuse_moe_weight_sync_on_cpu(args: Any, model: Any, runtime: VLLMRuntime) -> None:
+    """vLLM's CPU build prepacks MoE expert weights for its kernel once, after loading the checkpoint
+    (`cpu_moe`'s `process_weights_after_loading`); TRL's weight sync (`load_weights`) later writes each update into
+    those tensors in the checkpoint's layout, so rollouts after the first sync decode from scrambled experts, with no
+    error. vllm_standby's CPU weight patch keeps 2-D weights plain, not expert weights."""
+    experts = _num_experts(model) if isinstance(model, str) else _config_experts(getattr(model, "config", None))
+    if runtime.platform != "cpu" or not experts:
+        return
+    how = "use_vllm_when_available=True found it installed" if args.use_vllm_when_available else "use_vllm=True"
+    raise ValueError(
+        f"{how}, but {runtime.describe()} cannot roll out a Mixture-of-Experts model ({experts} experts per MoE "
+        "layer) that trains: it prepacks the expert weights for its CPU kernel when it loads the checkpoint, and "
+        "TRL's weight sync writes every update into them in the checkpoint's layout, so each rollout after the "
+        "first sync would decode from scrambled experts. Allowed here: use_vllm=False (and "
+        "use_vllm_when_available=False): transformers' generate."
+    )
+
+
+def _config_experts(config: Any) -> int:
+    """Experts per MoE layer of a transformers config object (0: dense, or no config)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
+
+
+def _num_experts(model: str) -> int:
+    """Experts per MoE layer of the checkpoint `model` (0: dense, or its config not readable here: a Hub model not
+    downloaded yet, whose experts then surface when the shared engine maps its weights, `vllm_standby.shared_hf_model`
+    naming the expert weights it has no view for)."""
+    config = _checkpoint_config(model) or {}
+    text = config.get("text_config") or config
+    return int(text.get("num_experts") or text.get("num_local_experts") or 0)
 
 
 def _decide_shared_standby(args, runtime, notices) -> str:

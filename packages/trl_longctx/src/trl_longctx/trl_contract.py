@@ -1,18 +1,23 @@
 """What `LongContextGRPOTrainer` relies on in TRL and transformers, declared as data and checked when it is built.
 
 The trainer subclasses `trl.GRPOTrainer` and overrides private methods, reads attributes TRL's `__init__` sets and
-builds TRL's `VLLMGeneration` itself for the shared-weights engine. None of that is public API: a TRL release can
-rename a hook, change its parameters or stop calling it, and an override would then be dead code or fail deep in a
-step. Each `Hook` below names one such thing with the reason we rely on it, where it is upstream and what to review
-when it changes; `check_trl_contract()` verifies the installed libraries against them when the trainer is built,
-and the contract tests (`tests/test_trl_contract.py`) are generated from the same data.
+builds TRL's `VLLMGeneration` itself for the shared-weights engine; `moe_aux` computes the MoE router aux loss as a
+module-level function of TRL does (`add_fused_lm_head`) and calls the transformers function it calls. None of that is
+public API: a TRL release can rename a hook, change its parameters or stop calling it, and an override would then be
+dead code or fail deep in a step, or a mirrored computation would silently drift from TRL's. `vision_language`
+calls two of TRL's module-level helpers to split image inputs per sequence. Each `Hook` below names one such thing
+with the reason we rely on it, where it is upstream and what to review when it changes; `check_trl_contract()`
+verifies the installed libraries against them when the trainer is built, and the contract tests
+(`tests/test_trl_contract.py`) are generated from the same data.
 
 What is checked, per hook:
-- the attribute exists and is callable, with the parameter names we call or override it with;
+- the attribute (a method looked up on a class, or a module-level function) exists and is callable, with the
+  parameter names we call or override it with;
 - `calls`: methods it calls on `self` (dotted: `vllm_generation.generate`), which our overrides rely on being reached;
 - `sets`: attributes it assigns on `self`, which our code reads afterwards;
 - `call_keywords`: the keyword arguments it passes to a named callee (TRL's `VLLMGeneration(...)` call, which
-  `vllm_shared.make_generation` mirrors);
+  `vllm_shared.make_generation` mirrors; an empty tuple for a call made with positional arguments only, such as
+  `add_fused_lm_head`'s `load_balancing_loss_func(...)`);
 - `source_sha256`: the source hash per release of the owning library it was reviewed on.
 
 A missing hook or a changed structure raises `TRLContractError` before any model is loaded. A changed source with
@@ -38,6 +43,7 @@ GRPO_TRAINER = "trl.trainer.grpo_trainer:GRPOTrainer"
 TRAINER = "transformers.trainer:Trainer"
 VLLM_GENERATION = "trl.generation.vllm_generation:VLLMGeneration"
 TRL_UTILS = "trl.trainer.utils"
+MIXTRAL = "transformers.models.mixtral.modeling_mixtral"
 
 
 class TRLContractError(RuntimeError):
@@ -46,14 +52,16 @@ class TRLContractError(RuntimeError):
 
 @dataclass(frozen=True)
 class Hook:
-    """One method of TRL or transformers that `trl_longctx` overrides, calls or relies on being called.
+    """One method or module-level function of TRL or transformers that `trl_longctx` overrides, calls, mirrors or
+    relies on being called.
 
     Attributes:
-        owner: `"module:Class"` the method is looked up on (through the class's MRO, as a call would), or
-            `"module"` for a module-level function.
-        name: The method's (or function's) name.
-        use: `"override"` (our subclass replaces it and calls `super()`), `"call"` (our code calls it) or `"reached"`
-            (TRL must call it for our override of something else to run).
+        owner: `"module:Class"` the method is looked up on (through the class's MRO, as a call would), or `"module"`
+            for a module-level function.
+        name: The method's or function's name.
+        use: `"override"` (our subclass replaces it and calls `super()`), `"call"` (our code calls it), `"reached"`
+            (TRL must call it for our override of something else to run) or `"mirrored"` (our code computes what it
+            computes, on another path).
         parameters: Its parameter names, in order (`self` included); what we pass or accept.
         reason: Why `trl_longctx` relies on it, in one line.
         upstream: The file it lives in, with the release it was reviewed on.
@@ -87,7 +95,8 @@ class Hook:
         return self.owner.split(".", 1)[0]
 
     def resolve(self):
-        """The method as the installed library has it (looked up through the MRO); `TRLContractError` if absent."""
+        """The method (looked up through the MRO) or function as the installed library has it; `TRLContractError` if
+        absent."""
         module_name, _, class_name = self.owner.partition(":")
         owner = importlib.import_module(module_name)
         if class_name:
@@ -273,6 +282,28 @@ TRL_HOOKS: tuple[Hook, ...] = (
         upstream="trl/trainer/utils.py (v1.16.0)",
         on_change="Review vision_language.ImageInputs.batch.",
         source_sha256={"1.16.0": "9d31b407fc5f4399a89a747438997d3eb8698c65bc27bad53ebb469dac124275"},
+    ),
+    Hook(
+        TRL_UTILS, "add_fused_lm_head", "mirrored",
+        ("model", "temperature", "cast_lm_head_to_fp32", "outputs"),
+        reason="TRL's log-prob pass gets the MoE router aux loss from the fused forward it installs: "
+        "load_balancing_loss_func(router logits, text config's num_experts and num_experts_per_tok, attention mask) "
+        "per mini batch; moe_aux computes the same on our path",
+        upstream="trl/trainer/utils.py (v1.16.0)",
+        on_change="Compare its aux-loss block with moe_aux.router_aux_loss and RouterAuxLoss (the loss function, the "
+        "expert counts, the mask, output_router_logits) and tests/test_moe_aux_loss.py.",
+        source_sha256={"1.16.0": "422d009f04b66659982f9545a90d560bdcc27fde3268de203d0c5c6d1449d211"},
+        call_keywords={"load_balancing_loss_func": ()},
+    ),
+    Hook(
+        MIXTRAL, "load_balancing_loss_func", "call",
+        ("gate_logits", "num_experts", "top_k", "attention_mask"),
+        reason="moe_aux.RouterAuxLoss calls it positionally, as add_fused_lm_head does, with per-layer router logits "
+        "[tokens, experts] and the [sequences, length] attention mask",
+        upstream="transformers/models/mixtral/modeling_mixtral.py (v5.17.0)",
+        on_change="Review moe_aux.RouterAuxLoss.__call__, and RouterAuxLossMean if the loss became additive over "
+        "sequences.",
+        source_sha256={"5.17.0": "f224b99e93782bfec972662dccd26eb81797c790c6744d309c30a356afd3e735"},
     ),
     Hook(
         GRPO_TRAINER, "_compute_loss", "reached",

@@ -93,9 +93,17 @@ def test_plan_verdict_counts_host_memory_as_the_longest_completion_does(capsys):
     [
         (
             ["--model", "gpt-9"],
-            "--model must be one of the presets ['llama3.1-8b', 'qwen3-1.7b', 'qwen3-32b', 'qwen3-8b'] "
-            "or a path to a config.json, got 'gpt-9'.",
+            "--model must be one of the presets ['gpt-oss-20b', 'llama3.1-8b', 'qwen3-1.7b', 'qwen3-30b-a3b', "
+            "'qwen3-32b', 'qwen3-8b'] or a path to a config.json, got 'gpt-9'.",
         ),  # fmt: skip
+        (
+            ["--model", "qwen3-8b", "--lora-experts"],
+            "--lora-experts needs Mixture-of-Experts models, got 'qwen3-8b' (no experts).",
+        ),
+        (
+            ["--model", "gpt-oss-20b", "--lora-experts", "--mode", "full"],
+            "--lora-experts needs --mode lora or qlora (full fine-tuning has no adapters), got full.",
+        ),
         (["--completion-length", "-5"], "--completion-length must be >= 1, got -5."),
         (["--prompt-length", "-1"], "--prompt-length must be >= 0, got -1."),
         (["--num-generations", "0"], "--num-generations must be >= 1, got 0."),
@@ -171,3 +179,15 @@ def test_python_m_plan_help_imports_nothing_heavy():
                 if line.startswith("import time:")}  # fmt: skip
     assert "trl_longctx" in imported
     assert imported.isdisjoint(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_moe_presets_show_their_terms(capsys):
+    """Qwen3-30B-A3B with LoRA on its experts: the aux loss's router logits and the adapted expert weights are rows of
+    the plan; `--no-router-aux-loss` drops the first."""
+    flags = ["--model", "qwen3-30b-a3b", "--gpu", "H100 80GB", "--host-memory-gib", "200", "--paths", "ours"]
+    plan_main([*flags, "--lora-experts"])
+    out = capsys.readouterr().out
+    assert "| router logits kept for the aux loss |" in out and "| adapted expert weights (LoRA on experts) |" in out
+    plan_main([*flags, "--no-router-aux-loss"])
+    out = capsys.readouterr().out
+    assert "router logits" not in out and "adapted expert weights" not in out

@@ -64,13 +64,28 @@ def make_plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="lora", help=f"One of {', '.join(MODES)}.")
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--grpo-mini-batch", type=int, help="Sequences per decoder pass (default: all).")
+    parser.add_argument(
+        "--lora-experts",
+        action="store_true",
+        help="MoE models: adapters also on the expert weights (PEFT target_parameters on mlp.experts.gate_up_proj "
+        "and mlp.experts.down_proj).",
+    )
+    parser.add_argument(
+        "--router-aux-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MoE models: the router aux loss is computed (TRL's default where the model config's "
+        "router_aux_loss_coef is non-zero); --no-router-aux-loss for router_aux_loss_coef=0.",
+    )
     return parser
 
 
 def _checked(args: argparse.Namespace) -> dict:
     """The common `TrainSetup` keywords from parsed flags, every flag checked (models loaded); errors name the flag."""
     for model in args.model:
-        load_model_shape(model)
+        shape = load_model_shape(model)
+        if args.lora_experts and not shape.num_experts:
+            raise ValueError(f"--lora-experts needs Mixture-of-Experts models, got {model!r} (no experts).")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib}.")
     if args.host_memory_gib is not None and not args.host_memory_gib > 0:
@@ -83,12 +98,15 @@ def _checked(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}.")
     if args.mode not in MODES:
         raise ValueError(f"--mode must be one of {list(MODES)}, got {args.mode!r}.")
+    if args.lora_experts and args.mode == "full":
+        raise ValueError("--lora-experts needs --mode lora or qlora (full fine-tuning has no adapters), got full.")
     unknown = [p for p in args.paths if p not in PATHS]
     if unknown:
         raise ValueError(f"--paths must be among {list(PATHS)}, got {unknown}.")
     if args.grpo_mini_batch is not None and not 1 <= args.grpo_mini_batch <= args.num_generations:
         raise ValueError(f"--grpo-mini-batch must be in 1..--num-generations, got {args.grpo_mini_batch}.")
-    return {**flags, "mode": args.mode, "grpo_mini_batch": args.grpo_mini_batch}
+    return {**flags, "mode": args.mode, "grpo_mini_batch": args.grpo_mini_batch, "lora_experts": args.lora_experts,
+            "router_aux_loss": args.router_aux_loss}  # fmt: skip
 
 
 def named_gpus(names: list[str] | None, memory_gib: float | None) -> dict[str, float]:

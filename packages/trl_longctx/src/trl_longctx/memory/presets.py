@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .planner import ModelShape
 
-# From the models' published config.json files (Hugging Face Hub, mid-2026 revisions).
+# The published values of the models' config.json files on the Hugging Face Hub (mid-2026 revisions).
 PRESETS: dict[str, ModelShape] = {
     "qwen3-1.7b": ModelShape(
         hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
@@ -24,6 +24,25 @@ PRESETS: dict[str, ModelShape] = {
     "llama3.1-8b": ModelShape(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, qk_norm=False,
+    ),
+    # Qwen/Qwen3-30B-A3B: 128 experts of 768 in all 48 layers (decoder_sparse_step 1, no mlp_only_layers), top 8;
+    # `intermediate_size` 6144 is the dense MLP size, which no layer uses. 30.5B parameters, 3.3B active.
+    "qwen3-30b-a3b": ModelShape(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False, qk_norm=True,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+    ),
+    # openai/gpt-oss-20b: 32 experts of 2880 (`intermediate_size`) in all 24 layers, top 4, biases on experts and
+    # router, clamped-GLU experts. 21B parameters, 3.6B active. The checkpoint stores the experts in MXFP4 (4.25 bits
+    # per parameter), but transformers does not train MXFP4 weights (its quantizer refuses training and asks for
+    # `Mxfp4Config(dequantize=True)`), so the trainer holds them in bf16, as counted here. Its attention (sinks)
+    # runs eager or with a flash-attention kernel from the hub; the planner's SDPA-like attention terms assume the
+    # latter (eager holds `[heads, T, T]` scores).
+    "gpt-oss-20b": ModelShape(
+        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+        num_key_value_heads=8, head_dim=64, vocab_size=201088, tie_word_embeddings=False, qk_norm=False,
+        num_experts=32, num_experts_per_tok=4, moe_intermediate_size=2880, expert_bias=True,
+        expert_activation_tensors=4,
     ),
 }  # fmt: skip
 

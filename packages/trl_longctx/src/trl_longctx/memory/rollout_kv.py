@@ -31,7 +31,7 @@ def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = BF16) -> int:
 
 def vllm_weight_bytes(shape: ModelShape) -> int:
     """Bytes of one bf16 copy of the weights, as vLLM holds them (shared with the trainer under shared weights)."""
-    return BF16 * (shape.linear_params() + shape.other_params())
+    return BF16 * shape.total_params()
 
 
 def rollout_kv_tokens(sequences: int, prompt_length: int, completion_length: int) -> int:

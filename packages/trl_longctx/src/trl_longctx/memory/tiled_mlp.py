@@ -23,6 +23,20 @@ layer and step (counted: 3 + 4 tile forwards in the backward of a layer in 4 til
 tile's matmuls get thinner while the fixed costs stay), hence
 `tile_mlps(model, None)` tiles only where the intermediates dominate the layer's memory (`auto_mlp_chunks`);
 `LongContextGRPOTrainer` instead asks the memory planner for the fewest tiles that fit (none when untiled fits).
+
+Mixture-of-Experts layers: the sparse block (Qwen3-MoE's `Qwen3MoeSparseMoeBlock`, gpt-oss's `GptOssMLP`, Mixtral's
+`MixtralSparseMoeBlock`, ...) runs its router on all `N` tokens, then calls its experts module with the rows
+`(hidden_states [N, H], top_k_index [N, k], top_k_weights [N, k])`. Transformers' experts interface
+(`transformers.integrations.moe.use_experts_implementation`: eager, `grouped_mm`, `batched_mm`, ...) fixes that
+call, and what it holds per token is `k` rows of everything: the gathered inputs `[N * k, H]`, the gate/up output
+`[N * k, 2 I_e]`, the per-expert outputs `[N * k, H]`. `tile_mlps` tiles that experts call: its three row-aligned
+arguments are split into the same tiles, so each token's experts, routing weights and output are unchanged. The
+router is not tiled: it runs once per layer and pass, so transformers' output recorder (`_can_record_outputs`, which
+hooks the router module) still records one `[N, experts]` tensor of router logits per MoE layer, rows in token
+order, which the router aux loss reads. The tiled module is the one the block calls: with PEFT `target_parameters`
+LoRA on the expert weights that is the outermost `ParamWrapper`, whose forward adds the adapter to the weights for
+the length of the call, so each tile (and its recompute in the backward) runs with the adapter, at the cost of
+forming the adapted expert weights once per tile instead of once per layer.
 """
 
 from __future__ import annotations
@@ -68,31 +82,42 @@ def auto_mlp_chunks(tokens: int, hidden_size: int, intermediate_size: int) -> in
     return max(1, math.ceil(elements / max(_AUTO_MIN_ELEMENTS, tokens * hidden_size)))
 
 
-def tiled_forward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunks: int) -> torch.Tensor:
+def tiled_forward(
+    forward: Callable[..., torch.Tensor], x: torch.Tensor, chunks: int, *rows: torch.Tensor
+) -> torch.Tensor:
     """Apply a token-wise `forward` to `x` in `chunks` tiles of its flattened tokens, checkpointing each tile.
 
     Args:
-        forward: Token-wise function `[n, H] -> [n, H_out]` (an MLP module's own forward).
+        forward: Token-wise function `[n, H] -> [n, H_out]` (an MLP module's own forward), or with `rows`
+            `([n, H], *rows' tiles) -> [n, H_out]` (an experts module's forward).
         x: Input `[..., H]`, any dtype and device; its `N = prod(x.shape[:-1])` tokens are split into tiles of
             `ceil(N / chunks)` (the last one shorter when `chunks` does not divide `N`).
-        chunks: Number of tiles, `>= 1`; 1 (or `N <= 1`) calls `forward(x)` unchanged.
+        chunks: Number of tiles, `>= 1`; 1 (or `N <= 1`) calls `forward(x, *rows)` unchanged.
+        *rows: Tensors with one row per token of `x` (`[N, ...]`: an experts module's top-k indices and weights),
+            split into the same tiles and passed after `x`'s tile.
 
     Returns:
-        `[..., H_out]`, equal to `forward(x)` up to the rounding of the smaller matmuls.
+        `[..., H_out]`, equal to `forward(x, *rows)` up to the rounding of the smaller matmuls.
+
+    Raises:
+        ValueError: A tensor of `rows` does not have `N` rows.
 
     Example:
         >>> y = tiled_forward(model.model.layers[0].mlp.forward, hidden, chunks=4)
     """
     tokens = math.prod(x.shape[:-1])
+    if bad := [tuple(r.shape) for r in rows if r.dim() == 0 or r.size(0) != tokens]:
+        raise ValueError(f"tiled_forward: every row tensor needs {tokens} rows (one per token of x), got {bad}.")
     if chunks <= 1 or tokens <= 1:
-        return forward(x)
-    tiles = x.reshape(tokens, x.shape[-1]).split(math.ceil(tokens / chunks))
+        return forward(x, *rows)
+    size = math.ceil(tokens / chunks)
+    tiles = list(zip(x.reshape(tokens, x.shape[-1]).split(size), *(r.split(size) for r in rows), strict=True))
     if torch.is_grad_enabled():
-        # Non-reentrant: saves the tile input only, and lets the parameters the forward uses (which are not inputs
+        # Non-reentrant: saves the tile inputs only, and lets the parameters the forward uses (which are not inputs
         # here) receive their gradients through the recomputed graph.
-        outputs = [checkpoint(forward, tile, use_reentrant=False) for tile in tiles]
+        outputs = [checkpoint(forward, *tile, use_reentrant=False) for tile in tiles]
     else:
-        outputs = [forward(tile) for tile in tiles]  # no graph: tiling only bounds the transient intermediates
+        outputs = [forward(*tile) for tile in tiles]  # no graph: tiling only bounds the transient intermediates
     return torch.cat(outputs).view(*x.shape[:-1], -1)
 
 
@@ -115,8 +140,86 @@ class _TiledMLPForward:
         return tiled_forward(self.original, x, chunks)
 
 
+class _TiledExpertsForward:
+    """The forward installed on one experts module (the one its MoE block calls): its original forward, run by
+    `tiled_forward` over the rows of `(hidden_states, top_k_index, top_k_weights)`."""
+
+    def __init__(self, module: nn.Module, chunks: int | None):
+        self.module = module
+        self.original = module.forward
+        self.chunks = chunks
+        self.base = _base_layer(module)
+
+    @torch.compiler.disable  # as `_TiledMLPForward.__call__`
+    def __call__(self, *args: torch.Tensor, **kwargs) -> torch.Tensor:
+        if kwargs or len(args) != 3 or not all(isinstance(a, torch.Tensor) and a.dim() == 2 for a in args):
+            described = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+            raise ValueError(
+                f"tile_mlps: {type(self.base).__name__} was called with positional arguments {described} and keywords "
+                f"{sorted(kwargs)}; tiling its tokens needs the experts interface's call (hidden_states [N, H], "
+                "top_k_index [N, k], top_k_weights [N, k]). tiled_mlp_chunks=1 runs it untiled."
+            )
+        hidden, index, weights = args
+        chunks = self.chunks
+        if chunks is None:
+            # Per token the experts hold k rows of the expert MLP: k * I_e intermediate values.
+            chunks = auto_mlp_chunks(hidden.size(0), hidden.size(1), index.size(1) * _expert_intermediate(self.base))
+        return tiled_forward(self.original, hidden, chunks, index, weights)
+
+
+@functools.cache
+def _experts_interface_code():
+    """The code object of the forward `use_experts_implementation` gives every experts class it decorates (one code
+    object, a closure per class): what identifies an experts module whatever its class."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    class _Probe(nn.Module):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise NotImplementedError
+
+    return use_experts_implementation(_Probe).forward.__code__
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The module under PEFT's wrappers (`base_layer`, nested for several `target_parameters` of one module)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
+def _is_experts(module: nn.Module) -> bool:
+    return getattr(type(module).forward, "__code__", None) is _experts_interface_code()
+
+
+def _expert_intermediate(experts: nn.Module) -> int:
+    """`I_e`, the intermediate size of one expert (`intermediate_dim` in most families, gpt-oss's
+    `intermediate_size`)."""
+    size = getattr(experts, "intermediate_dim", None) or getattr(experts, "intermediate_size", None)
+    if not isinstance(size, int):
+        raise ValueError(
+            f"Automatic MLP tiling: {type(experts).__name__} has no integer intermediate_dim or intermediate_size to "
+            "size its tiles by; set tiled_mlp_chunks to a number."
+        )
+    return size
+
+
+def _tiled_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The gate/up/down MLPs of `model`, and the experts modules its MoE blocks call (the outermost PEFT wrapper of
+    each: `model.modules()` visits a wrapper before what it wraps)."""
+    mlps, experts, seen = [], [], set()
+    for module in model.modules():
+        if _is_mlp(module):
+            mlps.append(module)
+            continue
+        base = _base_layer(module)
+        if id(base) not in seen and _is_experts(base):
+            seen.add(id(base))
+            experts.append(module)
+    return mlps, experts
+
+
 @contextlib.contextmanager
-def _installed(forwards: list[_TiledMLPForward]) -> Iterator[None]:
+def _installed(forwards: list[_TiledMLPForward | _TiledExpertsForward]) -> Iterator[None]:
     """Make `forwards` the modules' forwards for the block, then put back whatever was there (stack-like)."""
     saved = [f.module.__dict__.get("forward", _MISSING) for f in forwards]
     for f in forwards:
@@ -131,7 +234,7 @@ def _installed(forwards: list[_TiledMLPForward]) -> Iterator[None]:
                 f.module.forward = previous
 
 
-def _with_tiled_mlps(checkpoint_func: Callable, forwards: list[_TiledMLPForward]) -> Callable:
+def _with_tiled_mlps(checkpoint_func: Callable, forwards: list[_TiledMLPForward | _TiledExpertsForward]) -> Callable:
     """Wrap a layer's `_gradient_checkpointing_func` so the layer's forward and its recompute both tile the MLPs."""
 
     def tiled_checkpoint(function, *args, **kwargs):
@@ -150,20 +253,23 @@ def _is_mlp(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def tile_mlps(model: nn.Module, chunks: int | None = None) -> Iterator[int]:
-    """Run the gate/up/down MLPs of `model` sequence-tiled inside this block (and in the backward of its forwards).
+    """Run the MLPs of `model` sequence-tiled inside this block (and in the backward of its forwards).
 
     Args:
-        model: A transformers model or PEFT wrapper (Llama, Qwen2, Qwen3, Mistral, Gemma2, Gemma3 and other models
-            whose MLPs have `gate_proj`, `up_proj`, `down_proj` and `act_fn`), with or without gradient
-            checkpointing and LoRA.
-        chunks: Tiles per MLP call, over the flattened `B * T` tokens: an `int >= 1` (1 is a no-op) or `None` to
-            pick per call with `auto_mlp_chunks` from the call's token count.
+        model: A transformers model or PEFT wrapper, with or without gradient checkpointing and LoRA: Llama, Qwen2,
+            Qwen3, Mistral, Gemma2, Gemma3 and other models whose MLPs have `gate_proj`, `up_proj`, `down_proj` and
+            `act_fn`; and Mixture-of-Experts models whose experts use transformers' experts interface (Qwen3-MoE,
+            gpt-oss, Mixtral, ...), tiled at the experts call (module docstring), their router untiled.
+        chunks: Tiles per MLP or experts call, over the flattened `B * T` tokens: an `int >= 1` (1 is a no-op) or
+            `None` to pick per call with `auto_mlp_chunks` from the call's token count (for experts, `k` times the
+            expert intermediate size as the intermediate size).
 
     Yields:
-        The number of MLP modules tiled.
+        The number of MLP and experts modules tiled.
 
     Raises:
-        ValueError: If `chunks` is not a positive int or None, or `chunks > 1` and the model has no such MLP.
+        ValueError: If `chunks` is not a positive int or None, or `chunks > 1` and the model has no such MLP; at the
+            forward, if an experts module is called otherwise than the experts interface calls it.
         RuntimeError: If the MLPs are already tiled (nested `tile_mlps` on one model).
 
     Example:
@@ -177,18 +283,19 @@ def tile_mlps(model: nn.Module, chunks: int | None = None) -> Iterator[int]:
     if chunks == 1:
         yield 0
         return
-    mlps = [m for m in model.modules() if _is_mlp(m)]
-    if any(isinstance(m.__dict__.get("forward"), _TiledMLPForward) for m in mlps):
+    mlps, experts = _tiled_modules(model)
+    if any(isinstance(m.__dict__.get("forward"), (_TiledMLPForward, _TiledExpertsForward)) for m in mlps + experts):
         raise RuntimeError("tile_mlps is already active on this model; nested tiling is not supported.")
-    if not mlps:
+    if not mlps and not experts:
         if chunks is not None:
             raise ValueError(
-                f"tiled MLP chunks={chunks} but {type(model).__name__} has no MLP with {', '.join(_MLP_PARTS)}."
+                f"tiled MLP chunks={chunks} but {type(model).__name__} has no MLP with {', '.join(_MLP_PARTS)} and no "
+                "experts module of transformers' experts interface."
             )
         _warn_no_mlp(type(model).__name__)
         yield 0
         return
-    forwards = [_TiledMLPForward(m, chunks) for m in mlps]
+    forwards = [_TiledMLPForward(m, chunks) for m in mlps] + [_TiledExpertsForward(m, chunks) for m in experts]
     layers = _checkpointed_layers(model, forwards)
     originals = [layer.__dict__["_gradient_checkpointing_func"] for layer, _ in layers]
     for (layer, inside), original in zip(layers, originals, strict=True):
@@ -201,7 +308,7 @@ def tile_mlps(model: nn.Module, chunks: int | None = None) -> Iterator[int]:
             layer._gradient_checkpointing_func = original
 
 
-def _checkpointed_layers(model: nn.Module, forwards: list[_TiledMLPForward]) -> list[tuple[nn.Module, list]]:
+def _checkpointed_layers(model: nn.Module, forwards: list) -> list[tuple[nn.Module, list]]:
     """Layers with a checkpointing function (set by `gradient_checkpointing_enable`) and the tiled MLPs inside each."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -217,4 +324,6 @@ def _checkpointed_layers(model: nn.Module, forwards: list[_TiledMLPForward]) -> 
 
 @functools.cache
 def _warn_no_mlp(model_class: str) -> None:
-    logger.warning("Automatic MLP tiling: %s has no gate/up/down MLP; its MLPs run untiled.", model_class)
+    logger.warning(
+        "Automatic MLP tiling: %s has no gate/up/down MLP nor experts module; nothing is tiled.", model_class
+    )
