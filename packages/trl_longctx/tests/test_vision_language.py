@@ -17,7 +17,7 @@ pytest.importorskip("PIL", reason="vision-language tests need the `vision` extra
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, logprob_pass, vision_language
 from trl_longctx.memory import planner
-from trl_longctx.memory.planner import ModelShape
+from trl_longctx.memory.shapes import ModelShape
 from trl_longctx.tasks import count_squares_reward, draw_squares, make_count_squares_dataset
 from trl_longctx.tiny_vl_models import build_tiny_vl_model, build_tiny_vl_processor
 from trl_longctx.vision_language import ImageInputs

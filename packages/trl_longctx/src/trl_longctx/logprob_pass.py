@@ -36,7 +36,8 @@ import torch
 from longctx_kernels import default_chunk_size, resolve_backend, selective_logprobs
 
 from .memory.offload_checkpoints import CheckpointOffloader
-from .memory.planner import ATTENTIONS, ChunkSizes, VisionLoad, mlp_tile_counts
+from .memory.planner import ATTENTIONS, ChunkSizes, mlp_tile_counts
+from .memory.shapes import VisionLoad
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
 from .moe_aux import RouterAuxLoss, RouterAuxLossMean

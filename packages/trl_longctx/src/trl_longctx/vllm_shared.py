@@ -153,8 +153,8 @@ def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -
     import torch
     from vllm.platforms import current_platform
 
-    from .memory.planner import ModelShape
     from .memory.rollout_kv import rollout_kv_cache_bytes, utilization_kv_cache_bytes
+    from .memory.shapes import ModelShape
 
     if args.vllm_kv_cache_sizing != "rollout":
         return {}

@@ -10,17 +10,14 @@ import pytest
 
 from trl_longctx.memory import PRESETS, TrainSetup, load_model_shape, longest_completion, plan_memory
 from trl_longctx.memory.planner import (
-    GIB,
     ChunkSizes,
-    ModelShape,
-    VisionShape,
     auto_chunk_sizes,
     checkpoint_inputs_on_gpu,
     default_logit_chunk_tokens,
     final_norm_backward_bytes_per_token,
     layer_recompute_bytes_per_token,
-    vision_saved_bytes_per_patch,
 )
+from trl_longctx.memory.shapes import GIB, ModelShape, VisionShape, vision_saved_bytes_per_patch
 
 QWEN3_8B = PRESETS["qwen3-8b"]
 # H=8, I=24, 4 layers, 2 heads x 4 (q=8), 1 kv head (kv=4), V=100, Qwen3's q/k norms.

@@ -9,17 +9,14 @@ from dataclasses import replace
 import pytest
 
 from trl_longctx.memory import PRESETS, TrainSetup, plan_memory
-from trl_longctx.memory.planner import (
-    BF16,
-    FP32,
-    ModelShape,
+from trl_longctx.memory.moe_terms import (
     adapted_expert_bytes,
-    fewest_mlp_tiles,
-    layer_recompute_bytes_per_token,
     moe_block_bytes_per_token,
     moe_layer_bytes_per_token,
     router_logits_bytes_per_token,
 )
+from trl_longctx.memory.planner import fewest_mlp_tiles, layer_recompute_bytes_per_token
+from trl_longctx.memory.shapes import BF16, FP32, ModelShape
 
 # Against allocation traces (relative error of the predicted bytes per token): the MoE block's terms are derived op
 # by op, so they hold to the bytes the trace cannot attribute (small per-row temporaries); the whole layer's also

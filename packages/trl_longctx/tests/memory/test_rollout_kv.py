@@ -3,7 +3,6 @@ the measured engines: `tests/test_planner_fit.py` at the repository root."""
 
 import pytest
 
-from trl_longctx.memory.planner import GIB
 from trl_longctx.memory.presets import PRESETS
 from trl_longctx.memory.rollout_kv import (
     VLLM_OTHER_GIB,
@@ -14,6 +13,7 @@ from trl_longctx.memory.rollout_kv import (
     utilization_kv_cache_bytes,
     vllm_weight_bytes,
 )
+from trl_longctx.memory.shapes import GIB
 
 H200_GIB = 139.80072021484375
 

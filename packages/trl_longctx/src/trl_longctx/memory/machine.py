@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .planner import GIB
+from .shapes import GIB
 
 # GPU presets: the memory torch reports for a card (`torch.cuda.get_device_properties(i).total_memory`), derived from
 # the vendor's nominal capacity by one formula, `usable_gib`:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .planner import ModelShape
+from .shapes import ModelShape
 
 # The published values of the models' config.json files on the Hugging Face Hub (mid-2026 revisions).
 PRESETS: dict[str, ModelShape] = {

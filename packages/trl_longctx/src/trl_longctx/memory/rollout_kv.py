@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .planner import BF16, GIB, ModelShape
+from .shapes import BF16, GIB, ModelShape
 
 KV_BLOCK_TOKENS = 16
 # vLLM memory that is neither weights nor KV cache (profiled activations, sampler, CUDA graphs) with
