@@ -297,49 +297,44 @@ class LongContextGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux
 
 
-_AUX_HANDED_BACK: set[str] = set()  # architectures whose hand-back to TRL's path was logged
+# Reasons a pass was handed to TRL's path, each logged once: MoE aux losses and image inputs we cannot serve.
+_HANDED_BACK: set[str] = set()
 
 
 def _router_aux_loss_or_reason(model) -> RouterAuxLoss | str:
-    """`moe_aux.router_aux_loss(model)`, or why it cannot be served (logged once per architecture): the log-prob
-    pass then goes to TRL's path, which runs the causal LM's own forward.
+    """`moe_aux.router_aux_loss(model)`, or why it cannot be served (logged once): the log-prob pass then goes to
+    TRL's path, which runs the causal LM's own forward.
 
     The warning names the way out that keeps the fused path: TRL 1.16's `GRPOTrainer.__init__` reads the coefficient
     once, from `args.router_aux_loss_coef` or, when that is `None`, from the model config's, and asks for the aux loss
     (`compute_aux_loss=self.aux_loss_enabled`) only when it is non-zero.
     """
-    try:
-        return router_aux_loss(model)
-    except RouterAuxLossUnsupported as error:
-        reason = str(error)
-        if reason not in _AUX_HANDED_BACK:
-            _AUX_HANDED_BACK.add(reason)
-            logger.warning(
-                "The router aux loss is computed on TRL's log-prob path (no fused log-probs, no planned sizes): %s "
-                "To keep the fused path without the aux loss, build the trainer with router_aux_loss_coef=0.0 in its "
-                "config, or in the model config with the trainer config's router_aux_loss_coef left at None.",
-                reason,
-            )
-        return reason
-
-
-_IMAGES_HANDED_BACK: set[str] = set()  # reasons images were handed to TRL's path (logged once each)
+    return _served_or_reason(
+        lambda: router_aux_loss(model), RouterAuxLossUnsupported,
+        "The router aux loss is computed on TRL's log-prob path (no fused log-probs, no planned sizes): %s To keep "
+        "the fused path without the aux loss, build the trainer with router_aux_loss_coef=0.0 in its config, or in "
+        "the model config with the trainer config's router_aux_loss_coef left at None.",
+    )  # fmt: skip
 
 
 def _vision_parts_or_reason(model, images: dict) -> VisionLanguageParts | str:
-    """`vision_language.vision_parts(model, images)`, or why the pass cannot serve these images (logged once per
-    reason): the log-prob pass then goes to TRL's path, which runs the causal LM's own forward."""
+    """`vision_language.vision_parts(model, images)`, or why the pass cannot serve these images (logged once): the
+    log-prob pass then goes to TRL's path, which runs the causal LM's own forward."""
+    return _served_or_reason(
+        lambda: vision_parts(model, images), VisionLanguageUnsupported,
+        "Image inputs go to TRL's log-prob path (no fused log-probs, no offloaded checkpoints, no planned sizes): %s",
+    )  # fmt: skip
+
+
+def _served_or_reason(serve, unsupported: type[Exception], message: str):
+    """`serve()`, or the reason an `unsupported` error gives, logged with `message` the first time it is seen."""
     try:
-        return vision_parts(model, images)
-    except VisionLanguageUnsupported as error:
+        return serve()
+    except unsupported as error:
         reason = str(error)
-        if reason not in _IMAGES_HANDED_BACK:
-            _IMAGES_HANDED_BACK.add(reason)
-            logger.warning(
-                "Image inputs go to TRL's log-prob path (no fused log-probs, no offloaded checkpoints, no planned "
-                "sizes): %s",
-                reason,
-            )
+        if reason not in _HANDED_BACK:
+            _HANDED_BACK.add(reason)
+            logger.warning(message, reason)
         return reason
 
 

@@ -14,8 +14,13 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARACTERS = list(string.ascii_lowercase + string.digits + " :.,+-=?")
 
 
-def build_char_tokenizer():
+def build_char_tokenizer(special_tokens: list[str] | None = None, named_special_tokens: dict[str, str] | None = None):
     """Build a character-level tokenizer (one token per character) with pad/bos/eos/unk specials.
+
+    Args:
+        special_tokens: More special tokens, after the characters in the vocabulary (e.g. a chat template's).
+        named_special_tokens: Of those, the ones the tokenizer exposes as attributes (`{"image_token": "<img>"}`
+            gives `tokenizer.image_token`).
 
     Returns:
         A `transformers.PreTrainedTokenizerFast` with left padding, as TRL's GRPO trainer expects.
@@ -28,11 +33,12 @@ def build_char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    extra = list(special_tokens or [])
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS + extra)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",
         bos_token="<bos>",
@@ -40,7 +46,11 @@ def build_char_tokenizer():
         unk_token="<unk>",
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        **({"extra_special_tokens": dict(named_special_tokens)} if named_special_tokens else {}),
     )
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra})
+    return fast
 
 
 def build_tiny_qwen3(

@@ -13,8 +13,6 @@ transformers (the processor has no `video_processor`).
 
 from __future__ import annotations
 
-from .tiny_models import CHARACTERS, SPECIAL_TOKENS
-
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 # The special tokens of the Qwen-VL chat format that the processors and models use.
 VISION_TOKENS = {
@@ -49,26 +47,9 @@ def build_vl_tokenizer():
     Returns:
         A `transformers.PreTrainedTokenizerFast` with left padding.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from .tiny_models import build_char_tokenizer
 
-    specials = CHAT_TOKENS + list(VISION_TOKENS.values())
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS + specials)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        extra_special_tokens=dict(VISION_TOKENS),
-    )
-    fast.add_special_tokens({"additional_special_tokens": specials})
-    return fast
+    return build_char_tokenizer(CHAT_TOKENS + list(VISION_TOKENS.values()), VISION_TOKENS)
 
 
 def build_tiny_vl_processor(family: str = "qwen2_5_vl"):
