@@ -191,3 +191,11 @@ def test_moe_presets_show_their_terms(capsys):
     plan_main([*flags, "--no-router-aux-loss"])
     out = capsys.readouterr().out
     assert "router logits" not in out and "adapted expert weights" not in out
+
+
+def test_moe_plans_say_the_vllm_side_is_not_modelled(capsys):
+    """MoE checkpoints keep TRL's engine (no shared weights): the plan does not claim one copy of the weights."""
+    plan_main(["--model", "qwen3-30b-a3b", "--gpu", "H200 141GB", "--completion-length", "8192", "--paths", "ours",
+          "--host-memory-gib", "100"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "vLLM side: not modeled for Mixture-of-Experts models" in out and "one copy of the weights" not in out

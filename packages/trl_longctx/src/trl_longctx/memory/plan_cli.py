@@ -193,6 +193,11 @@ def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: in
     """The colocated vLLM side (shared weights, KV standby): the rollout's KV cache and the utilization it needs."""
     if mode == "qlora":
         return "vLLM side: not modeled for 4-bit weights (QLoRA)."
+    if shape.num_experts:
+        # The rollout plan keeps TRL's engine for MoE checkpoints (vLLM holds the experts fused): a second copy.
+        return (
+            "vLLM side: not modeled for Mixture-of-Experts models (TRL's engine holds a second copy of the weights)."
+        )
     tokens = rollout_kv_tokens(sequences, prompt, completion)
     need = ", ".join(
         f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib):.2f}" for gpu, gib in gpus.items()
