@@ -106,18 +106,25 @@ def dequantize_fp8(
     return (weight.to(torch.float32) * factor).to(dtype)
 
 
+def capability_problem(capability: tuple[int, int]) -> str | None:
+    """Why a CUDA GPU of this compute capability cannot run FP8 matmuls, or ``None`` when it can."""
+    if tuple(capability) < _SCALED_MM_CAPABILITY:
+        return (
+            "FP8 matmuls (torch._scaled_mm, vLLM's CUTLASS FP8 kernels) need a GPU of compute capability >= 8.9 "
+            f"(Ada, Hopper or newer); this one has {capability[0]}.{capability[1]}"
+        )
+    return None
+
+
 def scaled_mm_problem(weight: torch.Tensor, kind: str) -> str | None:
     """Why ``torch._scaled_mm`` cannot run this layer here, or ``None`` when it can."""
     device = weight.device
     if kind == "per-block":
         return "its scales are per block (no block-scaled torch._scaled_mm path here)"
     if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < _SCALED_MM_CAPABILITY:
-            return (
-                f"torch._scaled_mm needs a GPU of compute capability >= 8.9 (Ada, Hopper or newer); this one has "
-                f"{capability[0]}.{capability[1]}"
-            )
+        problem = capability_problem(torch.cuda.get_device_capability(device))
+        if problem is not None:
+            return problem
         if any(size % _SCALED_MM_ALIGNMENT for size in weight.shape):
             return f"torch._scaled_mm on CUDA needs both weight dims to be multiples of 16, got {tuple(weight.shape)}"
         return None
