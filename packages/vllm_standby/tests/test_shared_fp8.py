@@ -94,7 +94,10 @@ def test_fused_layers_map_to_checkpoint_names(kind):
     fused bias, and passes no scale on as a weight of its own."""
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([_Block(kind)])
-    model.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    model.packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
     views = _split_packed(dict(model.named_parameters()), model)
     prefix = "layers.0."
     expected = {f"{prefix}self_attn.{n}.weight": w for n, w in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))}
@@ -194,7 +197,9 @@ def _real_engine_check(model_dir: str) -> None:
         vllm_base, hf_base = _sampled_logprobs(llm, hf)
         gap = (vllm_base - hf_base).abs().max().item()
         assert gap <= FP8_LOGPROB_GAP, f"transformers on the FP8 views vs vLLM: log-probs differ by {gap:.4f}"
-        lora = peft.get_peft_model(hf, peft.LoraConfig(r=LORA_RANK, target_modules="all-linear", init_lora_weights=False))
+        lora = peft.get_peft_model(
+            hf, peft.LoraConfig(r=LORA_RANK, target_modules="all-linear", init_lora_weights=False)
+        )
         vllm_lora, hf_lora = _sampled_logprobs(llm, lora, vllm_standby.lora_request(lora))
         gap_lora = (vllm_lora - hf_lora).abs().max().item()
         print(f"FP8 shared weights: log-prob gap {gap:.4f} without, {gap_lora:.4f} with the adapter")

@@ -288,9 +288,8 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
     if share:
         fp8 = _decide_fp8(args, quantization_config, runtime, notices)
         kv_standby = _decide_shared_standby(args, runtime, notices)
-        transport = "merged" if merge_adapter_default(args, quantized or fp8 is not None, runtime.platform) else (
-            "lora-request"
-        )
+        merged = merge_adapter_default(args, quantized or fp8 is not None, runtime.platform)
+        transport = "merged" if merged else "lora-request"
         sizing = args.vllm_kv_cache_sizing
         if sizing == "rollout" and not args.vllm_max_model_length:
             sizing = "utilization"

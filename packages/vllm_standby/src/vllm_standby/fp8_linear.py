@@ -155,7 +155,9 @@ def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, s
     problem = scaled_mm_problem(weight, kind)
     if matmul == "scaled_mm":
         if problem is not None:
-            raise ValueError(f"matmul='scaled_mm' cannot run this layer: {problem}. Allowed here: 'dequantize', 'auto'.")
+            raise ValueError(
+                f"matmul='scaled_mm' cannot run this layer: {problem}. Allowed here: 'dequantize', 'auto'."
+            )
         return "scaled_mm", "matmul='scaled_mm'"
     if problem is not None:
         return "dequantize", f"matmul='auto': {problem}"
@@ -303,7 +305,9 @@ class Fp8Linear(torch.nn.Linear):
         self.matmul, self.matmul_reason = resolve_matmul(matmul, weight, self.scale_kind)
 
     def reset_parameters(self) -> None:
-        raise RuntimeError("Fp8Linear holds frozen FP8 weights (views of another owner's tensors): never re-initialized.")
+        raise RuntimeError(
+            "Fp8Linear holds frozen FP8 weights (views of another owner's tensors): never re-initialized."
+        )
 
     def set_matmul(self, matmul: str) -> str:
         """Resolve ``matmul`` (:data:`MATMULS`) for this layer and use it from now on; returns what was picked."""

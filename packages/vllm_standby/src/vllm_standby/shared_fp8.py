@@ -131,7 +131,9 @@ def split_fp8_layer(module: torch.nn.Module, name: str = "layer") -> list[Fp8Sha
         if not per_tensor and (scale.dim() != 2 or scale.shape[1] != 1 or scale.shape[0] < out):
             raise _unknown(name, weight, f"scale {tuple(scale.shape)} is neither per tensor nor per channel")
         shards = [
-            Fp8Shard(rows_major[offset : offset + width, :cols], scale if per_tensor else scale[offset : offset + width])
+            Fp8Shard(
+                rows_major[offset : offset + width, :cols], scale if per_tensor else scale[offset : offset + width]
+            )
             for offset, width in zip(offsets, widths, strict=True)
         ]
     else:
