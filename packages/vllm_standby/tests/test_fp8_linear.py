@@ -10,9 +10,10 @@ Tolerances (`../../../shared/STYLE.md` section 3), each against a float64 refere
 | `scaled_mm` forward vs `q(x) @ (codes * scale).T`, `q` vLLM's per-token FP8 rounding of `x` in float64 | fp32 | atol 1e-5, rtol 1e-4 |
 | input gradient, any matmul (straight through) | fp32 | atol 1e-5, rtol 1e-3 |
 | PEFT LoRA on `Fp8Linear` vs PEFT LoRA on an `nn.Linear` holding the dequantized weight: output, input and LoRA grads | fp32 | atol 1e-5, rtol 1e-4 (grads rtol 1e-3) |
+| CUDA (`gpu`, capability >= 8.9): `scaled_mm` output vs the float64 W8A8 product; input gradient | bf16 | max error <= 2**-7 x max output (one bf16 rounding); gradient: the bf16 rule |
 
-The `scaled_mm` rows run torch's CPU implementation of `torch._scaled_mm`, which exists for tests only; the GPU path
-is the same call (`tools/bench/fp8_rollout.py` measures it on Hopper).
+The CPU `scaled_mm` rows run torch's CPU implementation of `torch._scaled_mm`; the GPU path is the same call, checked
+by the `gpu` test and timed by `tools/bench/fp8_rollout.py matmul`.
 """
 
 from __future__ import annotations
@@ -260,3 +261,28 @@ def test_bad_weights_and_scales_are_refused():
         Fp8Linear(codes, torch.ones(2, 1), block_size=(128, 128))
     with pytest.raises(RuntimeError, match="never re-initialized"):
         Fp8Linear(codes, scale).reset_parameters()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["per-tensor", "per-channel"])
+def test_scaled_mm_on_cuda(kind):
+    """On a GPU of compute capability >= 8.9, `"auto"` picks `torch._scaled_mm`, whose bf16 output is the W8A8 product
+    rounded once (max error <= 2**-7 x max |output|) and whose input gradient is the dequantized one (bf16 rule)."""
+    from vllm_standby.fp8_linear import capability_problem
+
+    if capability_problem(torch.cuda.get_device_capability()) is not None:
+        pytest.skip(capability_problem(torch.cuda.get_device_capability()))
+    codes, scale = quantize(torch.randn(256, 512) * 0.05, kind)
+    w64 = dequantized64(codes, scale, kind)
+    layer = Fp8Linear(codes.cuda(), scale.cuda(), matmul="auto")
+    assert layer.matmul == "scaled_mm", layer.matmul_reason
+    x = torch.randn(3, 40, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out = layer(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q, q_scale = _quantized_rows64(x.detach().float().reshape(-1, 512).cpu())
+    expected = ((q * q_scale) @ w64.T).reshape(3, 40, 256)
+    assert (out.double().cpu() - expected).abs().max() <= 2**-7 * expected.abs().max()
+    grad_cpu = grad_out.cpu()
+    _relative_rule(x.grad.cpu(), grad_cpu @ w64.to(torch.bfloat16), grad_cpu.double() @ w64, 1e-2, "cuda input grad")
