@@ -129,6 +129,23 @@ def test_dequantize_blocks_with_a_row_offset():
     assert_close_report(got, w64[rows], "block shard dequantized", atol=0, rtol=2**-23)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_float32_temporaries_change_nothing(kind, monkeypatch):
+    """Dequantization and activation quantization work a few rows at a time (bounded float32 temporaries): the same
+    results, bit for bit, as in one piece."""
+    import vllm_standby.fp8_linear as module
+
+    codes, scale, x, _ = _layer_inputs(kind)
+    matmul = "scaled_mm" if kind == "per-channel" else "dequantize"
+    shard_scale = {"per-tensor": scale, "per-channel": scale[:32], "per-block": scale[:1]}[kind]
+    layer = Fp8Linear(codes[:32], shard_scale, block_size=_block(kind), compute_dtype=torch.float32, matmul=matmul)
+    whole = (layer(x), layer.dequantized_weight(torch.float32))
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 3 * codes.shape[1] + 5)  # 3 rows per chunk, a partial last one
+    assert len(module._row_chunks(32, codes.shape[1])) == 11
+    chunked = (layer(x), layer.dequantized_weight(torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+
+
 def test_bias_and_its_gradient():
     codes, scale, x, w64 = _layer_inputs("per-channel")
     bias = torch.randn(SHAPES["per-channel"][0], requires_grad=True)

@@ -38,6 +38,10 @@ _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 MATMULS = ("auto", "scaled_mm", "dequantize")
 #: How the scales of a weight are laid out.
 SCALE_KINDS = ("per-tensor", "per-channel", "per-block")
+# Float32 temporaries of dequantization and activation quantization are made this many elements at a time (64 MiB):
+# a whole-tensor float32 copy of a long sequence's activations would be 4 bytes x tokens x hidden (2 GiB at 128K
+# tokens x 4,096).
+_CHUNK_ELEMENTS = 16 * 2**20
 # torch._scaled_mm on CUDA: FP8 tensor cores from compute capability 8.9; both matrix dims multiples of 16.
 _SCALED_MM_CAPABILITY = (8, 9)
 _SCALED_MM_ALIGNMENT = 16
@@ -98,12 +102,21 @@ def dequantize_fp8(
     """
     out, cols = weight.shape
     if block_size is None:
-        factor = scale.reshape(-1, 1)  # [1, 1] or [out, 1]
+        factor = scale.reshape(-1, 1).expand(out, 1)  # per tensor or per row
     else:
         block_out, block_in = block_size
         rows = scale.repeat_interleave(block_out, dim=0)[row_offset : row_offset + out]
         factor = rows.repeat_interleave(block_in, dim=1)[:, :cols]
-    return (weight.to(torch.float32) * factor).to(dtype)
+    result = torch.empty(out, cols, dtype=dtype, device=weight.device)
+    for rows in _row_chunks(out, cols):
+        result[rows] = weight[rows].to(torch.float32) * factor[rows]
+    return result
+
+
+def _row_chunks(rows: int, cols: int) -> list[slice]:
+    """Row ranges of at most `_CHUNK_ELEMENTS` elements (at least one row each)."""
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def capability_problem(capability: tuple[int, int]) -> str | None:
@@ -167,9 +180,14 @@ def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, s
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` ``[M, K]`` as FP8 with one dynamic scale per row (float32 ``[M, 1]``), as vLLM quantizes activations."""
-    scale = (x.abs().amax(dim=1, keepdim=True).to(torch.float32) / FP8_MAX).clamp_min(_MIN_SCALE)
-    return (x.to(torch.float32) / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    """``x`` ``[M, K]`` as FP8 with one dynamic scale per row (float32 ``[M, 1]``), as vLLM quantizes activations:
+    ``x / (amax / 448)`` divided in float32, a chunk of rows at a time."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True)  # no |x| copy
+    scale = (amax.to(torch.float32) / FP8_MAX).clamp_min(_MIN_SCALE)
+    codes = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    for rows in _row_chunks(*x.shape):
+        codes[rows] = (x[rows].to(torch.float32) / scale[rows]).clamp_(-FP8_MAX, FP8_MAX)
+    return codes, scale
 
 
 def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
