@@ -22,7 +22,8 @@ honoured raise a `ValueError` here, before anything loads. TRL settings are hono
 plus KV-only standby give with less memory moved per step; `vllm_shared_weights=False, vllm_kv_standby=False` keeps
 TRL's own engine and sleep mode exactly.
 
-This module imports neither vLLM nor torch; `VLLMRuntime.detect()` imports vLLM when called.
+This module imports neither vLLM nor torch at import; `VLLMRuntime.detect()` imports vLLM (and torch, for the GPU's
+compute capability) when called, and the FP8 decision reads the capability threshold from `vllm_standby.fp8_linear`.
 """
 
 from __future__ import annotations
