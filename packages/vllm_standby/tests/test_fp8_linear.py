@@ -303,3 +303,14 @@ def test_scaled_mm_on_cuda(kind):
     assert (out.double().cpu() - expected).abs().max() <= 2**-7 * expected.abs().max()
     grad_cpu = grad_out.cpu()
     _relative_rule(x.grad.cpu(), grad_cpu @ w64.to(torch.bfloat16), grad_cpu.double() @ w64, 1e-2, "cuda input grad")
+
+
+def test_an_enclosing_autocast_changes_nothing():
+    """The trainer's log-prob pass runs under autocast: the FP8 layer's result is the same inside it."""
+    codes, scale = quantize(torch.randn(32, 64), "per-channel")
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    for matmul in ("scaled_mm", "dequantize"):
+        layer = Fp8Linear(codes, scale, matmul=matmul)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = layer(x)
+        assert torch.equal(inside, layer(x)), matmul

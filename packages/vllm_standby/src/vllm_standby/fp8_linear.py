@@ -212,7 +212,9 @@ class Fp8MatmulFunction(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, block_size, row_offset, matmul, compute_dtype):
         x2 = x.reshape(-1, x.shape[-1])
         if matmul == "scaled_mm":
-            out = scaled_mm_fp8(x2, weight, scale, compute_dtype).to(x.dtype)
+            # The activation rounding is this layer's own (float32, as vLLM's): an enclosing autocast must not touch it.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = scaled_mm_fp8(x2, weight, scale, compute_dtype).to(x.dtype)
         else:
             out = x2 @ dequantize_fp8(weight, scale, x.dtype, block_size, row_offset).t()
         if bias is not None:
