@@ -151,6 +151,10 @@ def test_paths(run, tmp_path):
         ({"logprob_backend": "triton"}, r"logprob_backend must be 'auto' or 'torch' on cpu, got 'triton'"),
         ({"offload_checkpoints": True, "gradient_checkpointing": False}, r"offload_checkpoints=True needs"),
         ({"flex_attention": True}, r"flex_attention must be None or False when training on cpu, got True: torch's"),
+        (
+            {"vllm_fp8_weights": "per-channel", "vllm_importance_sampling_correction": False},
+            r"vllm_fp8_weights='per-channel' needs vllm_importance_sampling_correction=True",
+        ),
     ],
 )
 def test_combinations(run, entries, message):

@@ -248,3 +248,106 @@ def test_moe_on_vllms_cpu_build_is_refused_naming_the_setting(tmp_path, peft):
     assert plan(trl_colocate(tmp_path, use_vllm=False), model=moe_checkpoint(tmp_path), runtime=CPU).engine == (
         "transformers"
     )
+
+
+# FP8 shared weights (`vllm_fp8_weights`): the CUDA runtimes as `VLLMRuntime.detect()` reads them on each GPU.
+FP8_KINDS = ("per-channel", "per-tensor", "per-block")
+HOPPER = VLLMRuntime("0.34.0", "cuda", "vllm-api", bitsandbytes=True, fp8=FP8_KINDS, capability=(9, 0))
+AMPERE = VLLMRuntime("0.34.0", "cuda", "vllm-api", bitsandbytes=True, fp8=FP8_KINDS, capability=(8, 0))
+CPU_FP8 = VLLMRuntime("0.32.0", "cpu", "cpu-worker", bitsandbytes=False, fp8=FP8_KINDS)  # what the CPU build reports
+
+
+@pytest.mark.parametrize(("kind", "matmul"), [("per-channel", "scaled_mm"), ("per-tensor", "scaled_mm"),
+                                              ("per-block", "dequantize")])  # fmt: skip
+def test_fp8_shares_fp8_weights_and_names_the_importance_sampling(tmp_path, kind, matmul):
+    """On Hopper with LoRA: FP8 views of vLLM's weights, the adapter as a LoRA request (never merged into FP8), the
+    trainer's matmul per scale layout, and TRL's importance-sampling settings in the log line."""
+    args = trl_colocate(tmp_path, vllm_fp8_weights=kind, vllm_importance_sampling_clip_min=0.5)
+    result = plan(args, runtime=HOPPER)
+    assert (result.shared_weights, result.fp8, result.fp8_matmul) == (True, kind, matmul)
+    assert result.adapter_transport == "lora-request" and result.kv_standby == "trainer" and result.notices == ()
+    line = result.describe()
+    assert f"FP8 weights ({kind} scales; the trainer's base matmuls: " in line
+    assert "shared with the trainer (one copy), the adapter as an in-memory LoRA request" in line
+    assert (
+        "TRL corrects each step by importance sampling (vllm_importance_sampling_correction=True, "
+        "vllm_importance_sampling_mode='sequence_mask', clip [0.5, 3.0]) and logs the gap as "
+        "sampling/sampling_logp_difference." in line
+    )
+
+
+def test_fp8_explicit_sharing_holds_without_kv_standby(tmp_path):
+    """FP8 asks for shared weights: where KV standby is missing they are shared all the same (KV cache held)."""
+    no_standby = VLLMRuntime("0.34.0", "cuda", None, bitsandbytes=True, fp8=FP8_KINDS, capability=(9, 0))
+    result = plan(trl_colocate(tmp_path, vllm_fp8_weights="per-channel"), runtime=no_standby)
+    assert (result.shared_weights, result.fp8, result.kv_standby) == (True, "per-channel", "off")
+
+
+# Each row: what the run has, the plan's arguments, and what the refusal must say (why, then what to use instead).
+FP8_REFUSALS = {
+    "cpu": ({}, {"runtime": CPU_FP8}, r"vLLM 0.32.0 \(cpu\) runs on the CPU: FP8 matmuls need a CUDA GPU.*Allowed "
+            r"here: bf16 shared weights \(vllm_fp8_weights=None\) on the CPU\.$"),
+    "pre-hopper": ({}, {"runtime": AMPERE}, r"compute capability >= 8\.9 \(Ada, Hopper or newer\); this one has 8\.0 "
+                   r"\(vLLM would repack .* Marlin.*Allowed here: bf16 shared weights .* or 4-bit NF4 ones \(QLoRA"),
+    "no-gpu": ({}, {"runtime": VLLMRuntime("0.34.0", "cuda", "vllm-api", True, fp8=FP8_KINDS)},
+               r"sees no CUDA GPU, and FP8 matmuls need one of compute capability >= 8\.9"),
+    "rocm": ({}, {"runtime": VLLMRuntime("0.34.0", "rocm", "vllm-api", False, fp8=FP8_KINDS)},
+             r"built and verified for CUDA only .*float8_e4m3fnuz on ROCm"),
+    "no-online-fp8": ({"vllm_fp8_weights": "per-block"},
+                      {"runtime": VLLMRuntime("0.34.0", "cuda", "vllm-api", True, fp8=("per-channel",),
+                                              capability=(9, 0))},
+                      r"cannot quantize a checkpoint to FP8 per-block while loading it \(no "
+                      r"quantization='fp8_per_block'; it has \['per-channel'\]\)"),
+    "qlora": ({}, {"runtime": HOPPER, "quantization": NF4}, r"a quantization_config \(4-bit QLoRA\) quantizes the "
+              r"weights already.*Allowed here: drop the quantization_config, or vllm_fp8_weights=None for QLoRA"),
+    "full-ft": ({}, {"runtime": HOPPER, "peft": None}, r"needs shared weights \(the trainer's FP8 layers are views of "
+                r"vLLM's\): it needs a LoRA adapter.*Allowed here: pass peft_config=LoraConfig\(\.\.\.\), or "
+                r"vllm_fp8_weights=None\."),
+    "instance": ({}, {"runtime": HOPPER, "model": object()}, r"needs shared weights.*the model is an instance"),
+    "tensor-parallel": ({"vllm_tensor_parallel_size": 2}, {"runtime": HOPPER},
+                        r"needs shared weights.*vllm_tensor_parallel_size=2"),
+    "server": ({"vllm_mode": "server"}, {"runtime": HOPPER}, r"needs vLLM colocated in this process with shared "
+               r"weights .*this run has vllm_mode='server'\. Allowed here: None\."),
+    "no-vllm": ({"use_vllm": False}, {"runtime": HOPPER}, r"this run has use_vllm=False"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FP8_REFUSALS.values(), ids=FP8_REFUSALS)
+def test_fp8_where_it_cannot_run_is_refused_saying_why_and_what_instead(tmp_path, case):
+    overrides, plan_kwargs, message = case
+    args = trl_colocate(tmp_path, **{"vllm_fp8_weights": "per-channel", **overrides})
+    with pytest.raises(ValueError, match=message) as error:
+        plan(args, **plan_kwargs)
+    assert str(error.value).startswith(f"vllm_fp8_weights={args.vllm_fp8_weights!r}")
+    assert "Allowed here: " in str(error.value)
+
+
+def test_fp8_off_where_it_could_run_is_named(tmp_path):
+    """bf16 shared weights on Hopper: a notice names `vllm_fp8_weights`; where FP8 cannot run (CPU, Ampere, QLoRA) or
+    the weights are not shared, no FP8 notice."""
+    (message,) = notices(plan(trl_colocate(tmp_path), runtime=HOPPER))
+    assert message.startswith("Rollouts: FP8 base weights off: vllm_fp8_weights=None (the checkpoint's dtype). To turn "
+                              "it on: vllm_fp8_weights='per-channel'")  # fmt: skip
+    assert plan(trl_colocate(tmp_path), runtime=HOPPER).fp8 is None
+    for runtime, kwargs in ((CPU_FP8, {}), (AMPERE, {}), (HOPPER, {"quantization": NF4}), (HOPPER, {"peft": None})):
+        assert not any("FP8" in m for m in notices(plan(trl_colocate(tmp_path), runtime=runtime, **kwargs)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"vllm_fp8_weights": "fp8"},
+         r"vllm_fp8_weights must be None or one of \['per-channel', 'per-tensor', 'per-block'\], got 'fp8'\."),
+        ({"vllm_fp8_weights": "per-channel", "vllm_shared_weights": False},
+         r"vllm_fp8_weights='per-channel' needs vllm_shared_weights=None or True .*got False; or set "
+         r"vllm_fp8_weights=None\."),
+        ({"vllm_fp8_weights": "per-tensor", "vllm_merge_adapter": True},
+         r"vllm_fp8_weights='per-tensor' needs vllm_merge_adapter=None or False: .*got True\."),
+        ({"vllm_fp8_weights": "per-block", "vllm_importance_sampling_correction": False},
+         r"vllm_fp8_weights='per-block' needs vllm_importance_sampling_correction=True: .*got False\."),
+    ],
+    ids=["bad-value", "unshared", "merged", "no-is-correction"],
+)  # fmt: skip
+def test_fp8_settings_the_config_alone_refuses(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        trl_colocate(tmp_path, **overrides)

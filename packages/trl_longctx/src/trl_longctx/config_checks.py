@@ -177,6 +177,9 @@ def _choice(name, choices, none=None, example="unknown", other_spellings=()):
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
 VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
+# `vllm_fp8_weights`: the scale layouts of vLLM's online FP8 quantization (`vllm_standby.shared_fp8.VLLM_QUANTIZATION`;
+# kept here as text so that the config imports neither vllm_standby's torch code nor vLLM).
+VLLM_FP8_WEIGHTS = ("per-channel", "per-tensor", "per-block")
 # Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code);
 # a test checks that the two lists agree. Not compiled is `None`, the one spelling of it.
 COMPILE_DECODER_SETTINGS = (
@@ -275,6 +278,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _choice("loss_type", LOSS_TYPES, example="ppo"),
     _choice("logprob_backend", LOGPROB_BACKENDS, example="cuda"),
     _choice("vllm_kv_cache_sizing", VLLM_KV_CACHE_SIZINGS, example="max"),
+    _choice("vllm_fp8_weights", VLLM_FP8_WEIGHTS, none="the checkpoint's dtype, no FP8", example="fp8"),
     # "off" and "eager" were also accepted for not compiled, before None became its one spelling.
     _choice(
         "compile_decoder_layers",
@@ -483,6 +487,30 @@ def _flex_attention_on_cuda(config) -> str | None:
     return None
 
 
+def _fp8_weights_settings(config) -> str | None:
+    # What the config alone says FP8 shared weights cannot have; the rollout plan checks the rest (vLLM, the GPU).
+    kind = config.vllm_fp8_weights
+    if kind is None:
+        return None
+    if config.vllm_shared_weights is False:
+        return (
+            f"vllm_fp8_weights={kind!r} needs vllm_shared_weights=None or True (the trainer's FP8 layers are views of "
+            "vLLM's weights), got False; or set vllm_fp8_weights=None."
+        )
+    if config.vllm_merge_adapter:
+        return (
+            f"vllm_fp8_weights={kind!r} needs vllm_merge_adapter=None or False: a LoRA adapter cannot be merged into "
+            "FP8 weights exactly (the adapter reaches vLLM as an in-memory LoRA request), got True."
+        )
+    if not config.vllm_importance_sampling_correction:
+        return (
+            f"vllm_fp8_weights={kind!r} needs vllm_importance_sampling_correction=True: the FP8 sampler's log-probs "
+            "differ from the trainer's, and TRL corrects for it (and logs sampling/sampling_logp_difference) only "
+            "with it; got False."
+        )
+    return None
+
+
 COMBINATIONS: tuple[Combination, ...] = (
     Combination(
         ("vllm_importance_sampling_mode", "loss_type"),
@@ -495,6 +523,12 @@ COMBINATIONS: tuple[Combination, ...] = (
         _backend_runs_here,
     ),
     Combination(("sync_ref_model", "beta"), "sync_ref_model=True only with beta > 0", _sync_ref_needs_beta),
+    Combination(
+        ("vllm_fp8_weights", "vllm_shared_weights", "vllm_merge_adapter", "vllm_importance_sampling_correction"),
+        "vllm_fp8_weights only with vllm_shared_weights None or True, vllm_merge_adapter None or False, and "
+        "vllm_importance_sampling_correction=True",
+        _fp8_weights_settings,
+    ),
     Combination(
         ("offload_checkpoints", "gradient_checkpointing"),
         "offload_checkpoints=True only with gradient_checkpointing=True",

@@ -19,6 +19,7 @@ from .config_checks import (
     CONFIG_RULES,
     LOGPROB_BACKENDS,
     LOSS_TYPES,
+    VLLM_FP8_WEIGHTS,
     VLLM_KV_CACHE_SIZINGS,
     check_combinations,
     check_fields,
@@ -31,6 +32,7 @@ __all__ = [
     "FIELD_GROUPS",
     "LOGPROB_BACKENDS",
     "LOSS_TYPES",
+    "VLLM_FP8_WEIGHTS",
     "VLLM_KV_CACHE_SIZINGS",
     "LongContextGRPOConfig",
     "fields_docstring",
@@ -51,6 +53,7 @@ FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "vllm_kv_standby",
             "vllm_shared_weights",
+            "vllm_fp8_weights",
             "vllm_merge_adapter",
             "vllm_kv_cache_sizing",
             "vllm_prefix_caching",
@@ -185,6 +188,24 @@ class LongContextGRPOConfig(GRPOConfig):
             "TRL's `vllm_enable_sleep_mode=True` is honoured by sharing (no second copy of the weights to offload) "
             "plus KV standby; `vllm_shared_weights=False, vllm_kv_standby=False` keeps TRL's own engine and sleep "
             "mode."
+        },
+    )
+    vllm_fp8_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "FP8 base weights under a LoRA adapter, with `vllm_shared_weights`: vLLM quantizes the bf16/fp16 "
+            "checkpoint to `float8_e4m3fn` while loading it (its online quantization, "
+            '`quantization="fp8_per_channel"`, `"fp8_per_tensor"` or `"fp8_per_block"`), and the trainer\'s frozen '
+            "base layers are views of those FP8 weights and their scales (`vllm_standby.Fp8Linear`: one copy, half "
+            "the bytes of bf16); the adapter stays in 16/32 bits and reaches vLLM as an in-memory LoRA request. "
+            '`"per-channel"`: a scale per output row; `"per-tensor"`: one per fused layer (both: the trainer '
+            'multiplies with `torch._scaled_mm` on per-token FP8 activations, as vLLM does); `"per-block"`: one per '
+            "128 x 128 block (the trainer dequantizes each weight to bf16 for its matmul). Needs a CUDA build of vLLM "
+            "with online FP8 quantization and a GPU of compute capability >= 8.9 (Ada, Hopper or newer); refused "
+            "elsewhere, saying what to use instead. FP8 sampling and bf16 training differ in their log-probs more "
+            "than bf16 does: needs `vllm_importance_sampling_correction=True` (TRL's default), which corrects each "
+            "step for it and logs the gap as `sampling/sampling_logp_difference`. `None`: the checkpoint's dtype.",
+            "choices": list(VLLM_FP8_WEIGHTS),
         },
     )
     vllm_merge_adapter: bool | None = field(

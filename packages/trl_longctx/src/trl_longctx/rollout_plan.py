@@ -10,7 +10,10 @@ function (`resolve_rollout_plan`) decides:
   own sleep calls), TRL's sleep mode as TRL does it, or none;
 - how the trained policy reaches vLLM: merged into the shared weights for each rollout, an in-memory LoRA request, or
   TRL's weight sync;
-- how the shared engine's KV cache is sized.
+- how the shared engine's KV cache is sized;
+- whether the shared weights are FP8 (`vllm_fp8_weights`): vLLM quantizes the checkpoint and the trainer's base layers
+  are views of its FP8 weights and scales; only with LoRA on shared weights, a CUDA vLLM that quantizes to FP8 online
+  and a GPU of compute capability >= 8.9, refused elsewhere with what to use instead.
 
 Every feature the run could have had but does not get is a `Notice` naming the setting that keeps it off and the value
 that turns it on; the trainer logs the plan in one line and each notice as a warning. Explicit requests that cannot be
@@ -19,7 +22,8 @@ honoured raise a `ValueError` here, before anything loads. TRL settings are hono
 plus KV-only standby give with less memory moved per step; `vllm_shared_weights=False, vllm_kv_standby=False` keeps
 TRL's own engine and sleep mode exactly.
 
-This module imports neither vLLM nor torch; `VLLMRuntime.detect()` imports vLLM when called.
+This module imports neither vLLM nor torch at import; `VLLMRuntime.detect()` imports vLLM (and torch, for the GPU's
+compute capability) when called, and the FP8 decision reads the capability threshold from `vllm_standby.fp8_linear`.
 """
 
 from __future__ import annotations
@@ -62,12 +66,17 @@ class VLLMRuntime:
         kv_standby: `vllm_standby.kv_standby_mechanism()`: `"cpu-worker"`, `"vllm-api"`, `"sleep-backend-patch"`, or
             `None` where KV-only standby is not implemented.
         bitsandbytes: Whether this vLLM can quantize a checkpoint with bitsandbytes (shared 4-bit weights).
+        fp8: The FP8 scale layouts this vLLM can quantize a checkpoint to while loading it
+            (`vllm_standby.shared_fp8.fp8_in_vllm()`: `"per-channel"`, `"per-tensor"`, `"per-block"`).
+        capability: The CUDA GPU's compute capability `(major, minor)`; `None` without a CUDA GPU.
     """
 
     version: str
     platform: str
     kv_standby: str | None
     bitsandbytes: bool
+    fp8: tuple[str, ...] = ()
+    capability: tuple[int, int] | None = None
 
     @classmethod
     def detect(cls) -> VLLMRuntime | None:
@@ -81,9 +90,17 @@ class VLLMRuntime:
 
         from vllm_standby import kv_standby_mechanism
         from vllm_standby.shared_4bit import bitsandbytes_in_vllm
+        from vllm_standby.shared_fp8 import fp8_in_vllm
 
         platform = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else "other"
-        return cls(vllm.__version__, platform, kv_standby_mechanism(), bitsandbytes_in_vllm())
+        capability = None
+        if platform == "cuda":
+            import torch
+
+            capability = tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+        return cls(
+            vllm.__version__, platform, kv_standby_mechanism(), bitsandbytes_in_vllm(), fp8_in_vllm(), capability
+        )
 
     def describe(self) -> str:
         return f"vLLM {self.version} ({self.platform})"
@@ -119,6 +136,12 @@ class RolloutPlan:
             `vllm_enable_sleep_mode` as TRL sees it).
         adapter_transport: One of `ADAPTER_TRANSPORTS`, `None` without vLLM.
         quantized: vLLM quantizes the checkpoint to 4-bit NF4 and the trainer's layers are views of it (QLoRA).
+        fp8: The FP8 scale layout (`vllm_fp8_weights`) when vLLM quantizes the checkpoint to FP8 and the trainer's
+            layers are views of it, else `None`.
+        fp8_matmul: The trainer's matmul on FP8 weights (`vllm_standby.fp8_linear`): `"scaled_mm"` for per-tensor and
+            per-channel scales, `"dequantize"` for per-block ones; `None` without FP8.
+        importance_sampling: With FP8, TRL's importance-sampling correction as this run configures it (one line for
+            the log), else `None`.
         kv_cache_sizing: `"rollout"` or `"utilization"` for the shared engine, `None` otherwise.
         needs_vllm_standby: The run needs vllm_standby's patches live in this process (`vllm_standby.enable()`).
         runtime: The installed vLLM's capabilities (`None` without vLLM).
@@ -132,6 +155,9 @@ class RolloutPlan:
     trl_sleep_mode: bool = False
     adapter_transport: str | None = None
     quantized: bool = False
+    fp8: str | None = None
+    fp8_matmul: str | None = None
+    importance_sampling: str | None = None
     kv_cache_sizing: str | None = None
     needs_vllm_standby: bool = False
     runtime: VLLMRuntime | None = None
@@ -153,6 +179,10 @@ class RolloutPlan:
         parts = [f"Rollout plan: {self.runtime.describe()} colocated in this process"]
         if self.shared_weights:
             weights = "4-bit NF4 weights" if self.quantized else "weights"
+            if self.fp8 is not None:
+                matmul = {"scaled_mm": "torch._scaled_mm on per-token FP8 activations",
+                          "dequantize": "dequantized to bf16 per matmul"}[self.fp8_matmul]  # fmt: skip
+                weights = f"FP8 weights ({self.fp8} scales; the trainer's base matmuls: {matmul})"
             transport = {"merged": "the adapter merged into them for each rollout", "lora-request": "the adapter as "
                          "an in-memory LoRA request"}[self.adapter_transport]  # fmt: skip
             parts.append(f"{weights} shared with the trainer (one copy), {transport}")
@@ -169,6 +199,8 @@ class RolloutPlan:
         if self.kv_cache_sizing is not None:
             parts.append(f"KV cache sized by {'the rollout' if self.kv_cache_sizing == 'rollout' else 'utilization'}")
         line = "; ".join(parts) + "."
+        if self.importance_sampling is not None:
+            line += f" {self.importance_sampling}"
         return line + "".join(f" {note}" for note in self.honoured)
 
     def trl_args(self, args: Any) -> Any:
@@ -241,6 +273,12 @@ def _refuse_without_colocate(args: Any, why: str) -> None:
                 f"{name}=True needs vLLM colocated in this process (use_vllm=True, vllm_mode='colocate'); this run has "
                 f"{why}. Allowed here: False or None (automatic)."
             )
+    fp8 = getattr(args, "vllm_fp8_weights", None)
+    if fp8 is not None:
+        raise ValueError(
+            f"vllm_fp8_weights={fp8!r} needs vLLM colocated in this process with shared weights (use_vllm=True, "
+            f"vllm_mode='colocate'); this run has {why}. Allowed here: None."
+        )
 
 
 def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_func, runtime) -> RolloutPlan:
@@ -249,8 +287,10 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
     quantized = quantization_config is not None
     share = _decide_shared_weights(args, model, peft_config, quantization_config, runtime, notices)
     if share:
+        fp8 = _decide_fp8(args, quantization_config, runtime, notices)
         kv_standby = _decide_shared_standby(args, runtime, notices)
-        transport = "merged" if merge_adapter_default(args, quantized, runtime.platform) else "lora-request"
+        merged = merge_adapter_default(args, quantized or fp8 is not None, runtime.platform)
+        transport = "merged" if merged else "lora-request"
         sizing = args.vllm_kv_cache_sizing
         if sizing == "rollout" and not args.vllm_max_model_length:
             sizing = "utilization"
@@ -267,8 +307,9 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
             )
         return RolloutPlan(
             engine="vllm-colocate", shared_weights=True, kv_standby=kv_standby, adapter_transport=transport,
-            quantized=quantized, kv_cache_sizing=sizing, needs_vllm_standby=True, runtime=runtime,
-            notices=tuple(notices), honoured=tuple(honoured),
+            quantized=quantized, fp8=fp8, fp8_matmul=FP8_MATMULS[fp8] if fp8 else None,
+            importance_sampling=importance_sampling_line(args) if fp8 else None, kv_cache_sizing=sizing,
+            needs_vllm_standby=True, runtime=runtime, notices=tuple(notices), honoured=tuple(honoured),
         )  # fmt: skip
     _refuse_moe_weight_sync_on_cpu(args, model, runtime)
     kv_standby, trl_sleep = _decide_trl_engine_standby(args, runtime, has_rollout_func, notices, honoured)
@@ -284,6 +325,13 @@ def _decide_shared_weights(args, model, peft_config, quantization_config, runtim
     """`vllm_shared_weights` resolved: `True` requested and impossible raises; `None` is on where it works."""
     requested = args.vllm_shared_weights
     problem = _shared_weights_problem(args, model, peft_config, quantization_config, runtime)
+    fp8 = getattr(args, "vllm_fp8_weights", None)
+    if fp8 is not None and problem is not None:
+        reason, remedy = problem
+        raise ValueError(
+            f"vllm_fp8_weights={fp8!r} needs shared weights (the trainer's FP8 layers are views of vLLM's): {reason}. "
+            f"Allowed here: {remedy}, or vllm_fp8_weights=None."
+        )
     if requested is False:
         if problem is None:
             notices.append(Notice("shared weights", "vllm_shared_weights=False", "vllm_shared_weights=None (or True)"))
@@ -296,7 +344,7 @@ def _decide_shared_weights(args, model, peft_config, quantization_config, runtim
             )
         notices.append(Notice("shared weights", reason, remedy))
         return False
-    if requested is None and runtime.kv_standby is None:
+    if requested is None and runtime.kv_standby is None and fp8 is None:
         notices.append(Notice(
             "shared weights", f"{runtime.describe()} has no KV-only standby, which the shared engine relies on "
             "between rollouts", "vllm_shared_weights=True (one copy of the weights, vLLM's KV cache held throughout)",
@@ -407,6 +455,76 @@ def _num_experts(model: str) -> int:
     return int(text.get("num_experts") or text.get("num_local_experts") or 0)
 
 
+#: The trainer's matmul on FP8 shared weights per scale layout (`vllm_standby.fp8_linear`): `torch._scaled_mm` on
+#: per-token FP8 activations, as vLLM's CUTLASS kernels multiply per-tensor and per-channel weights; block scales have
+#: no such path there, so those weights are dequantized to bf16 for each matmul.
+FP8_MATMULS = {"per-channel": "scaled_mm", "per-tensor": "scaled_mm", "per-block": "dequantize"}
+# What to use instead of FP8 where it cannot run.
+_FP8_INSTEAD = "bf16 shared weights (vllm_fp8_weights=None)"
+_FP8_INSTEAD_GPU = (
+    f"{_FP8_INSTEAD}, or 4-bit NF4 ones (QLoRA: quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+    "bnb_4bit_quant_type='nf4'))"
+)
+
+
+def _decide_fp8(args, quantization_config, runtime, notices) -> str | None:
+    """`vllm_fp8_weights` for a run that shares its weights: the scale layout, or `None`; refused where FP8 cannot run
+    (the message says why and what to use instead). Off where it could run: a notice naming the setting."""
+    requested = getattr(args, "vllm_fp8_weights", None)
+    problem = _fp8_problem(requested or "per-channel", quantization_config, runtime)
+    if requested is None:
+        if problem is None and quantization_config is None:
+            notices.append(Notice(
+                "FP8 base weights", "vllm_fp8_weights=None (the checkpoint's dtype)",
+                "vllm_fp8_weights='per-channel' (vLLM quantizes the checkpoint to FP8 at load: half the weight memory "
+                "and FP8 matmuls; TRL's importance sampling corrects the sampling gap)",
+            ))  # fmt: skip
+        return None
+    if problem is not None:
+        raise ValueError(f"vllm_fp8_weights={requested!r}: {problem[0]}. Allowed here: {problem[1]}.")
+    return requested
+
+
+def _fp8_problem(kind: str, quantization_config, runtime) -> tuple[str, str] | None:
+    """Why FP8 shared weights of layout `kind` cannot run here, as `(reason, what to use instead)`, or `None`."""
+    if quantization_config is not None:
+        return ("a quantization_config (4-bit QLoRA) quantizes the weights already; FP8 weights are vLLM's own "
+                "quantization of a bf16/fp16 checkpoint", "drop the quantization_config, or vllm_fp8_weights=None "
+                "for QLoRA")  # fmt: skip
+    if runtime.platform == "cpu":
+        return (f"{runtime.describe()} runs on the CPU: FP8 matmuls need a CUDA GPU of compute capability >= 8.9, "
+                "and vLLM's CPU build quantizes to FP8 only per channel, repacked for its AMX kernels where the CPU "
+                "has AMX", f"{_FP8_INSTEAD} on the CPU")  # fmt: skip
+    if runtime.platform != "cuda":
+        return (f"{runtime.describe()}: FP8 shared weights are built and verified for CUDA only (vLLM's FP8 weights "
+                "are laid out differently elsewhere, e.g. float8_e4m3fnuz on ROCm)", _FP8_INSTEAD)  # fmt: skip
+    if kind not in runtime.fp8:
+        method = {"per-channel": "fp8_per_channel", "per-tensor": "fp8_per_tensor", "per-block": "fp8_per_block"}[kind]
+        return (f"{runtime.describe()} cannot quantize a checkpoint to FP8 {kind} while loading it (no "
+                f"quantization={method!r}; it has {list(runtime.fp8) or 'no online FP8'})",
+                f"a vLLM with online FP8 quantization (the CUDA build, 0.25-0.34), or {_FP8_INSTEAD}")  # fmt: skip
+    if runtime.capability is None:
+        return (f"{runtime.describe()} sees no CUDA GPU, and FP8 matmuls need one of compute capability >= 8.9",
+                _FP8_INSTEAD_GPU)  # fmt: skip
+    from vllm_standby.fp8_linear import capability_problem
+
+    problem = capability_problem(runtime.capability)
+    if problem is not None:
+        # vLLM would run FP8 there through its weight-only Marlin kernel, on repacked weights no view can read.
+        return (f"{problem} (vLLM would repack the FP8 weights for its Marlin kernel there)", _FP8_INSTEAD_GPU)
+    return None
+
+
+def importance_sampling_line(args: Any) -> str:
+    """How TRL corrects the gap between the FP8 sampler's log-probs and the trainer's, as this run configures it."""
+    return (
+        "FP8 sampling and training differ in their log-probs: TRL corrects each step by importance sampling "
+        f"(vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="
+        f"{args.vllm_importance_sampling_mode!r}, clip [{args.vllm_importance_sampling_clip_min}, "
+        f"{args.vllm_importance_sampling_clip_max}]) and logs the gap as sampling/sampling_logp_difference."
+    )
+
+
 def _decide_shared_standby(args, runtime, notices) -> str:
     requested = args.vllm_kv_standby
     if requested is False:
@@ -471,8 +589,8 @@ def _decide_trl_engine_standby(args, runtime, has_rollout_func, notices, honoure
 
 
 def merge_adapter_default(args: Any, quantized: bool, platform: str) -> bool:
-    """`vllm_merge_adapter` with `None` resolved: merged on CUDA, an in-memory LoRA request elsewhere and for 4-bit
-    (QLoRA) weights, which an adapter cannot be merged into.
+    """`vllm_merge_adapter` with `None` resolved: merged on CUDA, an in-memory LoRA request elsewhere and for quantized
+    weights (4-bit QLoRA, FP8), which an adapter cannot be merged into exactly.
 
     On CUDA vLLM's LoRA kernels decode slower than plain weights; on the CPU build the merge would keep a host copy
     of every adapted weight beside the weights, for no gain measured there.

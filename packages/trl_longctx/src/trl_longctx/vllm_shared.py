@@ -58,7 +58,8 @@ def build_shared_model_and_engine(model_path: str, args, peft_config, plan) -> t
     """Build the colocated engine, then the trainer's base model as views of its weights (one copy in memory).
 
     With `plan.quantized` vLLM quantizes the checkpoint to bitsandbytes NF4 and the trainer gets `Linear4bit` views
-    (QLoRA). vLLM's LoRA support is built only when the adapter reaches it as a request (`plan.adapter_transport`).
+    (QLoRA); with `plan.fp8` to FP8, and the trainer gets `vllm_standby.Fp8Linear` views running `plan.fp8_matmul`.
+    vLLM's LoRA support is built only when the adapter reaches it as a request (`plan.adapter_transport`).
 
     Returns:
         `(model, engine)`: the transformers model in training mode and the engine.
@@ -70,9 +71,14 @@ def build_shared_model_and_engine(model_path: str, args, peft_config, plan) -> t
     llm = build_shared_engine(
         model_path, args, PartialState(), lora_rank=peft_config.r,
         enable_lora=plan.adapter_transport == "lora-request", quantized=plan.quantized,
-        kv_cache_sizing=plan.kv_cache_sizing,
+        kv_cache_sizing=plan.kv_cache_sizing, fp8=plan.fp8,
     )  # fmt: skip
-    hf_model = shared_hf_model(llm)
+    hf_model = shared_hf_model(llm, fp8_matmul=plan.fp8_matmul or "auto")
+    if plan.fp8 is not None:
+        from vllm_standby.fp8_linear import matmul_summary
+
+        for matmul, (count, reason) in matmul_summary(hf_model).items():
+            logger.info("FP8 shared weights: %d layers multiply with %s (%s).", count, matmul, reason)
     hf_model.name_or_path = hf_model.config._name_or_path = model_path
     return hf_model.train(), llm
 
@@ -85,6 +91,7 @@ def build_shared_engine(
     enable_lora: bool = True,
     quantized: bool = False,
     kv_cache_sizing: str = "rollout",
+    fp8: str | None = None,
 ) -> AdapterStandbyLLM:
     """Build the colocated engine as TRL's colocate mode does, with LoRA enabled and the weights' own dtype (and, on
     CUDA, `vllm_standby`'s fast start).
@@ -97,6 +104,11 @@ def build_shared_engine(
         enable_lora: Build vLLM's LoRA support (off when the adapter is merged into the shared weights instead).
         quantized: vLLM quantizes the checkpoint to bitsandbytes 4-bit NF4 at load (QLoRA with shared weights).
         kv_cache_sizing: `"rollout"` (see `rollout_kv_cache_kwargs`) or `"utilization"`.
+        fp8: vLLM quantizes the checkpoint to FP8 at load with these scales (`vllm_fp8_weights`), or `None`.
+
+    Raises:
+        ValueError: FP8 weights asked for a checkpoint that would load in float32 (vLLM's FP8 layers take bf16/fp16
+            activations only).
     """
     os.environ["RANK"] = str(accelerator.process_index)
     os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
@@ -106,6 +118,18 @@ def build_shared_engine(
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     dtype = weights_dtype(args, config)
+    quantization = {}
+    if quantized:
+        quantization = {"quantization": "bitsandbytes"}
+    elif fp8 is not None:
+        from vllm_standby.shared_fp8 import VLLM_QUANTIZATION
+
+        if dtype not in ("bfloat16", "float16"):
+            raise ValueError(
+                f"vllm_fp8_weights={fp8!r} needs the model in bfloat16 or float16 (vLLM's FP8 layers take 16-bit "
+                f"activations), and {model_path} loads in {dtype}: set model_init_kwargs={{'dtype': 'bfloat16'}}."
+            )
+        quantization = {"quantization": VLLM_QUANTIZATION[fp8]}
     max_num_seqs = args.per_device_train_batch_size * args.steps_per_generation
     kv_cache = (
         rollout_kv_cache_kwargs(config, args, max_num_seqs, _dtype_bytes(dtype))
@@ -129,7 +153,7 @@ def build_shared_engine(
         # Unlike TRL (vLLM's default): block hashing costs each decode step more than the shared prompt saves.
         enable_prefix_caching=args.vllm_prefix_caching,
         trust_remote_code=args.trust_remote_code,
-        **({"quantization": "bitsandbytes"} if quantized else {}),
+        **quantization,
         **kv_cache,
         **({"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1} if enable_lora else {}),
     )

@@ -26,6 +26,7 @@ from vllm_standby.plugin import (
 
 _LAZY = {
     "StandbyLLM": "vllm_standby.standby",
+    "Fp8Linear": "vllm_standby.fp8_linear",
     "shared_hf_model": "vllm_standby.shared",
     "lora_request": "vllm_standby.lora",
     "release_kv_cache": "vllm_standby.kv_cache",
@@ -49,6 +50,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Fp8Linear",
     "SUPPORTED_VLLM",
     "SUPPORTED_VLLM_CPU",
     "StandbyLLM",

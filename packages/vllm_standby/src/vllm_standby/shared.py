@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from vllm_standby import _worker
+from vllm_standby.fp8_linear import Fp8Linear
 from vllm_standby.shared_4bit import Packed4bitShard, is_packed_4bit, linear_4bit_view, split_packed_4bit
+from vllm_standby.shared_fp8 import Fp8Shard, check_not_repacked, is_fp8_layer, split_fp8_layer
 
 
 def _vllm_model(llm: Any) -> torch.nn.Module:
@@ -23,21 +25,42 @@ def _vllm_model(llm: Any) -> torch.nn.Module:
     return models[0]
 
 
+def _hf_parts(module_name: str, packed: dict) -> tuple[str, str, list[str] | None]:
+    """`(hf_module_name, prefix, parts)` of a vLLM module: its checkpoint name, the name up to its last part, and the
+    checkpoint modules it packs (`["q_proj", "k_proj", "v_proj"]` for `qkv_proj`; `None` when unpacked)."""
+    # With enable_lora, vLLM wraps layers: `qkv_proj.base_layer.weight` holds the base weight.
+    hf_module_name = module_name.removesuffix(".base_layer")
+    packed_name = hf_module_name.rpartition(".")[2]
+    return hf_module_name, hf_module_name[: -len(packed_name)], packed.get(packed_name)
+
+
 def _split_packed(
     vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Module
-) -> dict[str, torch.Tensor | Packed4bitShard]:
+) -> dict[str, torch.Tensor | Packed4bitShard | Fp8Shard]:
     """Name -> tensor in the checkpoint's naming: packed weights (qkv_proj, gate_up_proj) cut into row views; a
-    bitsandbytes 4-bit weight becomes its shards (packed codes + quantization state, see `shared_4bit`)."""
+    bitsandbytes 4-bit weight becomes its shards (packed codes + quantization state, see `shared_4bit`), an FP8
+    weight its shards (FP8 rows + their scales, see `shared_fp8`)."""
     packed = getattr(vllm_model, "packed_modules_mapping", {}) or {}
     modules = dict(vllm_model.named_modules())
-    views: dict[str, torch.Tensor | Packed4bitShard] = {}
+    views: dict[str, torch.Tensor | Packed4bitShard | Fp8Shard] = {}
+    fp8_modules = set()
+    for module_name, module in modules.items():
+        check_not_repacked(module, module_name)
+        if not is_fp8_layer(module):
+            continue
+        fp8_modules.add(module_name)
+        hf_module_name, prefix, parts = _hf_parts(module_name, packed)
+        parts = parts or [hf_module_name.rpartition(".")[2]]
+        shards = split_fp8_layer(module, module_name)
+        if len(shards) != len(parts):
+            raise RuntimeError(f"cannot split FP8 {module_name} into {parts}: {len(shards)} shards")
+        views.update({f"{prefix}{part}.weight": shard for part, shard in zip(parts, shards, strict=True)})
     for name, param in vllm_params.items():
         module_name, _, leaf = name.rpartition(".")
-        # With enable_lora, vLLM wraps layers: `qkv_proj.base_layer.weight` holds the base weight.
-        hf_module_name = module_name.removesuffix(".base_layer")
+        if module_name in fp8_modules and leaf != "bias":
+            continue  # the FP8 weight and its scales: in the shards above
+        hf_module_name, prefix, parts = _hf_parts(module_name, packed)
         packed_name = hf_module_name.rpartition(".")[2]
-        parts = packed.get(packed_name)
-        prefix = hf_module_name[: -len(packed_name)]
         if is_packed_4bit(param):
             shards = split_packed_4bit(param)
             parts = parts or [packed_name]
@@ -69,7 +92,7 @@ def _materialize_meta_buffers(model: torch.nn.Module, config: Any, device: torch
 
 
 @torch.no_grad()
-def shared_hf_model(llm: Any, model_cls: Any = None) -> torch.nn.Module:
+def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto") -> torch.nn.Module:
     """Build the transformers model of ``llm`` whose weights are views of vLLM's tensors: one copy in memory.
 
     q/k/v are row slices of vLLM's ``qkv_proj``, gate/up of ``gate_up_proj``; embeddings and ``lm_head`` are cut to
@@ -77,18 +100,26 @@ def shared_hf_model(llm: Any, model_cls: Any = None) -> torch.nn.Module:
     An engine built with ``quantization="bitsandbytes"`` (4-bit, vLLM 0.25-0.28) gives bitsandbytes ``Linear4bit``
     layers whose packed weights are views of vLLM's shards, each with its own quantization state (QLoRA, one copy);
     the model is then marked ``is_loaded_in_4bit`` so that PEFT puts its 4-bit LoRA layers on them.
+    An engine that quantized the checkpoint to FP8 (``quantization="fp8_per_channel"``, ``"fp8_per_tensor"`` or
+    ``"fp8_per_block"``, see :mod:`vllm_standby.shared_fp8`) gives :class:`vllm_standby.fp8_linear.Fp8Linear` layers
+    (``nn.Linear`` subclasses, which PEFT's LoRA wraps) whose FP8 weights and scales are views of vLLM's.
     Writing to them in place changes vLLM's weights too (call ``llm.reset_prefix_cache()`` afterwards).
 
     Args:
         llm: A ``vllm.LLM`` (or :class:`vllm_standby.StandbyLLM`) running in this process, tensor parallel 1,
-            unquantized or bitsandbytes 4-bit, created with the vllm_standby patches live (so CPU weights stay plain).
+            unquantized, bitsandbytes 4-bit or online FP8, created with the vllm_standby patches live (so CPU weights
+            stay plain).
         model_cls: transformers class to build; default ``AutoModelForCausalLM`` from vLLM's HF config.
+        fp8_matmul: The FP8 layers' matmul (``vllm_standby.fp8_linear.MATMULS``): ``"auto"`` (``torch._scaled_mm``
+            on a GPU that runs it, dequantized elsewhere), ``"scaled_mm"`` or ``"dequantize"``.
 
     Returns:
         The transformers model in eval mode, on vLLM's device and dtype.
 
     Raises:
-        RuntimeError: the engine runs in another process, several workers, or a weight has no vLLM counterpart.
+        RuntimeError: the engine runs in another process, several workers, a weight has no vLLM counterpart, or a
+            quantized layer's layout is unknown (e.g. FP8 repacked for the Marlin kernel).
+        ValueError: ``fp8_matmul="scaled_mm"`` where it cannot run.
 
     Example:
         >>> llm = vllm_standby.StandbyLLM("Qwen/Qwen3-0.6B")  # doctest: +SKIP
@@ -120,6 +151,17 @@ def shared_hf_model(llm: Any, model_cls: Any = None) -> torch.nn.Module:
             bias = views.get(f"{module_name}.bias")
             hf.get_submodule(parent_name).add_module(child, linear_4bit_view(view, dtype, bias))
             quantized += 1
+            continue
+        if isinstance(view, Fp8Shard):
+            # vLLM quantized this layer to FP8: the transformers layer becomes an Fp8Linear on the same bytes.
+            if tuple(view.weight.shape) != tuple(param.shape):
+                raise RuntimeError(f"{name}: vLLM FP8 shape {tuple(view.weight.shape)} vs transformers {param.shape}")
+            parent_name, _, child = module_name.rpartition(".")
+            layer = Fp8Linear(
+                view.weight, view.scale, views.get(f"{module_name}.bias"), block_size=view.block_size,
+                row_offset=view.row_offset, compute_dtype=dtype, matmul=fp8_matmul,
+            )  # fmt: skip
+            hf.get_submodule(parent_name).add_module(child, layer)
             continue
         if view.shape != param.shape:  # vocab padding: keep the first rows
             if view.shape[1:] != param.shape[1:] or view.shape[0] < param.shape[0]:
