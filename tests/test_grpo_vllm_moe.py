@@ -57,35 +57,62 @@ def prompt_logprob_error(llm, model, token_ids) -> float:
     return (ours - logps.gather(-1, torch.tensor(token_ids[1:])[:, None])[:, 0]).abs().max().item()
 
 
-def test_cpu_build_scrambles_resynced_experts(tmp_path, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    for name in DISTRIBUTED_ENV:
-        monkeypatch.delenv(name, raising=False)
+def served_then_resynced(folder: str) -> dict:
+    """In a fresh process (vLLM's distributed state is per process, and an engine of a dense model built earlier in
+    the test process leaves no expert-parallel group for an MoE engine): serve the checkpoint, then sync its own
+    weights as TRL's colocate mode does, and report the prompt log-prob errors and the experts' layout."""
     import torch
+    import transformers
     from vllm import LLM
-    from vllm.platforms import current_platform
 
     import vllm_standby
 
-    if not current_platform.is_cpu():
-        pytest.skip("vLLM's CPU build")
     vllm_standby.enable()  # the CPU weight patch TRL's weight sync relies on for dense weights
-    model, tokenizer = save_tiny_qwen3_moe(tmp_path / "model")
-    llm = LLM(str(tmp_path / "model"), max_model_len=64, dtype="float32", enforce_eager=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    llm = LLM(folder, max_model_len=64, dtype="float32", enforce_eager=True)
     token_ids = tokenizer(PROMPT)["input_ids"]
-    assert prompt_logprob_error(llm, model, token_ids) <= TOLERANCES["served"]["atol"]  # the checkpoint: exact
+    served = prompt_logprob_error(llm, model, token_ids)
     vllm_model = llm.llm_engine.model_executor.driver_worker.model_runner.model
     packed = dict(vllm_model.named_parameters())["model.layers.0.mlp.experts.routed_experts.w13_weight"]
     experts = model.model.layers[0].mlp.experts
-    assert not torch.equal(packed, experts.gate_up_proj)  # prepacked at load
-    # TRL's colocated sync of the very same weights: the packed tensor now holds the checkpoint's layout...
-    for name, param in model.named_parameters():
+    prepacked = not torch.equal(packed, experts.gate_up_proj)
+    for name, param in model.named_parameters():  # TRL's colocated sync of the very same weights
         vllm_model.load_weights([(name, param)])
     llm.reset_prefix_cache()
-    assert torch.equal(packed, experts.gate_up_proj)
-    # ...which the kernel reads as packed: the served log-probs leave the model's.
-    assert prompt_logprob_error(llm, model, token_ids) > 100 * TOLERANCES["served"]["atol"]
+    return {
+        "served": served, "prepacked": prepacked, "checkpoint_layout_after_sync": torch.equal(packed, experts.gate_up_proj),
+        "after_sync": prompt_logprob_error(llm, model, token_ids),
+    }  # fmt: skip
+
+
+def test_cpu_build_scrambles_resynced_experts(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's CPU build")
+    save_tiny_qwen3_moe(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    here = str(Path(__file__).resolve().parent)
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import test_grpo_vllm_moe as t; "
+            f"print('RESULT ' + json.dumps(t.served_then_resynced({str(tmp_path / 'model')!r})))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and rows, f"child failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    result = json.loads(rows[-1].removeprefix("RESULT "))
+    assert result["served"] <= TOLERANCES["served"]["atol"]  # the checkpoint: exact
+    assert result["prepacked"]  # prepacked at load
+    # TRL's sync of the same weights: the packed tensor now holds the checkpoint's layout, which the kernel reads as
+    # packed: the served log-probs leave the model's.
+    assert result["checkpoint_layout_after_sync"]
+    assert result["after_sync"] > 100 * TOLERANCES["served"]["atol"]
 
 
 def test_trainer_refuses_moe_rollouts_on_the_cpu_build_before_loading(tmp_path, monkeypatch):
