@@ -176,6 +176,8 @@ def _choice(name, choices, none=None, example="unknown", other_spellings=()):
 # training step; we reject it at configuration time, before any model is loaded.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
+# How the log-prob pass lays the sequences out for the decoder (`trl_longctx.training_layout`); the first is TRL's.
+TRAINING_LAYOUTS = ("padded", "packed", "shared-prompt")
 VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
 # Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code);
 # a test checks that the two lists agree. Not compiled is `None`, the one spelling of it.
@@ -274,6 +276,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _flag("log_completions"),
     _choice("loss_type", LOSS_TYPES, example="ppo"),
     _choice("logprob_backend", LOGPROB_BACKENDS, example="cuda"),
+    _choice("training_layout", TRAINING_LAYOUTS, example="unpadded"),
     _choice("vllm_kv_cache_sizing", VLLM_KV_CACHE_SIZINGS, example="max"),
     # "off" and "eager" were also accepted for not compiled, before None became its one spelling.
     _choice(

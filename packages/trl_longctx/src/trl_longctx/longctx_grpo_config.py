@@ -19,6 +19,7 @@ from .config_checks import (
     CONFIG_RULES,
     LOGPROB_BACKENDS,
     LOSS_TYPES,
+    TRAINING_LAYOUTS,
     VLLM_KV_CACHE_SIZINGS,
     check_combinations,
     check_fields,
@@ -31,6 +32,7 @@ __all__ = [
     "FIELD_GROUPS",
     "LOGPROB_BACKENDS",
     "LOSS_TYPES",
+    "TRAINING_LAYOUTS",
     "VLLM_KV_CACHE_SIZINGS",
     "LongContextGRPOConfig",
     "fields_docstring",
@@ -42,7 +44,7 @@ __all__ = [
 # Building the docstring checks that they name every field of `LongContextGRPOConfig` not in `GRPOConfig` once, in
 # that order.
 FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend")),
+    ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend", "training_layout")),
     ("memory", ("offload_checkpoints", "tiled_mlp_chunks", "flex_attention")),
     ("compilation of the training path", ("compile_decoder_layers",)),
     ("generation with vLLM", ("use_vllm_when_available",)),
@@ -97,6 +99,23 @@ class LongContextGRPOConfig(GRPOConfig):
             "help": 'Backend of `longctx_kernels.selective_logprobs`: `"auto"` (Triton on CUDA, torch elsewhere), '
             '`"torch"` or `"triton"`.',
             "choices": list(LOGPROB_BACKENDS),
+        },
+    )
+    training_layout: str = field(
+        default="padded",
+        metadata={
+            "help": "How the log-prob pass lays the sequences out for the decoder (`trl_longctx.training_layout`): "
+            '`"padded"`, TRL\'s `[batch, longest prompt + longest completion]` with padding; `"packed"`, the real '
+            "tokens of each mini batch side by side in one row, each sequence attending to itself only (no padded "
+            'position computed); `"shared-prompt"`, packed with each prompt once per group of completions that '
+            "share it (rows compared, not assumed), each completion attending to the prompt and itself, so the "
+            "prompt's forward and backward run once per group. Both give the padded layout's log-probs, entropies "
+            "and gradients up to rounding, and 0 where TRL's mask is 0; a batch they cannot take (for "
+            '`"shared-prompt"`: no two rows with one prompt) runs padded, and the log says why once. On CUDA they '
+            "run flex attention (`flex_attention=None` turns it on; `False` is refused: a dense mask grows with the "
+            "square of the packed tokens); on CPU the model's own attention with a dense mask. Refused for "
+            "vision-language models, sliding-window layers, the MoE router aux loss and flash attention kernels.",
+            "choices": list(TRAINING_LAYOUTS),
         },
     )
 
