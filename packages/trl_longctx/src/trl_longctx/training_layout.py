@@ -48,7 +48,22 @@ import torch
 from .attention.segment_mask import SEGMENT_MASK_ATTENTIONS, segment_attention_mask
 from .config_checks import TRAINING_LAYOUTS
 
-__all__ = ["TRAINING_LAYOUTS", "LayoutPlan", "PackedRows", "layout_problem", "plan_layout", "zero_padding"]
+__all__ = [
+    "TRAINING_LAYOUTS",
+    "LayoutPlan",
+    "PackedRows",
+    "describe_layout",
+    "layout_problem",
+    "plan_layout",
+    "zero_padding",
+]
+
+_WHAT = {
+    "padded": "TRL's, every sequence padded to the longest prompt and the longest completion",
+    "packed": "the real tokens of each mini batch in one row, each sequence attending to itself",
+    "shared-prompt": "the real tokens of each mini batch in one row, each prompt once per group of completions "
+    "sharing it, each completion attending to the prompt and itself",
+}
 
 
 @dataclass(frozen=True)
@@ -266,6 +281,18 @@ def _to_host(*tensors: torch.Tensor) -> list:
 def zero_padding(values: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
     """`values` `[B, logits_to_keep]` with 0 where the completion's attention mask is 0 (as the layouts give them)."""
     return values.masked_fill(attention_mask[:, -logits_to_keep:] == 0, 0.0)
+
+
+def describe_layout(layout: str, attention: str) -> str:
+    """The trainer's log line: which layout runs, and the form of its mask with the model's `attention`."""
+    if layout == "padded":
+        return f"Training layout: padded ({_WHAT[layout]}; 'packed' or 'shared-prompt' computes no padding)."
+    form = (
+        "a flex attention BlockMask, memory linear in the tokens"
+        if attention in ("flex_attention", "longctx_flex")
+        else f"a dense [tokens, tokens] mask for {attention!r}"
+    )
+    return f"Training layout: {layout} ({_WHAT[layout]}; {form}). A batch it cannot take runs padded, logged once."
 
 
 def layout_problem(model, layout: str, router_aux_loss: bool) -> str | None:
