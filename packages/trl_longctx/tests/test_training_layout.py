@@ -250,12 +250,17 @@ def test_rows_without_a_shared_prompt_run_the_padded_pass_and_say_so_once(caplog
     [
         ("gemma2", "has sliding-window attention layers"),
         ("qwen3-flash", "runs attn_implementation='flash_attention_2', which takes no packed mask"),
+        ("llama-lm-head-lora", "lm_head carries an adapter, so TRL's own log-prob pass runs"),
     ],
 )
 def test_models_a_layout_cannot_train(arch, why):
+    from peft import LoraConfig, get_peft_model
+
     model = build_model(arch.split("-")[0])
     if arch.endswith("flash"):
         model.config._attn_implementation = "flash_attention_2"
+    if arch.endswith("lm-head-lora"):
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
     assert why in layout_problem(model, "packed", router_aux_loss=False)
     assert layout_problem(model, "padded", router_aux_loss=False) is None
     assert layout_problem(build_model("qwen3"), "shared-prompt", router_aux_loss=False) is None

@@ -36,17 +36,20 @@ Not served (the trainer refuses them before the first step, naming why; `layout_
 (image tokens sit in the prompt and 3D rotary positions would have to be re-derived per packed token), models with
 sliding-window layers (the window would have to follow the padded columns, not the packed ones), the MoE router aux
 loss (its token average would count a shared prompt once instead of per completion, and packing changes its
-grouping), attentions that take no mask (flash attention kernels).
+grouping), attentions that take no mask (flash attention kernels), decoders that take no `position_ids`, and an
+adapter on the lm_head (the trainer then runs TRL's own log-prob pass, which has no layouts).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from .attention.segment_mask import SEGMENT_MASK_ATTENTIONS, segment_attention_mask
 from .config_checks import TRAINING_LAYOUTS
+from .model_heads import decoder_and_lm_head, plain_lm_head_weights
 
 __all__ = [
     "TRAINING_LAYOUTS",
@@ -320,6 +323,11 @@ def layout_problem(model, layout: str, router_aux_loss: bool) -> str | None:
             f"{name} computes the MoE router aux loss, whose token average the layout would change (a shared prompt "
             "counted once, packed mini batches grouped differently); router_aux_loss_coef=0.0 leaves it out"
         )
+    decoder, lm_head = decoder_and_lm_head(model)
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return f"{name}'s decoder takes no position_ids, which the packed tokens need to keep their positions"
+    if plain_lm_head_weights(lm_head) is None:
+        return f"{name}'s lm_head carries an adapter, so TRL's own log-prob pass runs, which packs nothing"
     if config._attn_implementation not in SEGMENT_MASK_ATTENTIONS:
         return (
             f"{name} runs attn_implementation={config._attn_implementation!r}, which takes no packed mask; allowed: "
