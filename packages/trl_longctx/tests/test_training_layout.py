@@ -239,8 +239,8 @@ def test_rows_without_a_shared_prompt_run_the_padded_pass_and_say_so_once(caplog
     assert_close(logps[mask.bool()], padded[mask.bool()], "logps", **TOLERANCES["logps"])
     messages = [r.getMessage() for r in caplog.records if "runs the padded pass" in r.getMessage()]
     assert messages == [
-        "training_layout='shared-prompt': a batch runs the padded pass, as no two of its rows share a prompt. Its "
-        "log-probs are the same; only the padded positions are computed."
+        "training_layout='shared-prompt': a batch runs the padded pass, as no two of its rows share a prompt (same "
+        "log-probs, padding computed)."
     ]
     assert passes.fallbacks == {"no two of its rows share a prompt"}
 

@@ -319,8 +319,8 @@ class LogProbPass:
         if plan not in self.fallbacks:
             self.fallbacks.add(plan)
             logger.warning(
-                "training_layout=%r: a batch runs the padded pass, as %s. Its log-probs are the same; only the "
-                "padded positions are computed.", self.layout, plan,
+                "training_layout=%r: a batch runs the padded pass, as %s (same log-probs, padding computed).",
+                self.layout, plan,
             )  # fmt: skip
         return None
 

@@ -148,9 +148,9 @@ class LongContextGRPOConfig(GRPOConfig):
             "sliding window, padding), with learned attention sinks (gpt-oss) folded in exactly through the "
             "log-sum-exp it returns; its memory grows linearly with the sequence. `None` turns it on when training "
             "on CUDA a model with attention sinks that runs `eager` attention (the only trainable one transformers "
-            "gives it, whose `[batch, heads, T, T]` scores grow with the square of the sequence), and keeps the "
-            "model's own attention otherwise. `True` runs it for any model whose attention goes through "
-            "transformers' `AttentionInterface` (sliding-window models too); CUDA only, as torch's flex attention "
+            "gives it, whose `[batch, heads, T, T]` scores grow with the square of the sequence) or with a "
+            '`training_layout` other than `"padded"` (its block masks), and keeps the model\'s own attention '
+            "otherwise. `True` runs it for any model whose attention goes through transformers' `AttentionInterface` (sliding-window models too); CUDA only, as torch's flex attention "
             "has no backward on CPU. `False` keeps the model's own. The log says which attention runs and why."
         },
     )
