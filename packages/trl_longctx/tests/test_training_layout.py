@@ -265,3 +265,18 @@ def test_models_a_layout_cannot_train(arch, why):
     assert layout_problem(model, "padded", router_aux_loss=False) is None
     assert layout_problem(build_model("qwen3"), "shared-prompt", router_aux_loss=False) is None
     assert "router aux loss" in layout_problem(build_model("qwen3"), "packed", router_aux_loss=True)
+
+
+def test_config_refuses_a_packed_layout_without_flex_attention_on_cuda():
+    """The combination is checked when the config is built (on CUDA only, so its rule is applied here to a stand-in
+    config on a CUDA device); the trainer's attention choice refuses it too (tests/attention)."""
+    from types import SimpleNamespace
+
+    from trl_longctx.config_checks import COMBINATIONS
+
+    (rule,) = [c for c in COMBINATIONS if c.fields == ("training_layout", "flex_attention")]
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    refused = rule.check(SimpleNamespace(training_layout="packed", flex_attention=False, device=cuda))
+    assert refused.startswith("flex_attention must be None or True with training_layout='packed' on CUDA, got False")
+    for layout, flex, device in (("packed", None, cuda), ("packed", False, cpu), ("padded", False, cuda)):
+        assert rule.check(SimpleNamespace(training_layout=layout, flex_attention=flex, device=device)) is None

@@ -486,6 +486,17 @@ def _flex_attention_on_cuda(config) -> str | None:
     return None
 
 
+def _packed_layout_needs_flex_on_cuda(config) -> str | None:
+    # On CUDA the packed rows' masks are flex attention BlockMasks; any other attention takes them dense.
+    if config.training_layout != "padded" and config.flex_attention is False and config.device.type == "cuda":
+        return (
+            f"flex_attention must be None or True with training_layout={config.training_layout!r} on CUDA, got "
+            "False: the model's own attention would take the packed rows' mask dense, [tokens, tokens], growing "
+            "with the square of the tokens. Allowed: flex_attention=None or True, or training_layout='padded'."
+        )
+    return None
+
+
 COMBINATIONS: tuple[Combination, ...] = (
     Combination(
         ("vllm_importance_sampling_mode", "loss_type"),
@@ -507,6 +518,11 @@ COMBINATIONS: tuple[Combination, ...] = (
         ("flex_attention", "use_cpu"),
         "flex_attention=True only when training on CUDA (not with use_cpu=True, nor without a GPU)",
         _flex_attention_on_cuda,
+    ),
+    Combination(
+        ("training_layout", "flex_attention"),
+        "a training_layout other than 'padded' on CUDA only with flex_attention None or True",
+        _packed_layout_needs_flex_on_cuda,
     ),
 )
 
