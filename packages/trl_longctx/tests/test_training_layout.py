@@ -251,12 +251,18 @@ def test_rows_without_a_shared_prompt_run_the_padded_pass_and_say_so_once(caplog
         ("gemma2", "has sliding-window attention layers"),
         ("qwen3-flash", "runs attn_implementation='flash_attention_2', which takes no packed mask"),
         ("llama-lm-head-lora", "lm_head carries an adapter, so TRL's own log-prob pass runs"),
+        ("qwen2_5_vl", "is a vision-language model: its image tokens and 3D rotary positions are not packed"),
     ],
 )
 def test_models_a_layout_cannot_train(arch, why):
     from peft import LoraConfig, get_peft_model
 
-    model = build_model(arch.split("-")[0])
+    from trl_longctx.tiny_vl_models import build_tiny_vl_model, build_vl_tokenizer
+
+    if arch.endswith("vl"):
+        model = build_tiny_vl_model(arch, build_vl_tokenizer())
+    else:
+        model = build_model(arch.split("-")[0])
     if arch.endswith("flash"):
         model.config._attn_implementation = "flash_attention_2"
     if arch.endswith("lm-head-lora"):

@@ -17,7 +17,8 @@ completion's first `c` columns (`c = 0` for a completion `mask_truncated_complet
 
 Exactness. Every token keeps the position the padded pass gives it (its column: transformers numbers the columns of
 a row from 0 when no `position_ids` are passed, padding included), so RoPE rotates each query and key by the same
-angle as in the padded pass; each query sees the same keys (its row's real tokens up to itself), so the attention,
+angle as in the padded pass (numbering each document from 0, as vLLM numbers a prompt, would give the same
+attention only up to rounding: RoPE depends on position differences exactly, on the angles' rounding not); each query sees the same keys (its row's real tokens up to itself), so the attention,
 and everything token-wise around it, computes the same values up to the order of summation. The log-probs are then
 taken where the padded pass takes them: the hidden state before each completion token (for a completion's first
 token, the prompt's last one: shared by the group). Positions where TRL's attention mask is 0 get log-prob and
