@@ -176,6 +176,8 @@ def _choice(name, choices, none=None, example="unknown", other_spellings=()):
 # training step; we reject it at configuration time, before any model is loaded.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 LOGPROB_BACKENDS = ("auto", "torch", "triton")
+# How the log-prob pass lays the sequences out for the decoder (`trl_longctx.training_layout`); the first is TRL's.
+TRAINING_LAYOUTS = ("padded", "packed", "shared-prompt")
 VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
 # `vllm_fp8_weights`: the scale layouts of vLLM's online FP8 quantization (`vllm_standby.shared_fp8.VLLM_QUANTIZATION`;
 # kept here as text so that the config imports neither vllm_standby's torch code nor vLLM).
@@ -277,6 +279,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _flag("log_completions"),
     _choice("loss_type", LOSS_TYPES, example="ppo"),
     _choice("logprob_backend", LOGPROB_BACKENDS, example="cuda"),
+    _choice("training_layout", TRAINING_LAYOUTS, example="unpadded"),
     _choice("vllm_kv_cache_sizing", VLLM_KV_CACHE_SIZINGS, example="max"),
     _choice("vllm_fp8_weights", VLLM_FP8_WEIGHTS, none="the checkpoint's dtype, no FP8", example="fp8"),
     # "off" and "eager" were also accepted for not compiled, before None became its one spelling.
@@ -511,6 +514,17 @@ def _fp8_weights_settings(config) -> str | None:
     return None
 
 
+def _packed_layout_needs_flex_on_cuda(config) -> str | None:
+    # On CUDA the packed rows' masks are flex attention BlockMasks; any other attention takes them dense.
+    if config.training_layout != "padded" and config.flex_attention is False and config.device.type == "cuda":
+        return (
+            f"flex_attention must be None or True with training_layout={config.training_layout!r} on CUDA, got "
+            "False: the model's own attention would take the packed rows' mask dense, [tokens, tokens], growing "
+            "with the square of the tokens. Allowed: flex_attention=None or True, or training_layout='padded'."
+        )
+    return None
+
+
 COMBINATIONS: tuple[Combination, ...] = (
     Combination(
         ("vllm_importance_sampling_mode", "loss_type"),
@@ -538,6 +552,11 @@ COMBINATIONS: tuple[Combination, ...] = (
         ("flex_attention", "use_cpu"),
         "flex_attention=True only when training on CUDA (not with use_cpu=True, nor without a GPU)",
         _flex_attention_on_cuda,
+    ),
+    Combination(
+        ("training_layout", "flex_attention"),
+        "a training_layout other than 'padded' on CUDA only with flex_attention None or True",
+        _packed_layout_needs_flex_on_cuda,
     ),
 )
 

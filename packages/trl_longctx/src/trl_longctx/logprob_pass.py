@@ -41,6 +41,7 @@ from .memory.shapes import VisionLoad
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
 from .moe_aux import RouterAuxLoss, RouterAuxLossMean
+from .training_layout import LayoutPlan, plan_layout, zero_padding
 from .vision_language import ImageInputs
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,9 @@ class LogProbPass:
             default). Tests set it to plan on CPU.
         used: The sizes of every pass since `begin_try()` (the retry lowers the last one's).
         offloader: The run's `CheckpointOffloader` (pinned buffers reused by every step).
+        layout: The `training_layout` every pass runs (`training_layout`), batch by batch: a batch it cannot take
+            runs padded.
+        fallbacks: Why batches ran padded under another layout (each reason logged once).
 
     Raises:
         ValueError: `logit_chunk_multiplier` is set while the Triton backend runs (it has no logit chunk).
@@ -139,6 +143,8 @@ class LogProbPass:
         self._lengths: list[int] = []  # tokens per sequence of each pass in `used`
         self._caps: ChunkSizes | None = None
         self._planned: dict[tuple[int, int, int], ChunkSizes] = {}
+        self.layout: str = getattr(args, "training_layout", "padded")
+        self.fallbacks: set[str] = set()  # why batches ran padded under another layout (each logged once)
 
     @property
     def offload(self) -> bool:
@@ -278,16 +284,45 @@ class LogProbPass:
         """
         patches = images.patches_per_sequence() if images is not None else []
         vision = VisionLoad(max(patches, default=0), vision_trained)
+        # The planner is told TRL's padded lengths in every layout. For "packed" they are no looser than the real
+        # ones: TRL pads to the longest prompt and the longest completion, so a mini batch of the longest rows needs
+        # them, and the planner sizes mini batches by the sequence. For "shared-prompt" the prompt is counted once per
+        # sequence instead of once per group: which groups a mini batch holds is known only once its size is chosen.
         sizes = self.sizes(model.config, head[0].size(0), sequences or input_ids.size(0), input_ids.size(1),
                            logits_to_keep, optimizer_states_allocated, vision)  # fmt: skip
         self.used.append(sizes)
         self._lengths.append(input_ids.size(1))
-        return run_log_prob_pass(
+        plan = self._layout_plan(input_ids, attention_mask, logits_to_keep)
+        logps, entropies, aux = run_log_prob_pass(
             model, decoder, head, input_ids, attention_mask, logits_to_keep, sizes, backend=self.backend,
             offloader=self.offloader if self.offload else None, compute_entropy=compute_entropy,
             temperature=temperature, transform=transform, autocast=autocast, aux_loss=aux_loss, aux_group=sequences,
-            images=images, layers=layers,
+            images=images, layers=layers, layout=plan,
         )  # fmt: skip
+        if plan is None and self.layout != "padded":
+            # A batch that fell back keeps the layout's values where TRL's mask is 0, so that log-probs of one batch
+            # from passes that did and did not fall back (old, reference and current) agree there too.
+            logps = zero_padding(logps, attention_mask, logits_to_keep)
+            entropies = None if entropies is None else zero_padding(entropies, attention_mask, logits_to_keep)
+        return logps, entropies, aux
+
+    def _layout_plan(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
+    ) -> LayoutPlan | None:
+        """The `training_layout` plan of this batch; `None` for the padded pass (the setting, or a batch the layout
+        cannot take: the reason is logged once per run)."""
+        if self.layout == "padded":
+            return None
+        plan = plan_layout(self.layout, input_ids, attention_mask, logits_to_keep)
+        if isinstance(plan, LayoutPlan):
+            return plan
+        if plan not in self.fallbacks:
+            self.fallbacks.add(plan)
+            logger.warning(
+                "training_layout=%r: a batch runs the padded pass, as %s (same log-probs, padding computed).",
+                self.layout, plan,
+            )  # fmt: skip
+        return None
 
 
 def run_log_prob_pass(
@@ -309,19 +344,30 @@ def run_log_prob_pass(
     aux_group: int | None = None,
     images: ImageInputs | None = None,
     layers: torch.nn.Module | None = None,
+    layout: LayoutPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The pass itself, by `sizes`: `sizes.grpo_mini_batch` sequences at a time through the decoder (checkpoints
     offloaded with `offloader`, MLPs in `sizes.tiled_mlp_chunks` tiles, both on the layers of `layers`, default
     `model`), each with its sequences' `images`, then the fused lm_head + log-softmax in chunks of
     `sizes.logit_chunk_tokens` tokens (torch backend); with `aux_loss`, its mean over groups of `aux_group` sequences
-    (default: all). See `LogProbPass.__call__` for the other arguments."""
+    (default: all). With a `layout` plan (`training_layout.plan_layout`), each mini batch takes the rows
+    `layout.order[start:end]` packed into one row (`training_layout.PackedRows`) instead of its padded rows, the
+    lm_head runs on its completion tokens only, and the results are placed back in TRL's `[B, logits_to_keep]`
+    layout and row order (0 where TRL's mask is 0). See `LogProbPass.__call__` for the other arguments."""
     weight, bias = head
     layers = model if layers is None else layers
     all_logps, all_entropies = [], []
     aux = None if aux_loss is None else RouterAuxLossMean(aux_loss, aux_group or input_ids.size(0))
     router_logits = {"output_router_logits": True} if aux is not None else {}
+    if layout is not None and (aux is not None or images is not None):
+        raise ValueError(f"The {layout.layout} layout takes no router aux loss and no images (layout_problem).")
     for start in range(0, input_ids.size(0), sizes.grpo_mini_batch):
         end = min(start + sizes.grpo_mini_batch, input_ids.size(0))
+        packed = layout.mini_batch(input_ids, start, end) if layout is not None else None
+        if packed is not None and packed.tokens == 0:  # no completion token among these rows: nothing to score
+            all_logps.append(input_ids.new_zeros((end - start, logits_to_keep), dtype=torch.float32))
+            all_entropies += all_logps[-1:] if compute_entropy else []
+            continue
         ids, mask = input_ids[start:end], attention_mask[start:end]
         image_inputs = images.batch(start, end) if images is not None else {}
         with (
@@ -329,27 +375,44 @@ def run_log_prob_pass(
             offloader.offload(layers) if offloader is not None else contextlib.nullcontext(),
             tile_mlps(layers, sizes.tiled_mlp_chunks),
         ):
-            decoded = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **router_logits, **image_inputs)
+            if packed is None:
+                decoded = decoder(input_ids=ids, attention_mask=mask, use_cache=False, **router_logits, **image_inputs)
+            else:
+                inputs = packed.decoder_inputs(decoder.config, decoder.get_input_embeddings().weight.dtype)
+                decoded = decoder(**inputs, use_cache=False)
             if aux is not None:
                 aux.add(decoded.router_logits, mask)
         hidden = decoded.last_hidden_state
         del decoded
-        # Position t predicts token t + 1: the completion's tokens are predicted by the positions just before.
-        hidden = hidden[:, -logits_to_keep - 1 : -1].to(weight.dtype)
+        if packed is None:
+            # Position t predicts token t + 1: the completion's tokens are predicted by the positions just before.
+            hidden, targets = hidden[:, -logits_to_keep - 1 : -1], ids[:, -logits_to_keep:]
+        else:
+            hidden, targets = hidden[0, packed.predictors], packed.targets
         outputs = selective_logprobs(
-            hidden, weight, ids[:, -logits_to_keep:], bias=bias, temperature=temperature,
+            hidden.to(weight.dtype), weight, targets, bias=bias, temperature=temperature,
             logit_scale=transform.logit_scale, logit_divisor=transform.logit_divisor, softcap=transform.softcap,
             return_entropy=compute_entropy, backend=backend, chunk_size=sizes.logit_chunk_tokens,
         )  # fmt: skip
         logps, entropies = outputs if compute_entropy else (outputs, None)
-        all_logps.append(logps)
+        all_logps.append(logps if packed is None else packed.place(logps))
         if compute_entropy:
-            all_entropies.append(entropies)
-    entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+            all_entropies.append(entropies if packed is None else packed.place(entropies))
+    logps = _in_trl_order(torch.cat(all_logps, dim=0), layout)
+    entropies = _in_trl_order(torch.cat(all_entropies, dim=0), layout) if compute_entropy else None
     if aux is None:
-        return torch.cat(all_logps, dim=0), entropies, None
+        return logps, entropies, None
     with autocast() if autocast is not None else contextlib.nullcontext():  # as the groups completed in a pass
-        return torch.cat(all_logps, dim=0), entropies, aux.mean()
+        return logps, entropies, aux.mean()
+
+
+def _in_trl_order(values: torch.Tensor, layout: LayoutPlan | None) -> torch.Tensor:
+    """Rows of `values`, taken in `layout.order`, put back in TRL's order."""
+    if layout is None or not layout.reordered:
+        return values
+    inverse = torch.empty(len(layout.order), dtype=torch.long)
+    inverse[list(layout.order)] = torch.arange(len(layout.order))
+    return values.index_select(0, inverse.to(values.device))
 
 
 def _offload_setting(args: Any, device: torch.device) -> bool:

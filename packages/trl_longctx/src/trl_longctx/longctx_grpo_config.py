@@ -19,6 +19,7 @@ from .config_checks import (
     CONFIG_RULES,
     LOGPROB_BACKENDS,
     LOSS_TYPES,
+    TRAINING_LAYOUTS,
     VLLM_FP8_WEIGHTS,
     VLLM_KV_CACHE_SIZINGS,
     check_combinations,
@@ -32,6 +33,7 @@ __all__ = [
     "FIELD_GROUPS",
     "LOGPROB_BACKENDS",
     "LOSS_TYPES",
+    "TRAINING_LAYOUTS",
     "VLLM_FP8_WEIGHTS",
     "VLLM_KV_CACHE_SIZINGS",
     "LongContextGRPOConfig",
@@ -44,7 +46,7 @@ __all__ = [
 # Building the docstring checks that they name every field of `LongContextGRPOConfig` not in `GRPOConfig` once, in
 # that order.
 FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend")),
+    ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend", "training_layout")),
     ("memory", ("offload_checkpoints", "tiled_mlp_chunks", "flex_attention")),
     ("compilation of the training path", ("compile_decoder_layers",)),
     ("generation with vLLM", ("use_vllm_when_available",)),
@@ -102,6 +104,23 @@ class LongContextGRPOConfig(GRPOConfig):
             "choices": list(LOGPROB_BACKENDS),
         },
     )
+    training_layout: str = field(
+        default="padded",
+        metadata={
+            "help": "How the log-prob pass lays the sequences out for the decoder (`trl_longctx.training_layout`): "
+            '`"padded"`, TRL\'s `[batch, longest prompt + longest completion]` with padding; `"packed"`, the real '
+            "tokens of each mini batch side by side in one row, each sequence attending to itself only (no padded "
+            'position computed); `"shared-prompt"`, packed with each prompt once per group of completions that '
+            "share it (rows compared, not assumed), each completion attending to the prompt and itself, so the "
+            "prompt's forward and backward run once per group. Both give the padded layout's log-probs, entropies "
+            "and gradients up to rounding, and 0 where TRL's mask is 0; a batch they cannot take (for "
+            '`"shared-prompt"`: no two rows with one prompt) runs padded, and the log says why once. On CUDA they '
+            "run flex attention (`flex_attention=None` turns it on; `False` is refused: a dense mask grows with the "
+            "square of the packed tokens); on CPU the model's own attention with a dense mask. Refused for "
+            "vision-language models, sliding-window layers, the MoE router aux loss and flash attention kernels.",
+            "choices": list(TRAINING_LAYOUTS),
+        },
+    )
 
     # Parameters that control memory
     offload_checkpoints: bool | None = field(
@@ -132,9 +151,9 @@ class LongContextGRPOConfig(GRPOConfig):
             "sliding window, padding), with learned attention sinks (gpt-oss) folded in exactly through the "
             "log-sum-exp it returns; its memory grows linearly with the sequence. `None` turns it on when training "
             "on CUDA a model with attention sinks that runs `eager` attention (the only trainable one transformers "
-            "gives it, whose `[batch, heads, T, T]` scores grow with the square of the sequence), and keeps the "
-            "model's own attention otherwise. `True` runs it for any model whose attention goes through "
-            "transformers' `AttentionInterface` (sliding-window models too); CUDA only, as torch's flex attention "
+            "gives it, whose `[batch, heads, T, T]` scores grow with the square of the sequence) or with a "
+            '`training_layout` other than `"padded"` (its block masks), and keeps the model\'s own attention '
+            "otherwise. `True` runs it for any model whose attention goes through transformers' `AttentionInterface` (sliding-window models too); CUDA only, as torch's flex attention "
             "has no backward on CPU. `False` keeps the model's own. The log says which attention runs and why."
         },
     )

@@ -22,6 +22,7 @@ from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain
 from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
+from .training_layout import describe_layout, layout_problem
 from .trl_contract import check_trl_contract
 from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, vision_parts
 
@@ -109,15 +110,24 @@ class LongContextGRPOTrainer(GRPOTrainer):
             self._adapter_merger = AdapterMerger(self.accelerator.unwrap_model(self.model))
 
     def _select_attention(self) -> None:
-        """Resolve `flex_attention` for the model (`trl_longctx.attention`), switch it (and a separate reference
-        model) to our flex attention when chosen, and log which attention runs."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        self.attention = choose_attention(self.args.flex_attention, unwrapped, self.accelerator.device)
+        """Resolve `flex_attention` for the model and the `training_layout` (`trl_longctx.attention`), switch it (and a
+        separate reference model) to our flex attention when chosen, and log which attention and layout run.
+
+        Raises:
+            ValueError: The `training_layout` cannot train this model (`training_layout.layout_problem` says why).
+        """
+        unwrapped, layout = self.accelerator.unwrap_model(self.model), self.args.training_layout
+        self.attention = choose_attention(self.args.flex_attention, unwrapped, self.accelerator.device, layout)
         if self.attention.ours:
             use_flex_attention(unwrapped)
             if getattr(self, "ref_model", None) is not None:
                 use_flex_attention(self.accelerator.unwrap_model(self.ref_model))
         logger.warning(self.attention.describe())
+        if (problem := layout_problem(unwrapped, layout, self.aux_loss_enabled)) is not None:
+            raise ValueError(
+                f"training_layout={layout!r} cannot train this model: {problem}. training_layout='padded' can."
+            )
+        logger.warning(describe_layout(layout, self.attention.implementation))
 
     def _prepare_log_prob_path(self) -> None:
         """What the fused log-prob pass reuses across steps: compiled layers, the checkpoint offloader, the planner."""

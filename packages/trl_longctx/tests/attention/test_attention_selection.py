@@ -113,3 +113,28 @@ def test_log_prob_pass_plans_for_the_attention_that_runs(tmp_path, monkeypatch):
         passes.free_bytes = lambda: 2**30  # plan on CPU, as on CUDA
         passes.sizes(config, config.vocab_size, 2, 100, 50)
     assert seen == [LONGCTX_FLEX, "sdpa"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "implementation", "runs", "reason"),
+    [
+        (None, CUDA, "sdpa", LONGCTX_FLEX, r"training_layout='shared-prompt' attends over block-sparse masks"),
+        (None, CUDA, "flex_attention", "flex_attention", r"own 'flex_attention', which takes the block masks"),
+        (None, CPU, "sdpa", "sdpa", r"the model's own; flex_attention=None uses longctx_flex only"),
+        (True, CUDA, "sdpa", LONGCTX_FLEX, r"flex_attention=True"),
+    ],
+    ids=["cuda", "cuda-transformers-flex", "cpu-dense-mask", "forced"],
+)
+def test_choice_for_a_packed_layout(setting, device, implementation, runs, reason):
+    """A packed `training_layout` on CUDA runs flex attention (its masks as BlockMasks); on CPU, the model's own
+    attention takes them dense (`trl_longctx.attention.segment_mask`)."""
+    model = build_model("qwen3")
+    model.config._attn_implementation = implementation
+    choice = choose_attention(setting, model, device, "shared-prompt")
+    assert choice.implementation == runs and re.search(reason, choice.reason), choice.reason
+
+
+def test_packed_layout_on_cuda_refuses_the_models_own_attention():
+    with pytest.raises(ValueError, match=r"flex_attention must be None or True with training_layout='packed' on CUDA"):
+        choose_attention(False, build_model("qwen3"), CUDA, "packed")
+    assert choose_attention(False, build_model("qwen3"), CUDA, "padded").implementation == "eager"

@@ -45,7 +45,7 @@ def trainer_choosing_as_on_cuda(tmp_path, monkeypatch, **overrides):
     monkeypatch.setattr(
         trainer_module,
         "choose_attention",
-        lambda setting, model, device: choose_attention(setting, model, torch.device("cuda")),
+        lambda setting, model, device, layout: choose_attention(setting, model, torch.device("cuda"), layout),
     )
     trainer = make_trainer("gpt_oss", tmp_path, **overrides)
     with torch.no_grad():

@@ -55,19 +55,24 @@ def has_attention_sinks(model: nn.Module) -> bool:
     return any(isinstance(getattr(module, "sinks", None), nn.Parameter) for module in model.modules())
 
 
-def choose_attention(setting: bool | None, model: nn.Module, device: torch.device) -> AttentionChoice:
-    """Resolve `flex_attention` (the config field) for `model` trained on `device`.
+def choose_attention(
+    setting: bool | None, model: nn.Module, device: torch.device, layout: str = "padded"
+) -> AttentionChoice:
+    """Resolve `flex_attention` (the config field) for `model` trained on `device` with `training_layout` `layout`.
 
     Args:
         setting: `True`, `False` or `None` (automatic; module docstring).
         model: The model to train (a PEFT wrapper is looked through).
         device: Where it trains.
+        layout: The `training_layout`: a packed one on CUDA needs flex attention for its block-sparse masks
+            (`trl_longctx.training_layout`), which `None` then turns on.
 
     Returns:
         The `AttentionChoice`; nothing is changed on the model (`use_flex_attention` does that).
 
     Raises:
-        ValueError: Our attention asked for (`setting=True`, or the model loaded with it) on a device other than CUDA.
+        ValueError: Our attention asked for (`setting=True`, or the model loaded with it) on a device other than CUDA;
+            `setting=False` with a packed layout on CUDA.
     """
     pretrained = _pretrained(model)
     name, current = type(pretrained).__name__, pretrained.config._attn_implementation
@@ -86,6 +91,8 @@ def choose_attention(setting: bool | None, model: nn.Module, device: torch.devic
                 "kernels only compiled on CUDA and has no flex attention backward on CPU. Allowed here: None or False."
             )
         return AttentionChoice(LONGCTX_FLEX, name, "flex_attention=True")
+    if layout != "padded" and device.type == "cuda":
+        return _for_packed_rows(setting, name, current, layout)
     quadratic = (
         ", whose [batch, heads, T, T] scores grow with the square of the sequence" if current == "eager" else ""
     )
@@ -108,6 +115,24 @@ def choose_attention(setting: bool | None, model: nn.Module, device: torch.devic
     return AttentionChoice(
         LONGCTX_FLEX, name, "attention sinks folded into compiled flex attention, memory linear in the sequence, "
         "instead of eager; flex_attention=False keeps eager",
+    )  # fmt: skip
+
+
+def _for_packed_rows(setting: bool | None, name: str, current: str, layout: str) -> AttentionChoice:
+    """The attention of a packed `training_layout` on CUDA: flex attention, whose `BlockMask` grows linearly with the
+    packed tokens, where any other attention would take a dense `[tokens, tokens]` mask."""
+    if setting is False:
+        raise ValueError(
+            f"flex_attention must be None or True with training_layout={layout!r} on CUDA, got False: {name}'s own "
+            f"attention ({current!r}) would take the packed rows' mask dense, [tokens, tokens], growing with the "
+            "square of the tokens. Allowed: flex_attention=None or True, or training_layout='padded'."
+        )
+    if current == "flex_attention":
+        return AttentionChoice(current, name, f"the model's own 'flex_attention', which takes the block masks of "
+                               f"training_layout={layout!r}")  # fmt: skip
+    return AttentionChoice(
+        LONGCTX_FLEX, name, f"training_layout={layout!r} attends over block-sparse masks of packed rows, which flex "
+        "attention runs in memory linear in the tokens; training_layout='padded' keeps the model's own",
     )  # fmt: skip
 
 
