@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,6 +162,19 @@ def run_json_child(cmd: list[str], timeout: float, env: dict[str, str] | None = 
     except subprocess.TimeoutExpired as exc:
         return ChildRun(_json_rows(_text(exc.stdout)), None, True, _text(exc.stderr))
     return ChildRun(_json_rows(proc.stdout), proc.returncode, False, proc.stderr)
+
+
+def child_row(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run `python script argv...` (one subcommand of a benchmark) in a fresh process; its last JSON stdout line is
+    its row, with `args`. A child that times out gives the rows it printed (`partial`), a failing one its stderr."""
+    print("$", " ".join(argv), flush=True)
+    run = run_json_child([sys.executable, script, *argv], timeout)
+    if run.timed_out:
+        # Keep what the child printed before it was stopped (one JSON line per finished point).
+        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s", "partial": run.rows}
+    if run.returncode != 0 or not run.rows:
+        return {"what": argv[0], "args": argv, "status": f"exit {run.returncode}", "stderr": run.stderr[-3000:]}
+    return {**run.rows[-1], "args": argv}
 
 
 def _text(output: bytes | str | None) -> str:

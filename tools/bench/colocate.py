@@ -38,7 +38,7 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, environment, markdown_table, run_json_child  # noqa: E402
+from _common import GIB, child_row, environment, markdown_table  # noqa: E402
 
 PROMPT_LEN = 256
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/bench_vllm_standby"))
@@ -494,15 +494,9 @@ def cmd_shared_32b(args) -> dict:
 
 
 def run_child(argv: list[str], timeout: int) -> dict:
-    """Run one subcommand in a fresh process; its last stdout line is its JSON row."""
-    print("$", " ".join(argv), flush=True)
-    run = run_json_child([sys.executable, __file__, *argv], timeout)
-    if run.timed_out:
-        # Keep what the child printed before it was stopped (one JSON line per finished point).
-        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s", "partial": run.rows}
-    if run.returncode != 0 or not run.rows:
-        return {"what": argv[0], "args": argv, "status": f"exit {run.returncode}", "stderr": run.stderr[-3000:]}
-    return {**run.rows[-1], "args": argv, "status": "ok"}
+    """Run one subcommand in a fresh process (`_common.child_row`); a finished row says `status: ok`."""
+    row = child_row(__file__, argv, timeout)
+    return row if "status" in row else {**row, "status": "ok"}
 
 
 def cmd_all(args) -> None:

@@ -43,7 +43,7 @@ os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, environment, markdown_table, peak_gib_above_current, run_json_child, time_ms  # noqa: E402
+from _common import GIB, child_row, environment, markdown_table, peak_gib_above_current, time_ms  # noqa: E402
 
 WEIGHTS = ("bf16", "per-channel", "per-tensor", "per-block")
 FP8_MATMULS = ("auto", "scaled_mm", "dequantize")
@@ -324,17 +324,6 @@ def _train_and_measure(args, trainer) -> dict:
 # ---------------------------------------------------------------- driver
 
 
-def run_child(argv: list[str], timeout: int) -> dict:
-    """Run one subcommand in a fresh process; its last stdout JSON line is its row."""
-    print("$", " ".join(argv), flush=True)
-    run = run_json_child([sys.executable, __file__, *argv], timeout)
-    if run.timed_out:
-        return {"what": argv[0], "args": argv, "status": f"timeout after {timeout} s", "partial": run.rows}
-    if run.returncode != 0 or not run.rows:
-        return {"what": argv[0], "args": argv, "status": f"exit {run.returncode}", "stderr": run.stderr[-3000:]}
-    return {**run.rows[-1], "args": argv}
-
-
 def all_runs(args) -> dict[str, tuple[list[str], int]]:
     """The measurements of `all`, by name: argv and timeout (seconds)."""
     steps = ["--length", str(args.length), "--steps", str(args.steps), "--preset", args.preset]
@@ -359,7 +348,7 @@ def cmd_all(args) -> None:
     for name, (argv, timeout) in runs.items():
         if args.only and name not in args.only:
             continue
-        rows.append({"name": name, **run_child(argv, timeout)})
+        rows.append({"name": name, **child_row(__file__, argv, timeout)})
         print(json.dumps(rows[-1])[:2000], flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))

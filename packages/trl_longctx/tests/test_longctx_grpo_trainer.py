@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from testing_utils import assert_close
+from testing_utils import assert_close, cpu_trainer_settings
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOTrainer
 
@@ -21,21 +21,7 @@ def varied_reward(completions, **kwargs):
 
 
 def make_trainer(model_dir, tmp_path, peft_config=None, **overrides):
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 8,
-        "num_generations": 4,
-        "max_completion_length": 6,
-        "max_steps": 1,
-        "learning_rate": 1e-2,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "bf16": False,  # TRL 1.16 defaults to bf16, which autocasts on CPU too; the comparisons are in fp32
-    }
-    settings.update(overrides)
+    settings = cpu_trainer_settings(tmp_path, **overrides)
     return LongContextGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         reward_funcs=varied_reward,

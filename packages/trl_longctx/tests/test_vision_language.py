@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from test_longctx_grpo_trainer import varied_reward
-from testing_utils import assert_close
+from testing_utils import assert_close, cpu_trainer_settings
 from trl import GRPOTrainer
 
 pytest.importorskip("PIL", reason="vision-language tests need the `vision` extra (Pillow)")
@@ -43,21 +43,8 @@ def make_trainer(
 ) -> LongContextGRPOTrainer:
     """Our trainer on a tiny vision-language model of `family`, on CPU in fp32."""
     processor = build_tiny_vl_processor(family)
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "num_generations": 2,
-        "max_completion_length": 4,
-        "max_steps": 1,
-        "learning_rate": 1e-2,
-        "report_to": "none",
-        "use_cpu": True,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "bf16": False,  # TRL 1.16 defaults to bf16, which autocasts on CPU too; the comparisons are in fp32
-    }
-    settings.update(overrides)
+    small = {"per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 4}
+    settings = cpu_trainer_settings(tmp_path, **{**small, **overrides})
     trainer = LongContextGRPOTrainer(
         model=build_tiny_vl_model(family, processor.tokenizer),
         reward_funcs=reward_funcs,

@@ -11,6 +11,39 @@ from peft import LoraConfig, get_peft_model
 HIDDEN, INTERMEDIATE, VOCAB = 32, 48, 64
 
 
+def _tiny_config_values(layers: int, vocab: int) -> dict:
+    """The config values every tiny test decoder shares (dense and MoE builders add their MLP sizes)."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
+
+
+def cpu_trainer_settings(tmp_path, **overrides) -> dict:
+    """`LongContextGRPOConfig` keywords of a one-step trainer test on CPU in fp32, `overrides` on top."""
+    return {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 1,
+        "learning_rate": 1e-2,
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "bf16": False,  # TRL 1.16 defaults to bf16, which autocasts on CPU too; the comparisons are in fp32
+        **overrides,
+    }
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float, rtol: float) -> None:
     """`|actual - expected| <= atol + rtol * |expected|` everywhere; on failure, say where and by how much."""
     error = (actual - expected).abs()
@@ -24,17 +57,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: 
 def build_model(arch: str, lora: bool = False, use_reentrant: bool = False, layers: int = 2):
     """A tiny random decoder of `arch` (llama, qwen2, qwen3, mistral, gemma2, gemma3) with gradient checkpointing on,
     optionally PEFT LoRA (non-zero B) on the MLP and q/v projections; in train mode."""
-    common = {
-        "vocab_size": VOCAB,
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-    }
+    common = {**_tiny_config_values(layers, VOCAB), "intermediate_size": INTERMEDIATE}
     config = {
         "llama": lambda: transformers.LlamaConfig(**common),
         "qwen2": lambda: transformers.Qwen2Config(**common),
@@ -90,14 +113,7 @@ def moe_config(arch: str, layers: int = 2, vocab: int = VOCAB, **extra):
     """A tiny `arch` MoE config (qwen3_moe, gpt_oss, mixtral): NUM_EXPERTS experts of EXPERT_INTERMEDIATE, top
     TOP_K, eager attention. Qwen3-MoE with 3 or more layers makes layer 1 a dense MLP (`mlp_only_layers`)."""
     common = {
-        "vocab_size": vocab,
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
+        **_tiny_config_values(layers, vocab),
         "num_experts_per_tok": TOP_K,
         **extra,
     }
