@@ -10,6 +10,7 @@ EXPECTED = {
     "single_gpu.yaml": ("NO", None),
     "multi_gpu.yaml": ("MULTI_GPU", None),
     "fsdp2.yaml": ("FSDP", "fsdp_config"),
+    "fsdp2_multinode.yaml": ("FSDP", "fsdp_config"),
     "deepspeed_zero2.yaml": ("DEEPSPEED", "deepspeed_config"),
     "deepspeed_zero3.yaml": ("DEEPSPEED", "deepspeed_config"),
 }
@@ -32,7 +33,13 @@ def test_config_parses_as_accelerate_reads_it(name):
     distributed_type, section = EXPECTED[name]
     assert raw["distributed_type"] == distributed_type
     config = ClusterConfig.from_yaml_file(path)  # raises on keys Accelerate does not know
-    assert config.num_processes >= 1 and config.num_machines == 1 and config.use_cpu is False
+    assert config.num_processes >= 1 and config.use_cpu is False
+    if config.num_machines > 1:
+        # Every node runs the same number of processes; the others reach the first node at its address and port.
+        assert config.num_processes % config.num_machines == 0 and config.machine_rank == 0
+        assert config.main_process_ip and config.main_process_port and config.rdzv_backend == "static"
+    else:
+        assert config.num_machines == 1
     if section is None:
         return
     # `accelerate launch` turns each key of the section into a `--<key>` flag: an unknown one fails at launch time.
@@ -46,3 +53,12 @@ def test_fsdp2_and_zero_stages():
     assert load("fsdp2.yaml")["fsdp_config"]["fsdp_version"] == 2
     assert load("deepspeed_zero2.yaml")["deepspeed_config"]["zero_stage"] == 2
     assert load("deepspeed_zero3.yaml")["deepspeed_config"]["zero_stage"] == 3
+
+
+def test_the_multinode_config_is_fsdp2_over_nodes():
+    load = lambda name: yaml.safe_load((CONFIG_DIR / name).read_text())  # noqa: E731
+    one, many = load("fsdp2.yaml"), load("fsdp2_multinode.yaml")
+    assert many["fsdp_config"] == one["fsdp_config"], "the multi-node config must shard as fsdp2.yaml does"
+    assert many["num_machines"] == 2 and many["num_processes"] == 2 * one["num_processes"]
+    header = "\n".join(line for line in (CONFIG_DIR / "fsdp2_multinode.yaml").read_text().splitlines() if line[:1] == "#")
+    assert "--machine_rank" in header and "main_process_ip" in header, "the header must say how each node launches"
