@@ -60,5 +60,7 @@ def test_the_multinode_config_is_fsdp2_over_nodes():
     one, many = load("fsdp2.yaml"), load("fsdp2_multinode.yaml")
     assert many["fsdp_config"] == one["fsdp_config"], "the multi-node config must shard as fsdp2.yaml does"
     assert many["num_machines"] == 2 and many["num_processes"] == 2 * one["num_processes"]
-    header = "\n".join(line for line in (CONFIG_DIR / "fsdp2_multinode.yaml").read_text().splitlines() if line[:1] == "#")
+    header = "\n".join(
+        line for line in (CONFIG_DIR / "fsdp2_multinode.yaml").read_text().splitlines() if line[:1] == "#"
+    )
     assert "--machine_rank" in header and "main_process_ip" in header, "the header must say how each node launches"

@@ -137,7 +137,9 @@ def compare_with_gpt_oss_eager(layer, length, window, dtype, device="cpu"):
         for name, m, n, r in zip("qkvs", mine, theirs, base, strict=False):
             error, naive_error = (m - r).abs().max().item(), (n - r).abs().max().item()
             bound = 2 * naive_error + BF16_SLACK[kind] + bf16_spacing(r)
-            assert error <= bound, f"{what} {kind} {name}: {error:.3g} vs eager bf16 {naive_error:.3g} (bound {bound:.3g})"
+            assert error <= bound, (
+                f"{what} {kind} {name}: {error:.3g} vs eager bf16 {naive_error:.3g} (bound {bound:.3g})"
+            )
 
 
 @pytest.mark.parametrize(("layer", "length", "window"), LAYERS, ids=[f"{a}-T{t}-w{w}" for a, t, w in LAYERS])

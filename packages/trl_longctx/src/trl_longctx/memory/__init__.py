@@ -2,7 +2,7 @@
 predicts the peak.
 
 The planner (`planner`: the memory model and the search; `shapes`: what a model is counted by; `moe_terms`: the
-terms of MoE layers; `presets`: model shapes; `rollout_kv`: the vLLM side;
+terms of MoE layers; `presets`: model shapes; `rollout_kv`: the vLLM side; `capacity`: the most sequences a step takes;
 `machine`: GPU presets and this machine's memory; `plan_cli`: `longctx-grpo plan`) is plain Python (no torch), so
 `longctx-grpo plan` stays light; `CheckpointOffloader` and the tiled MLP are imported on first use.
 """

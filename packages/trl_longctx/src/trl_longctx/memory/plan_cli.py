@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from .capacity import step_capacity
 from .machine import GPUS_GIB, HOST_RESERVE_GIB, cuda_gpu, gpu_presets_matching, host_memory_gib, pinnable_host_gib
 from .planner import (
     GIB,
@@ -186,7 +187,22 @@ def format_plan(
             lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
     lines += ["", _rollout_line(shape, b, p, length, setup_kwargs["mode"], gpus)]
+    if "ours" in setups:
+        lines += ["", *_capacity_lines(shape, setups["ours"], gpus, host_gib)]
     return "\n".join(lines)
+
+
+def _capacity_lines(shape: ModelShape, setup: TrainSetup, gpus: dict[str, float], host_gib: float | None) -> list[str]:
+    """Per GPU, the most sequences of these lengths our path's step takes (`capacity.step_capacity`)."""
+    lines = [f"Most sequences of {setup.prompt_length} + {setup.completion_length} tokens per step on one GPU, ours "
+             "(training: per_device_train_batch_size; rollout: sequences vLLM decodes at once, "
+             "per_device_train_batch_size x steps_per_generation, beyond which it decodes in waves):"]  # fmt: skip
+    for gpu, gib in gpus.items():
+        capacity = step_capacity(shape, setup, gib, host_memory_gib=host_gib)
+        rollout = capacity.rollout if capacity.rollout is not None else f"not modeled ({capacity.rollout_note})"
+        lines.append(f"{gpu} ({gib:g} GiB): training {capacity.training} (then {capacity.training_bound} runs out), "
+                     f"rollout {rollout}.")  # fmt: skip
+    return lines
 
 
 def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: int, mode: str, gpus: dict) -> str:
@@ -198,6 +214,9 @@ def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: in
         return (
             "vLLM side: not modeled for Mixture-of-Experts models (TRL's engine holds a second copy of the weights)."
         )
+    if mode == "full":
+        # Shared weights need LoRA (`rollout_plan`): full fine-tuning would train vLLM's weights in place.
+        return "vLLM side: not modeled for full fine-tuning (vLLM keeps its own copy of the weights)."
     tokens = rollout_kv_tokens(sequences, prompt, completion)
     need = ", ".join(
         f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib):.2f}" for gpu, gib in gpus.items()

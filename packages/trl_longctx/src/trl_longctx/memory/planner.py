@@ -675,6 +675,14 @@ def auto_chunk_sizes(
     return ChunkSizes(smallest, 1, most_tiles)
 
 
+def trainable_state_bytes(shape: ModelShape, setup: TrainSetup) -> float:
+    """The adapters' parameters and AdamW states on the device (`mode` "lora" or "qlora"): what the trainer keeps
+    beside the shared weights while vLLM decodes a rollout."""
+    if setup.mode == "full":
+        raise ValueError("trainable_state_bytes counts adapters: mode must be 'lora' or 'qlora', got 'full'.")
+    return _static_bytes(shape, setup, 0)["LoRA params + AdamW states"]
+
+
 def _resident_bytes(shape: ModelShape, setup: TrainSetup, optimizer_states_allocated: bool) -> float:
     """Weights and trainable parameters on the device before the step (AdamW states once allocated)."""
     static = _static_bytes(shape, setup, 0)

@@ -1,0 +1,136 @@
+"""How many sequences one GRPO step can take on a GPU at given lengths: the training step's and the colocated
+rollout's limits, side by side, so the memory the fused path frees can go to larger batches.
+
+The two sides take turns on the GPU (KV-only standby): the training step runs with vLLM holding only the shared
+weights, the rollout with the trainer holding only its resident state. So each has its own limit:
+
+- training: the most sequences per device batch (`per_device_train_batch_size`, the planner's `num_generations`)
+  whose step fits the GPU with the smallest mini batch the planner may choose (the trainer picks the largest that
+  fits) and the fewest MLP tiles, and whose offloaded checkpoints fit the pinnable host memory. This is the largest
+  `n` for which `plan_memory` fits; more sequences per step then cost time (more mini batches), not memory.
+- rollout: the most sequences vLLM decodes at once (`per_device_train_batch_size * steps_per_generation` per
+  generation round; beyond it vLLM decodes in waves, each as long as the longest completion). Its KV cache gets what
+  the GPU has after vLLM's weights (one copy, shared with the trainer), vLLM's other memory (`VLLM_OTHER_GIB`), the
+  CUDA context and the trainer's LoRA parameters with their AdamW states.
+
+Modeled for LoRA on dense models, where the weights are shared; QLoRA (vLLM's side of 4-bit weights), full
+fine-tuning (vLLM keeps its own copy) and Mixture-of-Experts models (TRL's engine keeps its own copy) get the
+training limit and a reason instead of a rollout limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .planner import (
+    CUDA_CONTEXT_GIB,
+    TrainSetup,
+    fewest_mlp_tiles,
+    pinned_host_bytes,
+    plan_memory,
+    trainable_state_bytes,
+)
+from .rollout_kv import KV_BLOCK_TOKENS, VLLM_OTHER_GIB, kv_bytes_per_token, vllm_weight_bytes
+from .shapes import GIB, ModelShape
+
+__all__ = ["StepCapacity", "rollout_capacity_problem", "step_capacity"]
+
+# The search stops here: a per-device batch beyond it is not a GRPO setting anyone runs.
+MOST_SEQUENCES = 4096
+
+
+@dataclass(frozen=True)
+class StepCapacity:
+    """The most sequences of one length per step on one GPU.
+
+    Args:
+        training: Sequences per device batch whose training step fits (0: not one).
+        training_bound: What stops one more: "GPU memory", "host memory" (the offloaded checkpoints to pin) or
+            "search limit" (`MOST_SEQUENCES`).
+        rollout: Sequences one rollout decodes at once, or `None` where it is not modeled (`rollout_note` says why).
+        rollout_note: Why the rollout is not modeled; `None` when it is.
+    """
+
+    training: int
+    training_bound: str
+    rollout: int | None
+    rollout_note: str | None = None
+
+
+def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
+    """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA on a dense model)."""
+    if shape.num_experts:
+        return "Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
+    if mode == "qlora":
+        return "vLLM's side of 4-bit weights (QLoRA) is not modeled"
+    if mode == "full":
+        return "full fine-tuning keeps vLLM's own copy of the weights beside the trainer's"
+    return None
+
+
+def step_capacity(
+    shape: ModelShape,
+    setup: TrainSetup,
+    gpu_memory_gib: float,
+    *,
+    host_memory_gib: float | None = None,
+    tile_mlps: bool = True,
+) -> StepCapacity:
+    """The training and rollout limits (module docstring) at `setup`'s prompt and completion lengths.
+
+    Args:
+        setup: The step; its `num_generations` is ignored, its `grpo_mini_batch` (when set) caps the mini batch.
+        gpu_memory_gib: Memory of the GPU.
+        host_memory_gib: Host memory the offloaded checkpoints may pin; `None` = not limited.
+        tile_mlps: Let the training step tile its MLPs (the trainer does on CUDA with `tiled_mlp_chunks=None`).
+
+    Example:
+        >>> from trl_longctx.memory import PRESETS
+        >>> capacity = step_capacity(PRESETS["qwen3-1.7b"], TrainSetup(1, 256, 4096), 80)
+        >>> capacity.training > capacity.rollout > 8
+        True
+    """
+    budget = gpu_memory_gib * GIB
+
+    def at(sequences: int) -> TrainSetup:
+        return replace(setup, num_generations=sequences, grpo_mini_batch=min(setup.grpo_mini_batch or 1, sequences))
+
+    def host_holds(sequences: int) -> bool:
+        return host_memory_gib is None or pinned_host_bytes(shape, at(sequences)) <= host_memory_gib * GIB
+
+    def gpu_holds(sequences: int) -> bool:
+        if tile_mlps:
+            return fewest_mlp_tiles(shape, at(sequences), budget) is not None
+        return plan_memory(shape, at(sequences)).total <= budget
+
+    training = _largest(lambda n: host_holds(n) and gpu_holds(n))
+    if training == MOST_SEQUENCES:
+        bound = "search limit"
+    else:
+        bound = "host memory" if not host_holds(training + 1) else "GPU memory"
+    problem = rollout_capacity_problem(shape, setup.mode)
+    if problem is not None:
+        return StepCapacity(training, bound, None, problem)
+    other = vllm_weight_bytes(shape) + (VLLM_OTHER_GIB + CUDA_CONTEXT_GIB) * GIB + trainable_state_bytes(shape, setup)
+    blocks = math.ceil((setup.prompt_length + setup.completion_length) / KV_BLOCK_TOKENS)
+    per_sequence = blocks * KV_BLOCK_TOKENS * kv_bytes_per_token(shape)
+    rollout = max(0, int((budget - other) // per_sequence))
+    return StepCapacity(training, bound, min(rollout, MOST_SEQUENCES))
+
+
+def _largest(fits) -> int:
+    """The largest `n` in 1..`MOST_SEQUENCES` with `fits(n)`, for a `fits` that holds up to some `n` and not beyond;
+    0 when `fits(1)` fails."""
+    if not fits(1):
+        return 0
+    high = 2
+    while high < MOST_SEQUENCES and fits(high):
+        high *= 2
+    if high >= MOST_SEQUENCES and fits(MOST_SEQUENCES):
+        return MOST_SEQUENCES
+    low = high // 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
