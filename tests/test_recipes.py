@@ -24,10 +24,13 @@ def test_recipe_parses(recipe, monkeypatch):
     for key, value in (yaml.safe_load(recipe.read_text()).get("env") or {}).items():
         monkeypatch.setenv(key, str(value))  # the parser sets them; monkeypatch restores them afterwards
     argv = [str(recipe)]
-    if not torch.cuda.is_available() and not yaml.safe_load(recipe.read_text()).get("use_cpu"):
-        # A GPU recipe on a machine without one: transformers refuses bf16 there before our checks run; every other
-        # key is still parsed and checked.
+    values = yaml.safe_load(recipe.read_text())
+    if not torch.cuda.is_available() and not values.get("use_cpu"):
+        # A GPU recipe on a machine without one: transformers refuses bf16 there before our checks run, and our checks
+        # refuse flex_attention=True off CUDA; every other key is still parsed and checked.
         argv += ["--use_cpu", "true", "--bf16", "false"]
+        if values.get("flex_attention"):
+            argv += ["--flex_attention", "false"]
     script_args, config, model_args = parse_train_args(argv)
     assert config.output_dir and model_args.model_name_or_path
 
@@ -46,6 +49,21 @@ def test_gpu_recipe_header_states_hardware_launch_and_measurement(recipe):
 def test_the_gpu_recipes_of_the_design_exist():
     names = {r.name for r in RECIPES}
     assert {"qwen3_8b_lora_long_h200.yaml", "qwen3_8b_qlora_long_80gb.yaml", "qwen3_32b_lora_h200.yaml"} <= names
+
+
+def test_the_moe_recipes_exist_and_say_they_were_not_run():
+    """The MoE recipes (gpt-oss-20b with flex attention and LoRA on the experts; Qwen3-30B-A3B) exist, are planned
+    by a check-first line, and say that no GPU has run them."""
+    moe = {"gpt_oss_20b_lora_long_80gb.yaml", "qwen3_30b_a3b_lora_h200.yaml"}
+    recipes = {r.name: r for r in RECIPES if r.name in moe}
+    assert set(recipes) == moe
+    for name, recipe in recipes.items():
+        text = recipe.read_text()
+        assert "# Measured: not yet run on a GPU" in text, name
+        assert "check first: longctx-grpo plan" in text, name
+    gpt_oss = yaml.safe_load(recipes["gpt_oss_20b_lora_long_80gb.yaml"].read_text())
+    assert gpt_oss["flex_attention"] is True
+    assert gpt_oss["lora_target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if "check first: longctx-grpo plan" in r.read_text()],
