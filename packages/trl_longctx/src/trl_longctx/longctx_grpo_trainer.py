@@ -20,6 +20,7 @@ from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import ReleaseBuffersCallback
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
+from .quantized_experts import unquantized_experts_notice
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
 from .training_layout import describe_layout, layout_problem
@@ -79,6 +80,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
         logger.warning(plan.describe())
         for notice in plan.notices:
             logger.warning(notice.message())
+        if (experts := unquantized_experts_notice(self.model)) is not None:
+            logger.warning(experts)
         if args.retry_on_oom and (why := oom_retry.retry_unsupported_reason(self.accelerator)) is not None:
             logger.warning(f"The out-of-memory retry is off in this run: {why}. retry_on_oom=False silences this.")
         # Last, after TRL's and ours: a NaN weight or a preemption signal stops the run with a complete checkpoint.
