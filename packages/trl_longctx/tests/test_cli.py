@@ -65,6 +65,27 @@ def test_bad_values_fail_before_any_model_is_built(recipe, tmp_path, flags, mess
     assert not (tmp_path / "run").exists()
 
 
+def test_the_image_task_refuses_a_text_model_before_loading_it(recipe, tmp_path):
+    with pytest.raises(ValueError, match=r"task='count_squares' puts an image .* is a tiny text-only Qwen3"):
+        main(["train", str(recipe), "--task", "count_squares"])
+    assert not (tmp_path / "run").exists()
+    from trl_longctx.tiny_models import save_tiny_model
+
+    text_model = save_tiny_model(tmp_path / "text")
+    with pytest.raises(ValueError, match=r"is model_type 'qwen3', no vision_config. Use such a model, or task="):
+        main(["train", str(recipe), "--task", "count_squares", "--model_name_or_path", str(text_model)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_image_task_takes_a_vision_language_config(tmp_path):
+    from transformers import Qwen2_5_VLConfig
+
+    from trl_longctx.cli import check_vision_model
+
+    Qwen2_5_VLConfig().save_pretrained(tmp_path)  # its config alone: nothing else is read
+    check_vision_model("count_squares", str(tmp_path))
+
+
 def test_bad_task_choice_is_refused(recipe, capsys):
     with pytest.raises(SystemExit):
         parse_train_args([str(recipe), "--task", "chess"])

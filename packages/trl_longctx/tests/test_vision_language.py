@@ -243,6 +243,22 @@ def test_count_squares_dataset_and_reward():
     assert count_squares_reward(completions, target=["3", "3", "3"]) == [1.0, 0.0, 0.0]
 
 
+def test_count_squares_prompt_words_open_the_text_and_leave_the_images():
+    from trl_longctx.tasks import COUNT_SQUARES_QUESTION, FILLER_WORDS, get_task
+
+    plain, long = make_count_squares_dataset(4, seed=2), make_count_squares_dataset(4, seed=2, prompt_words=300)
+    assert plain["target"] == long["target"]
+    assert [i.tobytes() for i in plain["image"]] == [i.tobytes() for i in long["image"]]
+    for prompt in long["prompt"]:
+        image, text = prompt[0]["content"]
+        document, question = text["text"].split("\n")
+        assert image["type"] == "image" and question == COUNT_SQUARES_QUESTION
+        assert len(document.split(" ")) == 300 and set(document.split(" ")) <= set(FILLER_WORDS)
+    assert get_task("count_squares").vision and not get_task("copy_letter").vision
+    with pytest.raises(ValueError, match="prompt_words must be >= 0, got -1"):
+        make_count_squares_dataset(4, prompt_words=-1)
+
+
 @pytest.mark.parametrize("count", [0, 1, 4, 16])
 def test_draw_squares_draws_that_many_squares(count):
     import random

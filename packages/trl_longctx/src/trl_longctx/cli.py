@@ -161,9 +161,13 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
     from .tasks import get_task
 
     if script_args.dataset_name is None:
-        make_dataset, reward = get_task(script_args.task)
-        dataset = make_dataset(script_args.num_prompts, seed=training_args.seed, prompt_words=script_args.prompt_words)
-        reward_funcs = [reward]
+        task = get_task(script_args.task)
+        if task.vision:
+            check_vision_model(script_args.task, model_args.model_name_or_path)
+        dataset = task.make_dataset(
+            script_args.num_prompts, seed=training_args.seed, prompt_words=script_args.prompt_words
+        )
+        reward_funcs = [task.reward]
     else:
         from datasets import load_dataset
 
@@ -195,6 +199,28 @@ def train(script_args: LongContextScriptArguments, training_args: LongContextGRP
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         save_final_model(trainer)
     return trainer
+
+
+def check_vision_model(task: str, model: str) -> None:
+    """Refuse a text-only `model` for the image task `task`, from its config alone (no weights are loaded).
+
+    Raises:
+        ValueError: Naming `model_name_or_path`, its model type and what the task needs.
+    """
+    if model == BUILTIN_TINY_MODEL:
+        model_type = "a tiny text-only Qwen3"
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        if getattr(config, "vision_config", None) is not None:
+            return
+        model_type = f"model_type {config.model_type!r}, no vision_config"
+    raise ValueError(
+        f"task={task!r} puts an image in every prompt and needs a vision-language model (a config with a "
+        f"vision_config, e.g. Qwen2.5-VL or Qwen3-VL); model_name_or_path={model!r} is {model_type}. Use such a "
+        "model, or task='copy_letter' for a text model."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,16 +5,18 @@ characters that are that letter. A random model scores about 1/48; a model that 
 `prompt_words`, each prompt opens with a document of that many filler words (long-context runs without a data set of
 one's own: the instruction comes last, after the whole document).
 
-`count_squares` is a vision task for vision-language models (Python API; the command line trains text models): each
-image, drawn in code, holds 1 to 4 filled squares; the reward is 1 for a completion that is exactly their number.
-Its rows have TRL's vision format: a conversational `prompt` whose user message holds an image placeholder and the
-question, and an `image` column (TRL puts the image into the placeholder).
+`count_squares` is a vision task for vision-language models (`TASKS[name].vision`; `longctx-grpo train` refuses it
+for a text-only model before loading it): each image, drawn in code, holds 1 to 4 filled squares; the reward is 1 for
+a completion that is exactly their number. Its rows have TRL's vision format: a conversational `prompt` whose user
+message holds an image placeholder and the question (after the filler document, with `prompt_words`), and an `image`
+column (TRL puts the image into the placeholder).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import NamedTuple
 
 LETTERS = "abcd"
 # Filler words of `prompt_words` documents: common lowercase English words, one token each in the usual BPE
@@ -144,20 +146,22 @@ def draw_squares(count: int, rng: random.Random):
     return image
 
 
-def make_count_squares_dataset(num_prompts: int, seed: int = 0, max_squares: int = 4):
+def make_count_squares_dataset(num_prompts: int, seed: int = 0, max_squares: int = 4, prompt_words: int = 0):
     """Build the `count_squares` dataset (images drawn in code, nothing downloaded; needs Pillow).
 
     Args:
         num_prompts: Number of rows.
         seed: Seed of the counts, positions and colours.
         max_squares: Counts are drawn from 1 to this.
+        prompt_words: Filler words (as `copy_letter`'s) before the question in each prompt's text; 0: the question
+            alone.
 
     Returns:
         A `datasets.Dataset` with columns `prompt` (`[{"role": "user", "content": [{"type": "image"}, {"type":
         "text", "text": "how many squares?"}]}]`), `image` (a PIL image) and `target` (the count, e.g. `"3"`).
 
     Raises:
-        ValueError: If `num_prompts` < 1 or `max_squares` is not in [1, 16].
+        ValueError: If `num_prompts` < 1, `max_squares` is not in [1, 16] or `prompt_words` < 0.
     """
     from datasets import Dataset
 
@@ -165,16 +169,16 @@ def make_count_squares_dataset(num_prompts: int, seed: int = 0, max_squares: int
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}.")
     if not 1 <= max_squares <= CANVAS_CELLS**2:
         raise ValueError(f"max_squares must be in [1, {CANVAS_CELLS**2}], got {max_squares}.")
+    if prompt_words < 0:
+        raise ValueError(f"prompt_words must be >= 0, got {prompt_words}.")
     rng = random.Random(seed)
     counts = [rng.randint(1, max_squares) for _ in range(num_prompts)]
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": COUNT_SQUARES_QUESTION}]}]
-    return Dataset.from_dict(
-        {
-            "prompt": [prompt] * num_prompts,
-            "image": [draw_squares(count, rng) for count in counts],
-            "target": [str(count) for count in counts],
-        }
-    )
+    images = [draw_squares(count, rng) for count in counts]
+    texts = [COUNT_SQUARES_QUESTION] * num_prompts
+    if prompt_words:
+        texts = [" ".join(rng.choices(FILLER_WORDS, k=prompt_words)) + "\n" + t for t in texts]
+    prompts = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}] for t in texts]
+    return Dataset.from_dict({"prompt": prompts, "image": images, "target": [str(count) for count in counts]})
 
 
 def count_squares_reward(completions: list, target: list[str], **kwargs) -> list[float]:
@@ -188,13 +192,23 @@ def count_squares_reward(completions: list, target: list[str], **kwargs) -> list
     return [float(text.strip() == t) for text, t in zip(texts, target, strict=True)]
 
 
-TASKS: dict[str, tuple[Callable, Callable]] = {
-    "copy_letter": (make_copy_letter_dataset, copy_letter_reward),
+class Task(NamedTuple):
+    """A built-in task: `make_dataset(num_prompts, seed=..., prompt_words=...)`, its exact reward function, and
+    whether its prompts hold images (a vision-language model is then needed)."""
+
+    make_dataset: Callable
+    reward: Callable
+    vision: bool = False
+
+
+TASKS: dict[str, Task] = {
+    "copy_letter": Task(make_copy_letter_dataset, copy_letter_reward),
+    "count_squares": Task(make_count_squares_dataset, count_squares_reward, vision=True),
 }
 
 
-def get_task(name: str) -> tuple[Callable, Callable]:
-    """Return `(make_dataset, reward_function)` of a built-in task.
+def get_task(name: str) -> Task:
+    """Return the built-in task `name` (unpacks as `make_dataset, reward, vision`).
 
     Raises:
         ValueError: If `name` is not one of `TASKS`.
