@@ -352,12 +352,17 @@ def test_model_shape_of_a_vision_language_config(family):
     pytest.importorskip("PIL")
     from trl_longctx.tiny_vl_models import build_tiny_vl_model, build_vl_tokenizer
 
-    config = build_tiny_vl_model(family, build_vl_tokenizer()).config
+    model = build_tiny_vl_model(family, build_vl_tokenizer())
+    config = model.config
     shape = ModelShape.from_config(config)
     assert (shape.hidden_size, shape.num_hidden_layers, shape.vocab_size) == (64, 2, len(build_vl_tokenizer()))
     patch = 14 if family == "qwen2_5_vl" else 16
     mergers = 1 if family == "qwen2_5_vl" else 3  # Qwen3-VL: one deepstack merger per vision block here
-    assert shape.vision == VisionShape(hidden_size=32, depth=2, mergers=mergers, patch_dim=3 * 2 * patch * patch)
+    # The tower's parameters, counted from the config, equal the built tower's (exact: a count).
+    tower = sum(p.numel() for p in model.model.visual.parameters())
+    assert shape.vision == VisionShape(
+        hidden_size=32, depth=2, mergers=mergers, patch_dim=3 * 2 * patch * patch, params=tower
+    )
     assert ModelShape.from_config(config.to_dict()) == shape  # config.json
     assert ModelShape.from_config(config.text_config).vision is None
 

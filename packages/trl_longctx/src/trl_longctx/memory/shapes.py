@@ -29,12 +29,14 @@ class VisionShape:
         depth: Blocks.
         mergers: Patch mergers (1, plus Qwen3-VL's one per `deepstack_visual_indexes` entry).
         patch_dim: Pixel values per patch (`in_channels * temporal_patch_size * patch_size**2`).
+        params: Parameters of the tower (`vision_params`): held in bf16 beside the decoder's weights.
     """
 
     hidden_size: int
     depth: int
     mergers: int = 1
     patch_dim: int = 0
+    params: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VisionShape:
@@ -47,12 +49,38 @@ class VisionShape:
         if missing:
             raise ValueError(f"vision_config lacks {missing}; is it a Qwen-VL vision config?")
         patch, temporal = config.get("patch_size") or 0, config.get("temporal_patch_size") or 1
+        patch_dim = (config.get("in_channels") or 3) * temporal * patch * patch
         return cls(
             hidden_size=config["hidden_size"],
             depth=config["depth"],
             mergers=1 + len(config.get("deepstack_visual_indexes") or ()),
-            patch_dim=(config.get("in_channels") or 3) * temporal * patch * patch,
+            patch_dim=patch_dim,
+            params=vision_params(config, patch_dim),
         )
+
+
+def vision_params(config: Mapping[str, Any], patch_dim: int) -> int:
+    """Parameters of a Qwen2.5-VL or Qwen3-VL vision tower from its `vision_config` (Qwen3-VL's has
+    `deepstack_visual_indexes`); 0 when `intermediate_size` or `out_hidden_size` is missing.
+
+    Per block: two norms (RMSNorm; Qwen3-VL LayerNorm with bias), qkv and output projections with biases, and the MLP
+    (Qwen2.5-VL gated, 3 matrices; Qwen3-VL two) with biases. The patch embedding (a bias-free convolution; Qwen3-VL
+    with a bias, plus learned position embeddings), and each patch merger: a norm, then `q -> q -> out` with biases
+    for `q = hidden * spatial_merge_size**2` (Qwen3-VL's deepstack mergers normalize over `q`).
+    """
+    h, i, out = config["hidden_size"], config.get("intermediate_size"), config.get("out_hidden_size")
+    if not i or not out:
+        return 0
+    q = h * (config.get("spatial_merge_size") or 2) ** 2
+    projections = (3 * h * h + 3 * h) + (h * h + h)
+    merger = q * q + q + q * out + out
+    if "deepstack_visual_indexes" in config:  # Qwen3-VL
+        block = 4 * h + projections + 2 * h * i + i + h
+        embedding = patch_dim * h + h + (config.get("num_position_embeddings") or 0) * h
+        deepstack = len(config["deepstack_visual_indexes"]) * (2 * q + merger)
+        return embedding + config["depth"] * block + (2 * h + merger) + deepstack
+    block = 2 * h + projections + 3 * h * i + 2 * i + h  # Qwen2.5-VL
+    return patch_dim * h + config["depth"] * block + (h + merger)
 
 
 def vision_saved_bytes_per_patch(vision: VisionShape) -> int:
@@ -167,12 +195,13 @@ class ModelShape:
         return self.moe_layers * (self.expert_params_per_layer() + router)
 
     def other_params(self) -> int:
-        """Embeddings, lm_head and norms: kept in bf16 even with QLoRA."""
+        """Embeddings, lm_head, norms and a vision tower: counted in bf16 even with QLoRA."""
         heads = 1 if self.tie_word_embeddings else 2
         norms = self.num_hidden_layers * 2 * self.hidden_size + self.hidden_size
         if self.qk_norm:
             norms += self.num_hidden_layers * 2 * self.head_dim
-        return heads * self.vocab_size * self.hidden_size + norms
+        vision = 0 if self.vision is None else self.vision.params
+        return heads * self.vocab_size * self.hidden_size + norms + vision
 
     def total_params(self) -> int:
         return self.linear_params() + self.moe_params() + self.other_params()
