@@ -94,7 +94,7 @@ def test_plan_verdict_counts_host_memory_as_the_longest_completion_does(capsys):
         (
             ["--model", "gpt-9"],
             "--model must be one of the presets ['gpt-oss-20b', 'llama3.1-8b', 'qwen3-1.7b', 'qwen3-30b-a3b', "
-            "'qwen3-32b', 'qwen3-8b'] or a path to a config.json, got 'gpt-9'.",
+            "'qwen3-32b', 'qwen3-8b', 'qwen3-vl-8b'] or a path to a config.json, got 'gpt-9'.",
         ),  # fmt: skip
         (
             ["--model", "qwen3-8b", "--lora-experts"],
@@ -199,3 +199,36 @@ def test_moe_plans_say_the_vllm_side_is_not_modelled(capsys):
           "--host-memory-gib", "100"])  # fmt: skip
     out = capsys.readouterr().out
     assert "vLLM side: not modeled for Mixture-of-Experts models" in out and "one copy of the weights" not in out
+
+
+def test_vision_flags_plan_the_tower(capsys):
+    """qwen3-vl-8b with images: a trained tower's saved tensors are a row; its weights are counted; the vLLM side
+    says TRL's engine keeps a second copy; bad combinations name the flag."""
+    from trl_longctx.memory.presets import PRESETS
+
+    flags = ["--model", "qwen3-vl-8b", "--gpu", "24GB", "--mode", "qlora", "--prompt-length", "8192",
+             "--completion-length", "4096", "--paths", "ours", "--host-memory-gib", "50"]  # fmt: skip
+    plan_main([*flags, "--vision-patches", "4096", "--vision-trained"])
+    trained = capsys.readouterr().out
+    plan_main([*flags, "--vision-patches", "4096"])
+    frozen = capsys.readouterr().out
+    assert "| vision tower saved tensors |" in trained and "vision tower saved tensors" not in frozen
+    assert "vLLM side: not modeled for vision-language models" in frozen
+    assert "rollout not modeled (vision-language models keep TRL's engine" in frozen
+    assert 0.5e9 < PRESETS["qwen3-vl-8b"].vision.params < 0.6e9  # Qwen3-VL-8B's tower: 0.58B
+    assert PRESETS["qwen3-vl-8b"].total_params() - PRESETS["qwen3-8b"].total_params() == (
+        PRESETS["qwen3-vl-8b"].vision.params
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "qwen3-8b", "--vision-patches", "16"], "need vision-language models .* got 'qwen3-8b'"),
+        (["--model", "qwen3-vl-8b", "--vision-patches", "-1"], r"--vision-patches must be >= 0, got -1"),
+        (["--model", "qwen3-vl-8b", "--vision-trained"], r"--vision-trained needs --vision-patches > 0"),
+    ],
+)
+def test_bad_vision_flags_are_refused(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        plan_main([*argv, "--gpu", "24GB"])

@@ -13,9 +13,9 @@ weights, the rollout with the trainer holding only its resident state. So each h
   the GPU has after vLLM's weights (one copy, shared with the trainer), vLLM's other memory (`VLLM_OTHER_GIB`), the
   CUDA context and the trainer's LoRA parameters with their AdamW states.
 
-Modeled for LoRA on dense models, where the weights are shared; QLoRA (vLLM's side of 4-bit weights), full
-fine-tuning (vLLM keeps its own copy) and Mixture-of-Experts models (TRL's engine keeps its own copy) get the
-training limit and a reason instead of a rollout limit.
+Modeled for LoRA on dense text models, where the weights are shared; QLoRA (vLLM's side of 4-bit weights), full
+fine-tuning (vLLM keeps its own copy), Mixture-of-Experts and vision-language models (TRL's engine keeps its own
+copy) get the training limit and a reason instead of a rollout limit.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
     """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA on a dense model)."""
     if shape.num_experts:
         return "Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
+    if shape.vision is not None:
+        return "vision-language models keep TRL's engine, a second copy of the weights"
     if mode == "qlora":
         return "vLLM's side of 4-bit weights (QLoRA) is not modeled"
     if mode == "full":

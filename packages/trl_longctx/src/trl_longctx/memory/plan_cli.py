@@ -72,6 +72,19 @@ def make_plan_parser() -> argparse.ArgumentParser:
         "and mlp.experts.down_proj).",
     )
     parser.add_argument(
+        "--vision-patches",
+        type=int,
+        default=0,
+        help="Vision-language models: patches each sequence's images feed the vision tower (pixel_values rows; "
+        "their image tokens, a quarter as many with a 2x2 merge, are part of --prompt-length). Default 0: no images.",
+    )
+    parser.add_argument(
+        "--vision-trained",
+        action="store_true",
+        help="Vision-language models: the vision tower takes gradients (LoRA on it), so it keeps its activations for "
+        "the backward.",
+    )
+    parser.add_argument(
         "--router-aux-loss",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -87,6 +100,15 @@ def _checked(args: argparse.Namespace) -> dict:
         shape = load_model_shape(model)
         if args.lora_experts and not shape.num_experts:
             raise ValueError(f"--lora-experts needs Mixture-of-Experts models, got {model!r} (no experts).")
+        if (args.vision_patches or args.vision_trained) and shape.vision is None:
+            raise ValueError(
+                f"--vision-patches and --vision-trained need vision-language models (qwen3-vl-8b or a config.json "
+                f"with a vision_config), got {model!r} (no vision tower)."
+            )
+    if args.vision_patches < 0:
+        raise ValueError(f"--vision-patches must be >= 0, got {args.vision_patches}.")
+    if args.vision_trained and not args.vision_patches:
+        raise ValueError("--vision-trained needs --vision-patches > 0 (a tower that sees no image keeps nothing).")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         raise ValueError(f"--gpu-memory-gib must be > 0, got {args.gpu_memory_gib}.")
     if args.host_memory_gib is not None and not args.host_memory_gib > 0:
@@ -107,7 +129,8 @@ def _checked(args: argparse.Namespace) -> dict:
     if args.grpo_mini_batch is not None and not 1 <= args.grpo_mini_batch <= args.num_generations:
         raise ValueError(f"--grpo-mini-batch must be in 1..--num-generations, got {args.grpo_mini_batch}.")
     return {**flags, "mode": args.mode, "grpo_mini_batch": args.grpo_mini_batch, "lora_experts": args.lora_experts,
-            "router_aux_loss": args.router_aux_loss}  # fmt: skip
+            "router_aux_loss": args.router_aux_loss, "vision_patches": args.vision_patches,
+            "vision_trained": args.vision_trained}  # fmt: skip
 
 
 def named_gpus(names: list[str] | None, memory_gib: float | None) -> dict[str, float]:
@@ -207,6 +230,9 @@ def _capacity_lines(shape: ModelShape, setup: TrainSetup, gpus: dict[str, float]
 
 def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: int, mode: str, gpus: dict) -> str:
     """The colocated vLLM side (shared weights, KV standby): the rollout's KV cache and the utilization it needs."""
+    if shape.vision is not None:
+        # The rollout plan keeps TRL's engine for vision-language checkpoints: a second copy.
+        return "vLLM side: not modeled for vision-language models (TRL's engine holds a second copy of the weights)."
     if mode == "qlora":
         return "vLLM side: not modeled for 4-bit weights (QLoRA)."
     if shape.num_experts:

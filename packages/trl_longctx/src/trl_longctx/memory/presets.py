@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .shapes import ModelShape
+from .shapes import ModelShape, VisionShape
 
 # The published values of the models' config.json files on the Hugging Face Hub (mid-2026 revisions).
 PRESETS: dict[str, ModelShape] = {
@@ -43,6 +43,17 @@ PRESETS: dict[str, ModelShape] = {
         num_key_value_heads=8, head_dim=64, vocab_size=201088, tie_word_embeddings=False, qk_norm=False,
         num_experts=32, num_experts_per_tok=4, moe_intermediate_size=2880, expert_bias=True,
         expert_activation_tensors=4,
+    ),
+    # Qwen/Qwen3-VL-8B-Instruct: Qwen3-8B's text decoder; a 27-block vision tower of 1152 (patch 16, 2x2 merge,
+    # deepstack mergers after blocks 8, 16 and 24), 0.58B parameters.
+    "qwen3-vl-8b": ModelShape(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False, qk_norm=True,
+        vision=VisionShape.from_config({
+            "hidden_size": 1152, "intermediate_size": 4304, "depth": 27, "out_hidden_size": 4096, "patch_size": 16,
+            "temporal_patch_size": 2, "in_channels": 3, "spatial_merge_size": 2, "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [8, 16, 24],
+        }),
     ),
 }  # fmt: skip
 
