@@ -78,3 +78,10 @@ def test_the_plan_a_recipe_names_fits_the_recipe(recipe, capsys):
     assert argv[argv.index("--completion-length") + 1] == str(length), f"{recipe.name}: the check plans another length"
     main(argv)
     assert f"{length} completion tokens fits" in capsys.readouterr().out
+
+
+def test_the_vision_recipe_trains_count_squares_on_a_vision_language_model():
+    recipe = next(r for r in RECIPES if r.name == "qwen3_vl_8b_qlora_24gb.yaml")
+    values = yaml.safe_load(recipe.read_text())
+    assert values["task"] == "count_squares" and "VL" in values["model_name_or_path"]
+    assert "# Measured: not yet run on a GPU" in recipe.read_text()
