@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig
 from test_longctx_grpo_trainer import varied_reward
 from testing_utils import assert_close, cpu_trainer_settings
@@ -301,3 +302,31 @@ def _recording(function, calls):
 
 def _refuse(*args, **kwargs):
     raise AssertionError("the fused log-prob pass ran for images it cannot serve")
+
+
+def test_count_squares_grpo_run_on_4bit_weights_trains_every_adapter(tmp_path, monkeypatch):
+    # QLoRA on a vision-language model (the 24 GB recipe's setup): the decoder's and the tower's linear layers in NF4
+    # (bitsandbytes on CPU), LoRA on all of them, our fused pass on the images.
+    bnb = pytest.importorskip("bitsandbytes")
+    processor = build_tiny_vl_processor("qwen2_5_vl")
+    build_tiny_vl_model("qwen2_5_vl", processor.tokenizer).save_pretrained(tmp_path / "model")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path / "model", quantization_config=quantization, device_map="cpu"
+    )
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
+    settings = cpu_trainer_settings(tmp_path / "run", per_device_train_batch_size=4, num_generations=2,
+                                    max_completion_length=4, max_steps=2, use_vllm=False)  # fmt: skip
+    trainer = LongContextGRPOTrainer(
+        model=model, reward_funcs=[count_squares_reward, varied_chat_reward], args=LongContextGRPOConfig(**settings),
+        train_dataset=make_count_squares_dataset(8), processing_class=processor,
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )  # fmt: skip
+    passes = []
+    monkeypatch.setattr(ImageInputs, "batch", _recording(ImageInputs.batch, passes))
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert passes, "the fused pass never ran on images"
+    params = dict(trainer.model.named_parameters())
+    unchanged = [n for n in trainable if torch.equal(params[n], trainable[n])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
