@@ -85,3 +85,9 @@ def test_the_vision_recipe_trains_count_squares_on_a_vision_language_model():
     values = yaml.safe_load(recipe.read_text())
     assert values["task"] == "count_squares" and "VL" in values["model_name_or_path"]
     assert "# Measured: not yet run on a GPU" in recipe.read_text()
+
+
+def test_the_readme_lists_every_gpu_recipe():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z0-9_]+\.yaml)` \|", readme, flags=re.MULTILINE))
+    assert listed == {r.name for r in RECIPES if r.name != "quickstart.yaml"}
