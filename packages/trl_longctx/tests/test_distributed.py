@@ -1,4 +1,6 @@
-"""Two CPU processes (gloo) through `accelerate launch` train like one process with the same global batch.
+"""Two CPU processes (gloo) through `accelerate launch` train like one process with the same global batch; and our
+log-prob path under FSDP2 and DeepSpeed ZeRO-2/3 (when DeepSpeed is installed) gives one process's log-probs and
+gradients.
 
 Completions are fixed functions of (prompt, generation index, step), so both layouts see the same samples and
 rewards; what differs is only how the batch is split and the gradients are reduced. The loss (with a KL term, so it
@@ -88,7 +90,10 @@ def run(model_dir: str, output_dir: str, per_device_batch: int) -> dict:
 
 def worker(out: str, model_dir: str, per_device_batch: int) -> None:
     result = run(model_dir, str(Path(out).parent / "trainer"), per_device_batch)
-    result["fsdp2"] = fsdp2_logps_and_grads(result.pop("trainer"), model_dir)
+    trainer = result.pop("trainer")
+    result["fsdp2"] = fsdp2_logps_and_grads(trainer, model_dir)
+    if _deepspeed_installed():
+        result["zero2"], result["zero3"] = (zero_logps_and_grads(trainer, model_dir, stage) for stage in (2, 3))
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, out)
     # Leave the group before exiting: a rank that exits with gloo's threads still joinable aborts ("terminate called
@@ -105,6 +110,7 @@ def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str]) -> dict:
     """
     out = tmp_path / "result.pt"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env_vars}
+    env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (ZeRO rows) on the CPU; gloo carries its collectives
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     command += [__file__, str(out), model_dir, str(GLOBAL_BATCH // 2)]
@@ -198,6 +204,61 @@ def fsdp2_logps_and_grads(trainer, model_dir: str) -> dict:
     return {"logps": torch.cat(all_logps), "grads": grads, "sharded": type(model.lm_head.weight).__name__}
 
 
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def zero_logps_and_grads(trainer, model_dir: str, stage: int) -> dict:
+    """Per-token log-probs and full gradients of our path on a DeepSpeed ZeRO-`stage` engine over the process group
+    the DDP run set up (gloo; DeepSpeed's CPU accelerator), as `fsdp2_logps_and_grads` does for FSDP2.
+
+    Accelerate 1.16 pairs DeepSpeed with accelerators only, so the engine is built here with `deepspeed.initialize`
+    as Accelerate's `_prepare_deepspeed` does. Under ZeRO-3 transformers' `HfDeepSpeedConfig` is live while the model
+    loads and runs (`is_deepspeed_zero3_enabled`), so the model is built partitioned (`zero.Init`) and our path
+    gathers the lm_head (`trl_longctx.distributed.lm_head_gathered`); every weight outside its forward holds no
+    elements. Full gradients come from `deepspeed.utils.safe_get_full_grad` before any step.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+    live = HfDeepSpeedConfig(config) if stage == 3 else None  # transformers holds a weak reference to it
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+        partitioned = engine.module.lm_head.weight.numel() == 0  # before the pass, as between steps
+        input_ids, attention_mask, keep = fixed_batch(engine.module.config.vocab_size)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rows = slice(rank * len(input_ids) // world, (rank + 1) * len(input_ids) // world)
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            engine, input_ids[rows], attention_mask[rows], keep, compute_entropy=True
+        )
+        engine.backward(logps.sum() + entropies.sum())  # DeepSpeed averages the ranks' gradients, as DDP does
+        all_logps = [torch.zeros_like(logps) for _ in range(world)]
+        torch.distributed.all_gather(all_logps, logps.detach().contiguous())
+        grads = {n: safe_get_full_grad(p) * world for n, p in engine.module.named_parameters()}
+        engine.step()
+        # Under ZeRO-3 the lm_head, an external parameter of the model, stays gathered after the pass; what it holds
+        # must be the updated weights (a stale copy would feed the next step the old lm_head).
+        head = engine.module.lm_head.weight
+        current = head.numel() == 0 or torch.equal(head.data.float(), safe_get_full_fp32_param(head))
+        return {"logps": torch.cat(all_logps), "grads": grads, "lm_head_partitioned": partitioned,
+                "lm_head_current": current}  # fmt: skip
+    finally:
+        del live
+
+
 def fixed_batch(vocab_size: int, batch: int = 4, prompt: int = 5, completion: int = 7):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size, (batch, prompt + completion), generator=generator)
@@ -215,6 +276,21 @@ def test_fsdp2_logps_and_grads_match_one_process(tiny_model_dir, ddp_and_fsdp2, 
     assert fsdp2["grads"].keys() == reference["grads"].keys()
     for name, grad in reference["grads"].items():
         assert torch.allclose(fsdp2["grads"][name], grad, atol=1e-5, rtol=1e-3), f"grad of {name}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_logps_and_grads_match_one_process(stage, ddp_and_fsdp2, one_process_fsdp2_reference):
+    pytest.importorskip("deepspeed")
+    zero = ddp_and_fsdp2[f"zero{stage}"]
+    # ZeRO-3 partitions every weight outside its module's forward: the lm_head, whose forward our path never runs,
+    # is gathered for the fused pass and its backward (`trl_longctx.distributed.lm_head_gathered`).
+    assert zero["lm_head_partitioned"] is (stage == 3) and zero["lm_head_current"]
+    reference = one_process_fsdp2_reference
+    assert torch.allclose(zero["logps"], reference["logps"], atol=1e-5, rtol=1e-4)
+    assert zero["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        assert torch.allclose(zero["grads"][name], grad, atol=1e-5, rtol=1e-3), f"ZeRO-{stage}: grad of {name}"
 
 
 if __name__ == "__main__":

@@ -10,9 +10,15 @@ break when a distributed wrapper sits around the model:
   chunked losses (`trl.models.utils._ForwardRedirection`, after PyTorch Lightning's strategy).
 - Under ZeRO-3 every parameter is partitioned to `numel() == 0` outside its own module's forward, and the lm_head's
   forward never runs on our path, so its weight is gathered explicitly (`deepspeed.zero.GatheredParameters`, through
-  TRL's `maybe_gather_lm_head_ctx`). Under FSDP2 the lm_head lives in the root shard group, which the redirected
-  forward un-shards; a `DTensor` weight seen anyway (lm_head wrapped on its own) is gathered with `full_tensor()`,
-  which is differentiable, so its gradient flows back to the shard.
+  TRL's `maybe_gather_lm_head_ctx`). The fused kernel's backward recomputes from the weight, and the weight's
+  gradient must reach a gathered parameter, after that gather has ended: the lm_head's parameters are registered
+  with DeepSpeed as external parameters of the model (`register_external_parameter`), so ZeRO-3 gathers them
+  around the model's forward and again around its backward, which starts at the redirected forward's outputs. The
+  model's inputs take no gradient, so DeepSpeed's release after the model's backward never fires: the lm_head stays
+  gathered from the first pass on (one full lm_head per GPU), and DeepSpeed's optimizer step keeps it current.
+  Under FSDP2 the lm_head lives in the root shard group, which the redirected forward un-shards;
+  a `DTensor` weight seen anyway (lm_head wrapped on its own) is gathered with `full_tensor()`, which is
+  differentiable, so its gradient flows back to the shard.
 """
 
 from __future__ import annotations
@@ -84,12 +90,20 @@ def _zero3_enabled() -> bool:
 
 
 def lm_head_gathered(model: nn.Module):
-    """Context in which a ZeRO-3-partitioned lm_head of `model` holds its full weight (a null context otherwise)."""
+    """Context in which a ZeRO-3-partitioned lm_head of `model` holds its full weight (a null context otherwise).
+
+    Under ZeRO-3 it also registers the lm_head's parameters as external parameters of `model` (again is a no-op), so
+    that DeepSpeed gathers them for `model`'s backward too: the fused kernel's backward reads the weight, and its
+    gradient is reduced and partitioned by ZeRO-3's hooks as any parameter's."""
     if not _zero3_enabled():
         return contextlib.nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     lm_head = model.get_output_embeddings()
+    for parameter in (lm_head.weight, lm_head.bias):
+        if parameter is not None:
+            register_external_parameter(model, parameter)
     return maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias)
 
 
