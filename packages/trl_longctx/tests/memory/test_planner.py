@@ -358,11 +358,22 @@ def test_model_shape_of_a_vision_language_config(family):
     assert (shape.hidden_size, shape.num_hidden_layers, shape.vocab_size) == (64, 2, len(build_vl_tokenizer()))
     patch = 14 if family == "qwen2_5_vl" else 16
     mergers = 1 if family == "qwen2_5_vl" else 3  # Qwen3-VL: one deepstack merger per vision block here
-    # The tower's parameters, counted from the config, equal the built tower's (exact: a count).
+    # The tower's parameters and its LoRA adapters ("all-linear"), counted from the config, equal the built tower's
+    # (exact: counts).
     tower = sum(p.numel() for p in model.model.visual.parameters())
-    assert shape.vision == VisionShape(
-        hidden_size=32, depth=2, mergers=mergers, patch_dim=3 * 2 * patch * patch, params=tower
+    vision = shape.vision
+    assert (vision.hidden_size, vision.depth, vision.mergers, vision.patch_dim, vision.params) == (
+        32,
+        2,
+        mergers,
+        3 * 2 * patch * patch,
+        tower,
     )
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    tower_lora = sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n and ".visual." in n)
+    assert tower_lora > 0 and vision.lora_params(4) == tower_lora
     assert ModelShape.from_config(config.to_dict()) == shape  # config.json
     assert ModelShape.from_config(config.text_config).vision is None
 

@@ -378,6 +378,8 @@ def _static_bytes(shape: ModelShape, setup: TrainSetup, layers_done: int) -> dic
         # bf16 weights and grads, AdamW's two moments in the parameters' dtype (torch's default).
         return {"weights + grads + AdamW (bf16)": (linear + other) * 4 * BF16}
     lora = shape.lora_params(setup.lora_rank, setup.lora_experts)
+    if setup.vision_trained and shape.vision is not None:
+        lora += shape.vision.lora_params(setup.lora_rank)  # "all-linear" adapts the tower's linear layers too
     done = lora * layers_done // shape.num_hidden_layers
     if setup.mode == "qlora":
         # TRL casts QLoRA adapters to bf16; AdamW keeps its states in the parameters' dtype. bitsandbytes dequantizes

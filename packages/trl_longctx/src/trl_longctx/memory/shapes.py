@@ -30,6 +30,8 @@ class VisionShape:
         mergers: Patch mergers (1, plus Qwen3-VL's one per `deepstack_visual_indexes` entry).
         patch_dim: Pixel values per patch (`in_channels * temporal_patch_size * patch_size**2`).
         params: Parameters of the tower (`vision_params`): held in bf16 beside the decoder's weights.
+        linears: `(in, out)` of every `nn.Linear` of the tower (`vision_linears`), what LoRA on "all-linear"
+            adapts when the tower is trained.
     """
 
     hidden_size: int
@@ -37,6 +39,11 @@ class VisionShape:
     mergers: int = 1
     patch_dim: int = 0
     params: int = 0
+    linears: tuple[tuple[int, int], ...] = ()
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA parameters of an adapter (`r * (in + out)`) on every linear layer of the tower."""
+        return sum(rank * (a + b) for a, b in self.linears)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VisionShape:
@@ -56,7 +63,26 @@ class VisionShape:
             mergers=1 + len(config.get("deepstack_visual_indexes") or ()),
             patch_dim=patch_dim,
             params=vision_params(config, patch_dim),
+            linears=vision_linears(config),
         )
+
+
+def vision_linears(config: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """`(in, out)` of every `nn.Linear` of a Qwen2.5-VL or Qwen3-VL vision tower (the patch embedding is a
+    convolution): per block qkv, the output projection and the MLP (Qwen2.5-VL gate, up, down; Qwen3-VL fc1, fc2),
+    then each patch merger's two layers (`vision_params` for the layout); empty when sizes are missing."""
+    h, i, out = config["hidden_size"], config.get("intermediate_size"), config.get("out_hidden_size")
+    if not i or not out:
+        return ()
+    q = h * (config.get("spatial_merge_size") or 2) ** 2
+    merger = ((q, q), (q, out))
+    if "deepstack_visual_indexes" in config:  # Qwen3-VL
+        block = ((h, 3 * h), (h, h), (h, i), (i, h))
+        mergers = 1 + len(config["deepstack_visual_indexes"])
+    else:
+        block = ((h, 3 * h), (h, h), (h, i), (h, i), (i, h))
+        mergers = 1
+    return block * config["depth"] + merger * mergers
 
 
 def vision_params(config: Mapping[str, Any], patch_dim: int) -> int:
