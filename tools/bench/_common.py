@@ -182,4 +182,13 @@ def _text(output: bytes | str | None) -> str:
 
 
 def _json_rows(stdout: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    """The JSON object lines of `stdout`; other lines starting with "{" (e.g. the Trainer's printed log dicts, Python
+    reprs with single quotes) are not rows."""
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
