@@ -152,6 +152,11 @@ def test_paths(run, tmp_path):
         ({"offload_checkpoints": True, "gradient_checkpointing": False}, r"offload_checkpoints=True needs"),
         ({"flex_attention": True}, r"flex_attention must be None or False when training on cpu, got True: torch's"),
         (
+            {"sequence_parallel_size": 2},
+            r"sequence_parallel_size must divide the number of processes \(1\), got 2: .*Allowed with 1 process\(es\): "
+            r"\[1\]",
+        ),
+        (
             {"vllm_fp8_weights": "per-channel", "vllm_importance_sampling_correction": False},
             r"vllm_fp8_weights='per-channel' needs vllm_importance_sampling_correction=True",
         ),

@@ -7,12 +7,13 @@ float32) are compared with a float64 reference: the Hugging Face model with TRL'
 log-softmax. Gradients are summed over the ranks (what DDP reduces) before the comparison.
 
 This file is also the worker script that torchrun runs
-(`python test_sequence_parallel.py <out> <dtype> [--checkpointing]`).
+(`python test_sequence_parallel.py <out> <dtype> {plain,checkpointed,offloaded-tiled}`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,18 +35,23 @@ ROWS = {0: ([5, 9], [7, 3]), 1: ([11, 4, 6], [2, 9, 0])}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("mode", ["plain", "checkpointed", "offloaded-tiled"])
 @pytest.mark.parametrize("dtype, value_tol, grad_tol", TOLERANCES)
-def test_ulysses_matches_unsplit_pass_on_two_processes(tmp_path, dtype, value_tol, grad_tol, checkpointing):
-    """With gradient checkpointing the layers recompute their attention in the backward, through Ulysses too."""
+def test_ulysses_matches_unsplit_pass_on_two_processes(tmp_path, dtype, value_tol, grad_tol, mode):
+    """With gradient checkpointing the layers recompute their attention in the backward, through Ulysses too; with
+    `offloaded-tiled` each decoder forward also runs with its checkpoints offloaded (`CheckpointOffloader`) and its
+    MLPs in 2 tiles, attached through `decoder_context` as the trainer attaches them."""
     pytest.importorskip("deepspeed", reason="needs the [deepspeed] extra")
-    result = launch(tmp_path, dtype, checkpointing)
+    result = launch(tmp_path, dtype, mode)
     for name in ("split", "unsplit"):
         for key in ("logps", "entropies"):
             assert_close(result[name][key], result["reference"][key], value_tol, f"{name} {key}")
         for param, grad in result[name]["grads"].items():
             assert_close(grad, result["reference"]["grads"][param], grad_tol, f"{name} grad {param}")
     assert result["restored"], "leaving the context did not give back the model's own attention"
+    if mode == "offloaded-tiled":
+        offloaded, in_use = result["offloaded"]
+        assert offloaded > 0 and in_use == 0, f"{offloaded} layer inputs offloaded, {in_use} buffers still held"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict, what: str) -> None:
@@ -95,6 +101,51 @@ def test_refuses_one_rank():
 
     with pytest.raises(ValueError, match="group of 1 rank"):
         _refuse_unsupported(Qwen3Config(num_attention_heads=2, num_key_value_heads=1), "sdpa", 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"training_layout": "packed"},
+            r"training_layout must be 'padded' with sequence_parallel_size=2, got 'packed'",
+        ),
+        ({"compile_decoder_layers": "layers"}, r"compile_decoder_layers must be None with sequence_parallel_size=2"),
+        ({"fsdp": ["full_shard"]}, r"fsdp must be unset with sequence_parallel_size=2"),
+        ({"deepspeed": "zero3.json"}, r"deepspeed must be unset with sequence_parallel_size=2"),
+    ],
+)
+def test_config_refuses_what_does_not_compose(settings, message):
+    from types import SimpleNamespace
+
+    from trl_longctx.config_checks import _sequence_parallel_settings
+
+    base = {"sequence_parallel_size": 2, "training_layout": "padded", "compile_decoder_layers": None, "fsdp": [],
+            "deepspeed": None}  # fmt: skip
+    assert _sequence_parallel_settings(SimpleNamespace(**base)) is None
+    assert re.match(message, _sequence_parallel_settings(SimpleNamespace(**{**base, **settings})))
+
+
+@pytest.mark.parametrize(
+    ("refusal", "message"),
+    [
+        ("router_aux_loss", r"sequence_parallel_size=2 needs router_aux_loss_coef=0.0"),
+        ("lm_head_adapter", r"sequence_parallel_size=2 needs no adapter on the lm_head"),
+        ("fsdp", r"sequence_parallel_size=2 needs DDP instead of FSDP"),
+        ("deepspeed", r"sequence_parallel_size=2 needs DDP instead of DeepSpeed"),
+    ],
+)
+def test_trainer_refuses_what_does_not_compose(refusal, message):
+    from types import SimpleNamespace
+
+    from trl_longctx.sequence_parallel import sequence_parallel_pass
+
+    refusals = dict.fromkeys(("router_aux_loss", "lm_head_adapter", "fsdp", "deepspeed"), False)
+    args = SimpleNamespace(sequence_parallel_size=2)
+    with pytest.raises(ValueError, match=message + r".*or set sequence_parallel_size=1\."):
+        sequence_parallel_pass(args, None, None, ref_model=None, refusals={**refusals, refusal: True})
+    assert sequence_parallel_pass(SimpleNamespace(sequence_parallel_size=1), None, None, ref_model=None,
+                                  refusals=refusals) is None  # fmt: skip
 
 
 def test_refuses_padding_inside_a_row():
@@ -154,8 +205,12 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def worker(out: str, dtype_name: str, checkpointing: bool) -> None:
+def worker(out: str, dtype_name: str, mode: str) -> None:
+    import contextlib
+
     from trl_longctx.logprob_pass import ChunkSizes, run_log_prob_pass
+    from trl_longctx.memory.offload_checkpoints import CheckpointOffloader
+    from trl_longctx.memory.tiled_mlp import tile_mlps
     from trl_longctx.sequence_parallel import UlyssesLogProbs
     from trl_longctx.tiny_models import build_tiny_qwen3
 
@@ -174,9 +229,19 @@ def worker(out: str, dtype_name: str, checkpointing: bool) -> None:
 
     model = build_tiny_qwen3(VOCAB, seed=0).to(getattr(torch, dtype_name))
     model.config._attn_implementation = "sdpa"
-    if checkpointing:
+    if mode != "plain":
         model.gradient_checkpointing_enable()
         model.train()
+    decoder_context = None
+    if mode == "offloaded-tiled":
+        offloader = CheckpointOffloader()
+
+        def decoder_context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(offloader.offload(model))
+            stack.enter_context(tile_mlps(model, 2))
+            return stack
+
     head = (model.lm_head.weight, None)
     sizes = ChunkSizes(ids.size(0), CHUNK, 1)
     logps, entropies, _ = run_log_prob_pass(
@@ -190,11 +255,14 @@ def worker(out: str, dtype_name: str, checkpointing: bool) -> None:
     ulysses = UlyssesLogProbs(model)
     with ulysses:
         logps, entropies = ulysses(
-            model.model, head, ids, mask, keep, compute_entropy=True, backend="torch", chunk_size=CHUNK
-        )
+            model.model, head, ids, mask, keep, compute_entropy=True, backend="torch", chunk_size=CHUNK,
+            decoder_context=decoder_context,
+        )  # fmt: skip
         loss_of(logps, entropies, mask, keep).backward()  # inside: a recompute would need the Ulysses attention
     results["split"] = {"grads": summed_grads(model), "logps": gathered(logps[scored]),
                         "entropies": gathered(entropies[scored])}  # fmt: skip
+    if mode == "offloaded-tiled":  # inputs were offloaded, and every buffer came back in the backward
+        results["offloaded"] = (offloader.offloaded_count, offloader.buffers_in_use)
     assert not logps[~scored].any() and not entropies[~scored].any(), "masked positions must hold 0"
 
     # Leaving the context gives back the model's attention: the unsplit pass computes bit for bit what it did.
@@ -217,12 +285,12 @@ def _leave_group() -> None:
     deepspeed.comm.destroy_process_group()
 
 
-def launch(tmp_path: Path, dtype_name: str, checkpointing: bool) -> dict:
-    out = tmp_path / f"result-{dtype_name}-{int(checkpointing)}.pt"
+def launch(tmp_path: Path, dtype_name: str, mode: str) -> dict:
+    out = tmp_path / f"result-{dtype_name}-{mode}.pt"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, str(out), dtype_name]
-    command += ["--checkpointing"] if checkpointing else []
+    command += [mode]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return torch.load(out)
@@ -237,4 +305,4 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], "--checkpointing" in sys.argv[3:])
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])

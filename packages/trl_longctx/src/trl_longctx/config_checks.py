@@ -231,6 +231,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _int("grpo_mini_batch", "counts", none=_AUTO),
     _int("logit_chunk_multiplier", "counts", none=_AUTO),
     _int("tiled_mlp_chunks", "counts", none=_AUTO),
+    _int("sequence_parallel_size", "counts"),
     _num("vllm_gpu_memory_utilization", low=0, high=1, low_open=True, example=1.5),
     _num("learning_rate", low=0),
     # TRL divides the logits by the temperature (0 is not greedy decoding here but a division by zero).
@@ -525,6 +526,45 @@ def _packed_layout_needs_flex_on_cuda(config) -> str | None:
     return None
 
 
+def _sequence_parallel_divides_world(config) -> str | None:
+    # Groups are consecutive ranks; a remainder would leave ranks in no group. `world_size` is what TRL's own
+    # `__post_init__` reads (the launcher's process count), known before any model loads.
+    size, world = config.sequence_parallel_size, config.world_size
+    if size == 1 or world % size == 0:
+        return None
+    allowed = [d for d in range(1, world + 1) if world % d == 0]
+    return (
+        f"sequence_parallel_size must divide the number of processes ({world}), got {size}: consecutive ranks form "
+        f"groups of that size. Allowed with {world} process(es): {allowed}."
+    )
+
+
+def _sequence_parallel_settings(config) -> str | None:
+    # What the config alone says Ulysses does not compose with (the trainer refuses the model-dependent rest).
+    size = config.sequence_parallel_size
+    if size == 1:
+        return None
+    if config.training_layout != "padded":
+        return (
+            f"training_layout must be 'padded' with sequence_parallel_size={size}, got {config.training_layout!r}: "
+            "Ulysses takes no attention mask, so each row runs as its own sequence. Or set sequence_parallel_size=1."
+        )
+    if config.compile_decoder_layers is not None:
+        return (
+            f"compile_decoder_layers must be None with sequence_parallel_size={size}, got "
+            f"{config.compile_decoder_layers!r}: compiled layers around Ulysses' all-to-all are not tested. Or set "
+            "sequence_parallel_size=1."
+        )
+    if config.fsdp or config.deepspeed:
+        wrapper = "fsdp" if config.fsdp else "deepspeed"
+        return (
+            f"{wrapper} must be unset with sequence_parallel_size={size}: sequence parallelism is tested with DDP "
+            "only (FSDP and DeepSpeed ZeRO reduce and shard the gradients their own way). Or set "
+            "sequence_parallel_size=1."
+        )
+    return None
+
+
 COMBINATIONS: tuple[Combination, ...] = (
     Combination(
         ("vllm_importance_sampling_mode", "loss_type"),
@@ -557,6 +597,17 @@ COMBINATIONS: tuple[Combination, ...] = (
         ("training_layout", "flex_attention"),
         "a training_layout other than 'padded' on CUDA only with flex_attention None or True",
         _packed_layout_needs_flex_on_cuda,
+    ),
+    Combination(
+        ("sequence_parallel_size",),
+        "a divisor of the number of processes (the launcher's world size)",
+        _sequence_parallel_divides_world,
+    ),
+    Combination(
+        ("sequence_parallel_size", "training_layout", "compile_decoder_layers", "fsdp", "deepspeed"),
+        "sequence_parallel_size > 1 only with training_layout='padded', compile_decoder_layers=None and neither "
+        "fsdp nor deepspeed",
+        _sequence_parallel_settings,
     ),
 )
 

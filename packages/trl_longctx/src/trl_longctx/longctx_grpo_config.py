@@ -47,7 +47,7 @@ __all__ = [
 # that order.
 FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend", "training_layout")),
-    ("memory", ("offload_checkpoints", "tiled_mlp_chunks", "flex_attention")),
+    ("memory", ("offload_checkpoints", "tiled_mlp_chunks", "flex_attention", "sequence_parallel_size")),
     ("compilation of the training path", ("compile_decoder_layers",)),
     ("generation with vLLM", ("use_vllm_when_available",)),
     (
@@ -155,6 +155,21 @@ class LongContextGRPOConfig(GRPOConfig):
             '`training_layout` other than `"padded"` (its block masks), and keeps the model\'s own attention '
             "otherwise. `True` runs it for any model whose attention goes through transformers' `AttentionInterface` (sliding-window models too); CUDA only, as torch's flex attention "
             "has no backward on CPU. `False` keeps the model's own. The log says which attention runs and why."
+        },
+    )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split each sequence of the log-prob passes (training, old and reference) across this many "
+            "processes with DeepSpeed Ulysses (`trl_longctx.sequence_parallel`, extra `[deepspeed]`): consecutive "
+            "ranks form groups of this size, each rank runs `1/size` of every row's tokens of its group (the "
+            "attention all-to-all gives it all tokens for `heads/size` heads), so one sequence's activations and "
+            "checkpoints are spread over the group. Every rank keeps its own GRPO rows and loss; DDP's average of "
+            "the gradients is then exactly the unsplit run's. Must divide the number of processes and the "
+            'attention heads. Refused with a `training_layout` other than `"padded"`, with `compile_decoder_layers`, '
+            "FSDP or DeepSpeed (`fsdp`, `deepspeed`), and when the trainer is built for models with images, "
+            "sliding-window layers, the MoE router aux loss, an adapter on the lm_head, `eager` or flex attention. "
+            "`1` turns it off."
         },
     )
 

@@ -23,6 +23,7 @@ from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .quantized_experts import unquantized_experts_notice
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
+from .sequence_parallel import SequenceParallelPass, sequence_parallel_pass
 from .training_layout import describe_layout, layout_problem
 from .trl_contract import check_trl_contract
 from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, vision_parts
@@ -133,7 +134,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
         logger.warning(describe_layout(layout, self.attention.implementation))
 
     def _prepare_log_prob_path(self) -> None:
-        """What the fused log-prob pass reuses across steps: compiled layers, the checkpoint offloader, the planner."""
+        """What the fused log-prob pass reuses across steps: compiled layers, the checkpoint offloader, the planner,
+        and with `sequence_parallel_size > 1` its process group and Ulysses attention (refusing what does not
+        compose)."""
         compile_setting = getattr(self.args, "compile_decoder_layers", None)
         if compile_setting is not None:
             # Once, on the model our log-prob path runs (the PEFT model, not an accelerate wrapper); lazy: each
@@ -149,6 +152,14 @@ class LongContextGRPOTrainer(GRPOTrainer):
         )  # fmt: skip
         self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
         self._forward_redirection = ForwardRedirection()
+        ref_model = getattr(self, "ref_model", None)
+        self.sequence_parallel = sequence_parallel_pass(
+            self.args, unwrapped, self.logprob_pass,
+            ref_model=None if ref_model is None else self.accelerator.unwrap_model(ref_model),
+            refusals={"router_aux_loss": self.aux_loss_enabled, "fsdp": self.is_fsdp_enabled,
+                      "deepspeed": self.is_deepspeed_enabled,
+                      "lm_head_adapter": plain_lm_head_weights(decoder_and_lm_head(unwrapped)[1]) is None},
+        )  # fmt: skip
 
     def _move_model_to_device(self, model, device):
         """Transformers' placement, except for weights shared with vLLM: they stay vLLM's tensors, where vLLM put them.
@@ -197,6 +208,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
             self._metrics["train"]["nonfinite_skipped"].append(float(guarded is not loss))
         return guarded
 
+    # The run's sequence-parallel log-prob pass (`sequence_parallel_size > 1`), set when the trainer is built.
+    sequence_parallel: SequenceParallelPass | None = None
+
     # The try of the training step under way, which `_prepare_inputs` tells about its batch (see `training_step`).
     _step_attempt: oom_retry.StepAttempt | None = None
 
@@ -212,6 +226,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
             oom_retry.OutOfMemoryRetryError: If the retry runs out of memory too, there is nothing left to lower, or
                 the failure came from outside the log-prob pass.
         """
+        if self.sequence_parallel is not None:  # multi-process: no retry; the Ulysses attention lasts the step
+            with self.sequence_parallel.step():
+                return super().training_step(model, inputs, num_items_in_batch)
         if not (self.args.retry_on_oom and oom_retry.retry_supported(self.accelerator)):
             return super().training_step(model, inputs, num_items_in_batch)
         run = functools.partial(super().training_step, model, inputs, num_items_in_batch)
@@ -283,6 +300,14 @@ class LongContextGRPOTrainer(GRPOTrainer):
             )  # fmt: skip
         decoder, lm_head = decoder_and_lm_head(unwrapped)
         head = plain_lm_head_weights(lm_head)
+        if self.sequence_parallel is not None:  # no aux loss, images or lm_head adapter (refused when built)
+            logps, entropies = self.sequence_parallel(
+                unwrapped, decoder, tuple(full_tensor(t) for t in head), input_ids, attention_mask, logits_to_keep,
+                compute_entropy=compute_entropy, temperature=self.temperature,
+                transform=logit_transform_from_config(unwrapped.config), autocast=self.accelerator.autocast,
+            )  # fmt: skip
+            check_finite(logps, "per-token log-probs", self.state.global_step + 1, skip=self.args.skip_nonfinite_steps)
+            return logps, entropies, None
         aux_loss = _router_aux_loss_or_reason(unwrapped) if compute_aux_loss else None
         images = {k: v for k, v in multimodal.items() if v is not None}
         vision = _vision_parts_or_reason(unwrapped, images) if images else None

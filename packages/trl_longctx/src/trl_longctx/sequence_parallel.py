@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -45,10 +46,23 @@ from torch.distributed.nn.functional import all_gather as differentiable_all_gat
 
 from longctx_kernels import selective_logprobs
 
+from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
 from .training_layout import has_sliding_window_layers
 
-__all__ = ["DEEPSPEED_MIN_VERSION", "ULYSSES_ATTENTIONS", "UlyssesLogProbs"]
+if TYPE_CHECKING:
+    from .logprob_pass import LogProbPass
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEEPSPEED_MIN_VERSION",
+    "ULYSSES_ATTENTIONS",
+    "SequenceParallelPass",
+    "UlyssesLogProbs",
+    "sequence_parallel_group",
+    "sequence_parallel_pass",
+]
 
 # The first release whose `UlyssesSPAttentionHF` Accelerate accepts for `sp_backend="deepspeed"`; verified on 0.19.8.
 DEEPSPEED_MIN_VERSION = "0.18.2"
@@ -132,12 +146,22 @@ class UlyssesLogProbs:
         ...     loss_from(logps).backward()
     """
 
-    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self, model: nn.Module, group: dist.ProcessGroup | None = None, *, others: tuple[nn.Module, ...] = ()
+    ):
         ulysses_class = _ulysses_class()
         _ensure_deepspeed_comm()
         self.group = group if group is not None else dist.group.WORLD
         self.size, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         _refuse_unsupported(model.config, model.config._attn_implementation, self.size)
+        for other in others:
+            if other.config._attn_implementation != model.config._attn_implementation:
+                raise ValueError(
+                    f"A model run through the same Ulysses pass uses attn_implementation="
+                    f"{other.config._attn_implementation!r}, the trained model {model.config._attn_implementation!r}: "
+                    "only the latter is split across ranks. Load both with the same attn_implementation "
+                    "(model_init_kwargs)."
+                )
         config = model.config.get_text_config()
         self.attention = model.config._attn_implementation
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -151,7 +175,8 @@ class UlyssesLogProbs:
             process_group=self.group, seq_length_is_variable=True,
         )  # fmt: skip
         self._ulysses.core_attn_implementation = self.attention
-        self._kv_groups = {m: m.num_key_value_groups for m in model.modules() if hasattr(m, "num_key_value_groups")}
+        modules = (m for each in (model, *others) for m in each.modules())
+        self._kv_groups = {m: m.num_key_value_groups for m in modules if hasattr(m, "num_key_value_groups")}
         self._installed = False
 
     def _attend(self, module, query, key, value, attention_mask, *args, **kwargs):
@@ -187,6 +212,7 @@ class UlyssesLogProbs:
         backend: str = "auto",
         chunk_size: int | None = None,
         autocast: Callable[[], Any] | None = None,
+        decoder_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run this rank's rows, and its share of every other rank's rows, through the decoder and fused lm_head.
 
@@ -197,6 +223,8 @@ class UlyssesLogProbs:
             logits_to_keep: Completion tokens scored (the last columns).
             compute_entropy, temperature, transform, backend, chunk_size: As `longctx_kernels.selective_logprobs`.
             autocast: The accelerator's autocast context factory.
+            decoder_context: A context factory entered around each decoder forward (checkpoint offloading, MLP
+                tiling: `logprob_pass` attaches both this way).
 
         Returns:
             `(logps, entropies)`, each `[B, logits_to_keep]` float32 for this rank's rows (0 where TRL's mask is 0);
@@ -226,14 +254,14 @@ class UlyssesLogProbs:
                 continue
             local = math.ceil(len(row.tokens) / self.size)
             with autocast() if autocast is not None else contextlib.nullcontext():
-                pieces.append(self._slice_values(decoder, head, row, local, options))
+                pieces.append(self._slice_values(decoder, head, row, local, options, decoder_context))
             spans.append((offset, local))
             offset += local
         local_values = torch.cat(pieces) if pieces else torch.zeros((0, channels), device=device)
         gathered = differentiable_all_gather(local_values, group=self.group)
         return self._own_results(everyone, spans, gathered, input_ids, logits_to_keep, compute_entropy)
 
-    def _slice_values(self, decoder, head, row: _Row, local: int, options: dict) -> torch.Tensor:
+    def _slice_values(self, decoder, head, row: _Row, local: int, options: dict, decoder_context) -> torch.Tensor:
         """`[local, 1 or 2]`: log-prob (and entropy) at each position of this rank's slice of `row`, 0 where the
         position predicts no scored token; `options`: `selective_logprobs`' keyword arguments."""
         weight, bias = head
@@ -243,10 +271,11 @@ class UlyssesLogProbs:
         tokens = torch.tensor(row.tokens + row.tokens[-1:] * (length - len(row.tokens)), device=device)
         positions = torch.arange(row.column, row.column + length, device=device)
         start = self.rank * local
-        hidden = decoder(
-            input_ids=tokens[None, start : start + local], position_ids=positions[None, start : start + local],
-            use_cache=False,
-        ).last_hidden_state[0]  # fmt: skip
+        with decoder_context() if decoder_context is not None else contextlib.nullcontext():
+            hidden = decoder(
+                input_ids=tokens[None, start : start + local], position_ids=positions[None, start : start + local],
+                use_cache=False,
+            ).last_hidden_state[0]  # fmt: skip
         # Positions first - 1 .. first + scored - 2 predict the scored tokens; clip them to this slice.
         lo, hi = max(row.first - 1, start), min(row.first - 1 + row.scored, start + local)
         values = torch.zeros((local, 2 if compute_entropy else 1), dtype=torch.float32, device=device)
@@ -276,6 +305,128 @@ class UlyssesLogProbs:
             out_rows.append(values)
         stacked = torch.stack(out_rows) if out_rows else torch.zeros((0, logits_to_keep, channels))
         return stacked[..., 0], (stacked[..., 1] if compute_entropy else None)
+
+
+def sequence_parallel_group(size: int) -> dist.ProcessGroup:
+    """This rank's group of `size` consecutive ranks (`[0, size)`, `[size, 2 * size)`, ...).
+
+    Every rank creates every group, in the same order, as `torch.distributed.new_group` requires.
+
+    Raises:
+        ValueError: `size` does not divide the world size (the config refuses it first).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"sequence_parallel_size must divide the number of processes ({world}), got {size}.")
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world, size)]
+    return groups[rank // size]
+
+
+class SequenceParallelPass:
+    """The trainer's log-prob passes through `UlyssesLogProbs`: sizes, offloading and MLP tiles from the run's
+    `LogProbPass`, and the Ulysses attention installed only while a pass and its backward need it.
+
+    A pass without gradients (TRL's old and reference log-probs) enters and leaves the Ulysses context around itself.
+    A pass with gradients leaves it entered, because the backward recomputes checkpointed layers through it; the
+    trainer leaves it after the step (`step()`), or `release()` does. Generation and reward models never run inside
+    it: TRL generates and scores before the training pass of a step.
+
+    Args:
+        ulysses: The run's `UlyssesLogProbs`.
+        passes: The run's `LogProbPass` (backend, planner sizes, checkpoint offloader).
+    """
+
+    def __init__(self, ulysses: UlyssesLogProbs, passes: LogProbPass):
+        self.ulysses, self._passes, self._entered = ulysses, passes, False
+
+    def __call__(
+        self,
+        model: nn.Module,
+        decoder: nn.Module,
+        head: tuple[torch.Tensor, torch.Tensor | None],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`UlyssesLogProbs.__call__` on `model`'s decoder, with the sizes, offloading and MLP tiles of one sequence
+        of `ceil(T / sp)` tokens per rank; `options`: its `compute_entropy`, `temperature`, `transform`, `autocast`."""
+        passes = self._passes
+        local = math.ceil(input_ids.size(1) / self.ulysses.size)
+        sizes = passes.sizes(model.config, head[0].size(0), 1, local, min(logits_to_keep, local))
+
+        def around_decoder() -> contextlib.ExitStack:
+            stack = contextlib.ExitStack()
+            if passes.offload:
+                stack.enter_context(passes.offloader.offload(model))
+            stack.enter_context(tile_mlps(model, sizes.tiled_mlp_chunks))
+            return stack
+
+        held = self._entered
+        if not held:
+            self.ulysses.__enter__()
+            self._entered = True
+        try:
+            return self.ulysses(
+                decoder, head, input_ids, attention_mask, logits_to_keep, backend=passes.backend,
+                chunk_size=sizes.logit_chunk_tokens, decoder_context=around_decoder, **options,
+            )  # fmt: skip
+        finally:
+            if not held and not torch.is_grad_enabled():
+                self.release()
+
+    def release(self) -> None:
+        """Leave the Ulysses context, if entered: the model's own attention runs again."""
+        if self._entered:
+            self._entered = False
+            self.ulysses.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def step(self):
+        """A training step: whatever pass with gradients it runs, the context is left when the step ends."""
+        try:
+            yield
+        finally:
+            self.release()
+
+
+def sequence_parallel_pass(
+    args: Any, model: nn.Module, passes: LogProbPass, *, ref_model: nn.Module | None, refusals: dict[str, bool]
+) -> SequenceParallelPass | None:
+    """The run's `SequenceParallelPass` for `args.sequence_parallel_size`, or `None` when it is 1.
+
+    Args:
+        args: The trainer's `LongContextGRPOConfig`.
+        model: The unwrapped model that trains.
+        passes: The run's `LogProbPass`.
+        ref_model: A separate reference model (full fine-tuning with `beta > 0`), run through the same attention.
+        refusals: What the trainer knows once built: `"router_aux_loss"` (TRL's `aux_loss_enabled`),
+            `"lm_head_adapter"` (no plain lm_head weight), `"fsdp"`, `"deepspeed"` (the accelerator's wrapper).
+
+    Raises:
+        ValueError: One of `refusals` holds, or `UlyssesLogProbs` refuses the model; the message names the setting
+            and the way out.
+    """
+    size = args.sequence_parallel_size
+    if size == 1:
+        return None
+    fixes = {
+        "router_aux_loss": "router_aux_loss_coef=0.0 (the router aux loss needs every token of a row at once)",
+        "lm_head_adapter": "no adapter on the lm_head (take 'lm_head' out of the LoRA target_modules and "
+        "modules_to_save: the fused pass reads its plain weight)",
+        "fsdp": "DDP instead of FSDP (sequence parallelism is tested with DDP only)",
+        "deepspeed": "DDP instead of DeepSpeed (sequence parallelism is tested with DDP only)",
+    }
+    for name, holds in refusals.items():
+        if holds:
+            raise ValueError(f"sequence_parallel_size={size} needs {fixes[name]}; or set sequence_parallel_size=1.")
+    others = (ref_model,) if ref_model is not None else ()
+    ulysses = UlyssesLogProbs(model, sequence_parallel_group(size), others=others)
+    logger.warning(
+        "Sequence parallelism: each row's tokens are split over the %d ranks of group %d (DeepSpeed Ulysses, %s).",
+        size, dist.get_rank() // size, ulysses.attention,
+    )  # fmt: skip
+    return SequenceParallelPass(ulysses, passes)
 
 
 def _refuse_unsupported(config, attention: str, size: int) -> None:
