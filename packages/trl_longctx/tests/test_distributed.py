@@ -232,6 +232,8 @@ def zero_logps_and_grads(trainer, model_dir: str, stage: int) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
+    from trl_longctx.distributed import release_lm_head
+
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -256,12 +258,20 @@ def zero_logps_and_grads(trainer, model_dir: str, stage: int) -> dict:
         torch.distributed.all_gather(all_logps, logps.detach().contiguous())
         grads = {n: safe_get_full_grad(p) * world for n, p in engine.module.named_parameters()}
         engine.step()
-        # Under ZeRO-3 the lm_head, an external parameter of the model, stays gathered after the pass; what it holds
-        # must be the updated weights (a stale copy would feed the next step the old lm_head).
+        # Under ZeRO-3 the lm_head, an external parameter of the model, is still gathered after the pass; what it
+        # holds must be the updated weights (a stale copy would feed the next step the old lm_head). The trainer's
+        # callback then partitions it again, and the next pass gathers it anew.
         head = engine.module.lm_head.weight
         current = head.numel() == 0 or torch.equal(head.data.float(), safe_get_full_fp32_param(head))
+        released = release_lm_head(engine.module) and head.numel() == 0
+        with torch.no_grad():
+            after, _, _ = trainer._get_per_token_logps_and_entropies(
+                engine, input_ids[rows], attention_mask[rows], keep
+            )
+        all_after = [torch.zeros_like(after) for _ in range(world)]
+        torch.distributed.all_gather(all_after, after.contiguous())
         return {"logps": torch.cat(all_logps), "grads": grads, "lm_head_partitioned": partitioned,
-                "lm_head_current": current}  # fmt: skip
+                "lm_head_current": current, "lm_head_released": released, "logps_after_step": torch.cat(all_after)}  # fmt: skip
     finally:
         del live
 
@@ -293,6 +303,7 @@ def test_deepspeed_zero_logps_and_grads_match_one_process(stage, ddp_and_fsdp2, 
     # ZeRO-3 partitions every weight outside its module's forward: the lm_head, whose forward our path never runs,
     # is gathered for the fused pass and its backward (`trl_longctx.distributed.lm_head_gathered`).
     assert zero["lm_head_partitioned"] is (stage == 3) and zero["lm_head_current"]
+    assert zero["lm_head_released"] is (stage == 3)  # `release_lm_head` acts under ZeRO-3 only
     reference = one_process_fsdp2_reference
     assert torch.allclose(zero["logps"], reference["logps"], atol=1e-5, rtol=1e-4)
     assert zero["grads"].keys() == reference["grads"].keys()
@@ -335,6 +346,16 @@ def test_sequence_parallel_two_processes_match_one(sequence_parallel, one_proces
     assert two["world_size"] == 2 and two["wrapper"] == "DistributedDataParallel"
     assert two["attention"] == "sdpa" and two["restored"]
     assert_same_run(two, one_process, initial_weights)
+
+
+@pytest.mark.slow
+def test_zero2_and_zero3_take_the_same_step(ddp_and_fsdp2):
+    # The same averaged gradients and AdamW step: the next pass (ZeRO-3's lm_head released and gathered anew) gives
+    # the same log-probs under both stages, and they moved from the first pass's.
+    pytest.importorskip("deepspeed")
+    two, three = ddp_and_fsdp2["zero2"], ddp_and_fsdp2["zero3"]
+    assert torch.allclose(three["logps_after_step"], two["logps_after_step"], atol=1e-5, rtol=1e-4)
+    assert (two["logps_after_step"] - two["logps"]).abs().max() > 1e-3
 
 
 if __name__ == "__main__":

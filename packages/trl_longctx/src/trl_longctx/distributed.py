@@ -14,8 +14,8 @@ break when a distributed wrapper sits around the model:
   gradient must reach a gathered parameter, after that gather has ended: the lm_head's parameters are registered
   with DeepSpeed as external parameters of the model (`register_external_parameter`), so ZeRO-3 gathers them
   around the model's forward and again around its backward, which starts at the redirected forward's outputs. The
-  model's inputs take no gradient, so DeepSpeed's release after the model's backward never fires: the lm_head stays
-  gathered from the first pass on (one full lm_head per GPU), and DeepSpeed's optimizer step keeps it current.
+  model's inputs take no gradient, so DeepSpeed's release after the model's backward never fires: the lm_head would
+  stay gathered (one full lm_head per GPU); `ReleaseLmHeadCallback` partitions it again after each optimizer step.
   Under FSDP2 the lm_head lives in the root shard group, which the redirected forward un-shards;
   a `DTensor` weight seen anyway (lm_head wrapped on its own) is gathered with `full_tensor()`, which is
   differentiable, so its gradient flows back to the shard.
@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 
 class ForwardRedirection:
@@ -105,6 +106,33 @@ def lm_head_gathered(model: nn.Module):
         if parameter is not None:
             register_external_parameter(model, parameter)
     return maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias)
+
+
+def release_lm_head(model: nn.Module) -> bool:
+    """Under ZeRO-3, partition `model`'s lm_head parameters again where a pass left them gathered (module
+    docstring); returns whether any was. Outside ZeRO-3, or with nothing gathered, it does nothing."""
+    if not _zero3_enabled():
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    lm_head = model.get_output_embeddings()
+    gathered = [
+        p for p in (lm_head.weight, lm_head.bias) if p is not None and p.ds_status == ZeroParamStatus.AVAILABLE
+    ]
+    for parameter in gathered:
+        parameter.partition()  # its partition already holds the step's update: only the full copy is freed
+    return bool(gathered)
+
+
+class ReleaseLmHeadCallback(TrainerCallback):
+    """After each optimizer step, `release_lm_head` of the trained model, so the lm_head the passes gathered does not
+    stay on every GPU between steps (ZeRO-3)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        release_lm_head(self.model)
 
 
 def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:

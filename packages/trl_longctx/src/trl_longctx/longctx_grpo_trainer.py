@@ -12,7 +12,7 @@ from . import oom_retry
 from .attention import choose_attention, use_flex_attention
 from .checkpoints import atomic_checkpoint
 from .compile_regions import compile_decoder_layers
-from .distributed import ForwardRedirection, full_tensor
+from .distributed import ForwardRedirection, ReleaseLmHeadCallback, full_tensor
 from .fault_callbacks import fault_callbacks
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .logprob_pass import LogProbPass, resolved_backend
@@ -151,6 +151,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
             attention=self.attention.implementation, lora_experts=expert_lora, router_aux_loss=self.aux_loss_enabled,
         )  # fmt: skip
         self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
+        self.add_callback(ReleaseLmHeadCallback(unwrapped))  # ZeRO-3 only: the lm_head our passes gather
         self._forward_redirection = ForwardRedirection()
         ref_model = getattr(self, "ref_model", None)
         self.sequence_parallel = sequence_parallel_pass(
