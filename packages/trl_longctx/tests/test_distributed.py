@@ -43,11 +43,14 @@ def make_trainer(model_dir: str, output_dir: str, per_device_batch: int, **overr
     from trl_longctx.tasks import make_copy_letter_dataset
 
     class FixedSampleTrainer(LongContextGRPOTrainer):
-        """Completions drawn from (prompt, index in group, step) instead of the policy, identical in any layout."""
+        """Completions drawn from (prompt, index in its group, step) instead of the policy, identical in any layout
+        (the index counts rows across processes)."""
 
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
             completions = []
-            for index, ids in enumerate(prompt_ids):
+            # The row's place in the global batch: each process holds a contiguous slice of it.
+            first = self.accelerator.process_index * len(prompt_ids)
+            for index, ids in enumerate(prompt_ids, start=first):
                 rng = random.Random(hash((tuple(ids), index % num_generations, self.state.global_step)))
                 completions.append([rng.randrange(4, 30) for _ in range(6)])
             return completions, None
@@ -108,9 +111,9 @@ def worker(out: str, model_dir: str, per_device_batch: int, mode: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str], mode: str = "ddp") -> dict:
-    """Run `worker` in 2 processes with torchrun, the launcher `accelerate launch` uses on GPUs; `mode`: `"ddp"`
-    (then FSDP2 and ZeRO passes on the same group) or `"sequence-parallel"` (`sequence_parallel_worker`).
+def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str], mode: str = "ddp", processes: int = 2) -> dict:
+    """Run `worker` in `processes` processes with torchrun, the launcher `accelerate launch` uses on GPUs; `mode`:
+    `"ddp"` (then FSDP2 and ZeRO passes on the same group) or `"sequence-parallel"` (`sequence_parallel_worker`).
 
     `accelerate launch --cpu` only starts several CPU processes through `mpirun`, and refuses FSDP with `--cpu`; the
     env vars Accelerate reads (`ACCELERATE_USE_FSDP`, `FSDP_*`) select the wrapper instead, as its launcher would.
@@ -118,9 +121,9 @@ def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str], mode: str =
     out = tmp_path / "result.pt"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env_vars}
     env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (ZeRO rows) on the CPU; gloo carries its collectives
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1"]
     command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    command += [__file__, str(out), model_dir, str(GLOBAL_BATCH // 2), mode]
+    command += [__file__, str(out), model_dir, str(GLOBAL_BATCH // processes), mode]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return torch.load(out)
@@ -312,9 +315,9 @@ def test_deepspeed_zero_logps_and_grads_match_one_process(stage, ddp_and_fsdp2, 
 
 
 def sequence_parallel_worker(out: str, model_dir: str, per_device_batch: int) -> None:
-    """Train with both processes in one sequence-parallel group (`sequence_parallel_size=2`): each rank keeps its
-    `per_device_batch` rows and runs half of the tokens of every row of both ranks, with gradient checkpointing, so the
-    backward recomputes the layers through Ulysses."""
+    """Train with `sequence_parallel_size=2` (2 processes: one group; 4: ranks 0-1 and 2-3): each rank keeps its
+    `per_device_batch` rows and runs half of the tokens of every row of its group, with gradient checkpointing, so
+    the backward recomputes the layers through Ulysses."""
     result = run(model_dir, str(Path(out).parent / "trainer"), per_device_batch, sequence_parallel_size=2,
                  gradient_checkpointing=True)  # fmt: skip
     trainer = result.pop("trainer")
@@ -346,6 +349,17 @@ def test_sequence_parallel_two_processes_match_one(sequence_parallel, one_proces
     assert two["world_size"] == 2 and two["wrapper"] == "DistributedDataParallel"
     assert two["attention"] == "sdpa" and two["restored"]
     assert_same_run(two, one_process, initial_weights)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_groups_within_four_processes_match_one(tiny_model_dir, tmp_path, one_process,
+                                                                  initial_weights):  # fmt: skip
+    """Two sequence-parallel groups of 2 under DDP over 4 processes (data parallel across the groups): the same run
+    as one process with the global batch."""
+    pytest.importorskip("deepspeed", reason="sequence parallelism needs the [deepspeed] extra")
+    four = launch(tmp_path, tiny_model_dir, {}, mode="sequence-parallel", processes=4)
+    assert four["world_size"] == 4 and four["restored"]
+    assert_same_run(four, one_process, initial_weights)
 
 
 @pytest.mark.slow

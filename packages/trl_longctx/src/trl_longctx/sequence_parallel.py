@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_gather as differentiable_all_gather
 
 from longctx_kernels import selective_logprobs
 
@@ -123,6 +122,35 @@ def _ensure_deepspeed_comm() -> None:
         raise RuntimeError("UlyssesLogProbs needs torch.distributed initialised (torchrun / accelerate launch).")
     if not deepspeed.comm.is_initialized():
         deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+
+
+class _GroupAllGather(torch.autograd.Function):
+    """All-gather of one tensor per rank of `group`, differentiable: the backward sums each rank's gradients of the
+    gathered tensors over the group and keeps its own (a reduce-scatter).
+
+    torch's `torch.distributed.nn.functional.all_gather` does the same, but on gloo its backward scatters with group
+    ranks where `dist.scatter` takes global ones, and fails for a group that is not the first ranks of the world
+    ("Global rank 0 is not part of group", torch 2.13): a sequence-parallel group smaller than the world.
+    """
+
+    @staticmethod
+    def forward(ctx, group: dist.ProcessGroup, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor, group=group)
+        return tuple(gathered)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[None, torch.Tensor]:
+        rank = dist.get_rank(ctx.group)
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            own = torch.empty_like(grads[rank])
+            dist.reduce_scatter(own, [g.contiguous() for g in grads], group=ctx.group)
+            return None, own
+        summed = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(summed, group=ctx.group)
+        return None, summed[rank]
 
 
 class UlyssesLogProbs:
@@ -258,7 +286,7 @@ class UlyssesLogProbs:
             spans.append((offset, local))
             offset += local
         local_values = torch.cat(pieces) if pieces else torch.zeros((0, channels), device=device)
-        gathered = differentiable_all_gather(local_values, group=self.group)
+        gathered = _GroupAllGather.apply(self.group, local_values)
         return self._own_results(everyone, spans, gathered, input_ids, logits_to_keep, compute_entropy)
 
     def _slice_values(self, decoder, head, row: _Row, local: int, options: dict, decoder_context) -> torch.Tensor:
