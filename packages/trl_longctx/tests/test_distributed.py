@@ -98,6 +98,14 @@ def worker(out: str, model_dir: str, per_device_batch: int, mode: str) -> None:
     if mode == "sequence-parallel":
         sequence_parallel_worker(out, model_dir, per_device_batch)
         return
+    if mode == "trainer":  # the wrapper the environment selects (Accelerate's DeepSpeed variables), nothing else
+        result = run(model_dir, str(Path(out).parent / "trainer"), per_device_batch)
+        result.pop("trainer")
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(result, out)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return
     result = run(model_dir, str(Path(out).parent / "trainer"), per_device_batch)
     trainer = result.pop("trainer")
     result["fsdp2"] = fsdp2_logps_and_grads(trainer, model_dir)
@@ -113,7 +121,8 @@ def worker(out: str, model_dir: str, per_device_batch: int, mode: str) -> None:
 
 def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str], mode: str = "ddp", processes: int = 2) -> dict:
     """Run `worker` in `processes` processes with torchrun, the launcher `accelerate launch` uses on GPUs; `mode`:
-    `"ddp"` (then FSDP2 and ZeRO passes on the same group) or `"sequence-parallel"` (`sequence_parallel_worker`).
+    `"ddp"` (then FSDP2 and ZeRO passes on the same group), `"sequence-parallel"` (`sequence_parallel_worker`) or
+    `"trainer"` (the training run alone, in the wrapper `env_vars` select).
 
     `accelerate launch --cpu` only starts several CPU processes through `mpirun`, and refuses FSDP with `--cpu`; the
     env vars Accelerate reads (`ACCELERATE_USE_FSDP`, `FSDP_*`) select the wrapper instead, as its launcher would.
@@ -360,6 +369,20 @@ def test_sequence_parallel_groups_within_four_processes_match_one(tiny_model_dir
     four = launch(tmp_path, tiny_model_dir, {}, mode="sequence-parallel", processes=4)
     assert four["world_size"] == 4 and four["restored"]
     assert_same_run(four, one_process, initial_weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trainer_runs_match_one_process(stage, tiny_model_dir, tmp_path, one_process, initial_weights):
+    """The whole trainer under Accelerate's DeepSpeed integration (the variables `accelerate launch` sets from
+    configs/accelerate/deepspeed_zero{2,3}.yaml; DeepSpeed's CPU accelerator here): 2 processes train like one."""
+    pytest.importorskip("deepspeed")
+    zero = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(stage == 3).lower(),
+            "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}  # fmt: skip
+    two = launch(tmp_path, tiny_model_dir, zero, mode="trainer")
+    assert two["world_size"] == 2 and two["wrapper"] == "DeepSpeedEngine"
+    assert_same_run(two, one_process, initial_weights)
 
 
 @pytest.mark.slow
