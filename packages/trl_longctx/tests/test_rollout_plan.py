@@ -100,6 +100,28 @@ def test_tensor_parallel_keeps_weights_unshared_and_names_the_setting(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("wrapper", "expected"),
+    [({"ACCELERATE_USE_FSDP": "true"}, "FSDP shards the trainer's weights"),
+     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3 shards")],
+)  # fmt: skip
+def test_sharded_weights_keep_weights_unshared_and_name_what_keeps_them_whole(tmp_path, monkeypatch, wrapper,
+                                                                               expected):  # fmt: skip
+    # The variables `accelerate launch` sets from configs/accelerate/fsdp2.yaml and deepspeed_zero3.yaml.
+    if "ACCELERATE_USE_DEEPSPEED" in wrapper:
+        pytest.importorskip("deepspeed")
+    for name, value in wrapper.items():
+        monkeypatch.setenv(name, value)
+    try:
+        result = plan(trl_colocate(tmp_path), runtime=CUDA_PATCHED)
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # the arguments registered ZeRO-3 for the process
+    assert not result.shared_weights
+    assert any(expected in m and "configs/accelerate/multi_gpu.yaml" in m for m in notices(result)), notices(result)
+
+
+@pytest.mark.parametrize(
     ("overrides", "plan_kwargs", "field", "message"),
     [
         ({"vllm_shared_weights": True}, {"peft": None}, "vllm_shared_weights", "needs a LoRA adapter"),

@@ -374,6 +374,11 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     if args.vllm_tensor_parallel_size != 1:
         return (f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}; views of vLLM's weights need them in "
                 "this process, unsharded", "vllm_tensor_parallel_size=1")  # fmt: skip
+    if (sharding := _weight_sharding(args)) is not None:
+        return (f"{sharding} shards the trainer's weights, frozen ones too, so they cannot stay views of vLLM's "
+                "whole tensors (each process would hold its own copy again)",
+                "DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2, which keep whole weights in every "
+                "process")  # fmt: skip
     if quantization_config is None:
         return None
     if not getattr(quantization_config, "load_in_4bit", False) or (
@@ -389,6 +394,18 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
         return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
                 "install a vLLM with bitsandbytes quantization (a CUDA build) and the bitsandbytes package")  # fmt: skip
     return None
+
+
+def _weight_sharding(args) -> str | None:
+    """ "FSDP" or "DeepSpeed ZeRO-3" when this run shards its weights across processes (`fsdp` set, or `accelerate
+    launch` selecting FSDP; ZeRO-3 from the DeepSpeed config transformers holds), else `None`."""
+    import os
+
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "FSDP"
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return "DeepSpeed ZeRO-3" if is_deepspeed_zero3_enabled() else None
 
 
 def _checkpoint_config(model: str) -> dict | None:
