@@ -232,3 +232,36 @@ def test_vision_flags_plan_the_tower(capsys):
 def test_bad_vision_flags_are_refused(argv, message):
     with pytest.raises(SystemExit, match=message):
         plan_main([*argv, "--gpu", "24GB"])
+
+
+def test_sequence_parallel_plans_one_ranks_slices(capsys):
+    """`--sequence-parallel 4`: one rank's share, num-generations x 4 slices of a quarter of the tokens, one per
+    decoder pass; the longest completion is of whole rows (4 x a slice's); the rollout stays whole rows."""
+    from trl_longctx.memory.planner import TrainSetup, longest_completion
+    from trl_longctx.memory.presets import PRESETS
+
+    plan_main(["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--host-memory-gib", "400", "--paths", "ours",
+               "--prompt-length", "256", "--completion-length", "131072", "--sequence-parallel", "4"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "split over 4 processes: each rank runs 8 slices of (64 + 32768) tokens, one per decoder pass" in out
+    slices = TrainSetup(8, 64, 32768, grpo_mini_batch=1)
+    longest = 4 * longest_completion(PRESETS["qwen3-8b"], slices, 80, tile_mlps=True, host_memory_gib=400)
+    assert (
+        f"split over 4 processes: 131072 completion tokens fits; longest completion that fits: {longest} tokens" in out
+    )
+    assert "the rollout of 2 x (256 + 131072) tokens" in out and "Most sequences" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sequence-parallel", "0", "--paths", "ours"], r"--sequence-parallel must be >= 1, got 0"),
+        (
+            ["--sequence-parallel", "2"],
+            r"--sequence-parallel 2 plans our path only: use --paths ours, got \['ours', 'trl'\]",
+        ),
+    ],
+)
+def test_bad_sequence_parallel_flags_are_refused(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        plan_main([*argv, "--gpu", "24GB"])

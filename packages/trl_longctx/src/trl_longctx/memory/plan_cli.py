@@ -85,6 +85,14 @@ def make_plan_parser() -> argparse.ArgumentParser:
         "the backward.",
     )
     parser.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        help="Processes each sequence is split across (the trainer's sequence_parallel_size, DeepSpeed Ulysses; "
+        "--paths ours only): each rank runs 1/N of every row of its group, planned as num-generations x N slices "
+        "of 1/N of the tokens, one per decoder pass. Default 1: not split.",
+    )
+    parser.add_argument(
         "--router-aux-loss",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -105,6 +113,11 @@ def _checked(args: argparse.Namespace) -> dict:
                 f"--vision-patches and --vision-trained need vision-language models (qwen3-vl-8b or a config.json "
                 f"with a vision_config), got {model!r} (no vision tower)."
             )
+    if args.sequence_parallel < 1:
+        raise ValueError(f"--sequence-parallel must be >= 1, got {args.sequence_parallel}.")
+    if args.sequence_parallel > 1 and args.paths != ["ours"]:
+        raise ValueError(f"--sequence-parallel {args.sequence_parallel} plans our path only: use --paths ours, got "
+                         f"{args.paths}.")  # fmt: skip
     if args.vision_patches < 0:
         raise ValueError(f"--vision-patches must be >= 0, got {args.vision_patches}.")
     if args.vision_trained and not args.vision_patches:
@@ -172,18 +185,35 @@ def machine_host_gib() -> tuple[float | None, str]:
 
 
 def format_plan(
-    model: str, paths: list[str], setup_kwargs: dict, gpus: dict[str, float], host_gib: float | None = None
+    model: str,
+    paths: list[str],
+    setup_kwargs: dict,
+    gpus: dict[str, float],
+    host_gib: float | None = None,
+    sequence_parallel: int = 1,
 ) -> str:
     """The table printed by `longctx-grpo plan` for one model: components by path, then the longest completions.
 
-    `host_gib`: host memory the offloaded checkpoints may pin; `None` = not limited."""
+    `host_gib`: host memory the offloaded checkpoints may pin; `None` = not limited. `sequence_parallel`: processes
+    each row is split across (`--sequence-parallel`; our path): one rank's share is planned, `num_generations x N`
+    slices of `ceil(tokens / N)`, one per decoder pass, and the longest completions are of whole rows."""
     shape = load_model_shape(model)
     b, p, length = (setup_kwargs[k] for k in ("num_generations", "prompt_length", "completion_length"))
-    setups = {path: TrainSetup(**{**setup_kwargs, **PATHS[path]}) for path in paths}
+    sp = sequence_parallel
+    per_rank = setup_kwargs
+    title = f"model {model}, mode {setup_kwargs['mode']}, {b} x ({p} prompt + {length} completion) tokens; GiB"
+    if sp > 1:
+        per_rank = {**setup_kwargs, "num_generations": b * sp, "prompt_length": math.ceil(p / sp),
+                    "completion_length": math.ceil(length / sp), "grpo_mini_batch": 1}  # fmt: skip
+        title = (f"model {model}, mode {setup_kwargs['mode']}, {b} x ({p} prompt + {length} completion) tokens per "
+                 f"rank, split over {sp} processes: each rank runs {b * sp} slices of ({per_rank['prompt_length']} + "
+                 f"{per_rank['completion_length']}) tokens, one per decoder pass (Ulysses' all-to-all buffers not "
+                 "counted); GiB")  # fmt: skip
+    setups = {path: TrainSetup(**{**per_rank, **PATHS[path]}) for path in paths}
     plans = {path: plan_memory(shape, setup) for path, setup in setups.items()}
     names = list(dict.fromkeys(name for plan in plans.values() for name, _ in plan.rows_gib()))
     lines = [
-        f"model {model}, mode {setup_kwargs['mode']}, {b} x ({p} prompt + {length} completion) tokens; GiB",
+        title,
         "",
         "| component | " + " | ".join(PATH_LABELS[path] for path in paths) + " |",
         "|---" * (len(paths) + 1) + "|",
@@ -206,11 +236,14 @@ def format_plan(
             if host_gib is not None and pinned[path] > host_gib and verdict != "does NOT fit":
                 # The GPU holds it, the host cannot pin the offloaded checkpoints: as `longest_completion` counts it.
                 verdict = f"does NOT fit in host memory ({pinned[path]:.2f} GiB to pin, {host_gib:g} GiB allowed)"
-            longest = longest_completion(shape, setups[path], gib, tile_mlps=tiling, host_memory_gib=host_gib)
-            lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}: {length} completion tokens {verdict}; "
+            # Whole rows: a rank's slices are 1/N of them.
+            longest = sp * longest_completion(shape, setups[path], gib, tile_mlps=tiling, host_memory_gib=host_gib)
+            split = f" split over {sp} processes" if sp > 1 else ""
+            lines.append(f"{gpu} ({gib:g} GiB), {PATH_LABELS[path]}{split}: {length} completion tokens {verdict}; "
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
+    # Each rank's vLLM generates its own rows whole: the rollout is not split.
     lines += ["", _rollout_line(shape, b, p, length, setup_kwargs["mode"], gpus)]
-    if "ours" in setups:
+    if "ours" in setups and sp == 1:
         lines += ["", *_capacity_lines(shape, setups["ours"], gpus, host_gib)]
     return "\n".join(lines)
 
@@ -270,7 +303,8 @@ def main(argv: list[str]) -> None:
         else:
             host_gib, host = args.host_memory_gib, f"{args.host_memory_gib:g} GiB (as given)"
         header = f"GPU: {gpu}.\nHost memory the offloaded checkpoints may pin: {host}."
-        plans = [format_plan(model, args.paths, setup_kwargs, gpus, host_gib) for model in args.model]
+        plans = [format_plan(model, args.paths, setup_kwargs, gpus, host_gib, args.sequence_parallel)
+                 for model in args.model]  # fmt: skip
         print("\n\n".join([header, *plans]))
     except ValueError as error:
         raise SystemExit(f"longctx-grpo plan: {error}") from None
