@@ -133,6 +133,20 @@ def environment(device: torch.device, extra_dists: tuple[str, ...] = ()) -> dict
     return info
 
 
+def row_recorder(result: dict[str, Any], out) -> Callable[[dict[str, Any]], None]:
+    """A function that appends a row to `result["rows"]`, prints it as a JSON line and, when `out` (a `Path`) is
+    given, rewrites `result` there: written after every row, so a run cut short keeps what it measured."""
+
+    def record(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+
+    return record
+
+
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

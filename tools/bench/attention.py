@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, free_cuda, is_oom, markdown_table, peak_gib_above_current, time_ms  # noqa: E402
+from _common import environment, free_cuda, is_oom, markdown_table, peak_gib_above_current, row_recorder, time_ms  # noqa: E402
 
 PROVIDERS = ("longctx_flex", "hf-flex", "eager")
 # (query heads, key/value heads, head_dim) of gpt-oss-20b and gpt-oss-120b (the same attention shapes); its window.
@@ -206,12 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     result = {"env": environment(device, ("transformers",)), "args": vars(args) | {"out": str(args.out)}, "rows": []}
 
-    def record(row: dict) -> None:
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        if args.out is not None:  # written after every row: a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
+    record = row_recorder(result, args.out)
 
     print(json.dumps(result["env"]), flush=True)
     if args.accuracy:

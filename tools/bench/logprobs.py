@@ -35,6 +35,7 @@ from _common import (  # noqa: E402
     is_oom,
     markdown_table,
     peak_gib_above_current,
+    row_recorder,
     time_ms,
 )
 
@@ -280,12 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"env": environment(device, ("cut-cross-entropy", "liger-kernel")), "args": vars(args) | {"out": str(args.out)},
               "rows": []}  # fmt: skip
 
-    def record(row: dict) -> None:
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        if args.out is not None:  # written after every row: a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
+    record = row_recorder(result, args.out)
 
     print(json.dumps(result["env"]), flush=True)
     if args.sweep:
