@@ -20,18 +20,18 @@ copy) get the training limit and a reason instead of a rollout limit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from .planner import (
     CUDA_CONTEXT_GIB,
     TrainSetup,
     fewest_mlp_tiles,
+    largest_fitting,
     pinned_host_bytes,
     plan_memory,
     trainable_state_bytes,
 )
-from .rollout_kv import KV_BLOCK_TOKENS, VLLM_OTHER_GIB, kv_bytes_per_token, vllm_weight_bytes
+from .rollout_kv import VLLM_OTHER_GIB, kv_bytes_per_token, rollout_kv_tokens, vllm_weight_bytes
 from .shapes import GIB, ModelShape
 
 __all__ = ["StepCapacity", "rollout_capacity_problem", "step_capacity"]
@@ -106,7 +106,7 @@ def step_capacity(
             return fewest_mlp_tiles(shape, at(sequences), budget) is not None
         return plan_memory(shape, at(sequences)).total <= budget
 
-    training = _largest(lambda n: host_holds(n) and gpu_holds(n))
+    training = largest_fitting(lambda n: host_holds(n) and gpu_holds(n), MOST_SEQUENCES)
     if training == MOST_SEQUENCES:
         bound = "search limit"
     else:
@@ -115,24 +115,6 @@ def step_capacity(
     if problem is not None:
         return StepCapacity(training, bound, None, problem)
     other = vllm_weight_bytes(shape) + (VLLM_OTHER_GIB + CUDA_CONTEXT_GIB) * GIB + trainable_state_bytes(shape, setup)
-    blocks = math.ceil((setup.prompt_length + setup.completion_length) / KV_BLOCK_TOKENS)
-    per_sequence = blocks * KV_BLOCK_TOKENS * kv_bytes_per_token(shape)
+    per_sequence = rollout_kv_tokens(1, setup.prompt_length, setup.completion_length) * kv_bytes_per_token(shape)
     rollout = max(0, int((budget - other) // per_sequence))
     return StepCapacity(training, bound, min(rollout, MOST_SEQUENCES))
-
-
-def _largest(fits) -> int:
-    """The largest `n` in 1..`MOST_SEQUENCES` with `fits(n)`, for a `fits` that holds up to some `n` and not beyond;
-    0 when `fits(1)` fails."""
-    if not fits(1):
-        return 0
-    high = 2
-    while high < MOST_SEQUENCES and fits(high):
-        high *= 2
-    if high >= MOST_SEQUENCES and fits(MOST_SEQUENCES):
-        return MOST_SEQUENCES
-    low = high // 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low

@@ -83,7 +83,7 @@ assumption, below what the longest measured step that fitted on its GPU leaves r
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -539,17 +539,25 @@ def longest_completion(
             return fewest_mlp_tiles(shape, at, gpu_memory_gib * GIB) is not None
         return plan_memory(shape, at).total <= gpu_memory_gib * GIB
 
+    # Every component grows monotonically with the length.
+    return largest_fitting(fits, 2**24) * multiple
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest `n` in `1..limit` with `fits(n)`, for a `fits` that holds up to some `n` and not beyond (doubling,
+    then bisecting); 0 when `fits(1)` fails."""
     if not fits(1):
         return 0
-    # Every component grows monotonically with the length: double, then bisect.
     high = 2
-    while fits(high) and high < 2**24:
+    while high < limit and fits(high):
         high *= 2
+    if high >= limit and fits(limit):
+        return limit
     low = high // 2
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
-    return low * multiple
+    return low
 
 
 class ChunkSizes(NamedTuple):
