@@ -135,12 +135,13 @@ def cmd_run(args) -> None:
             "device": torch.cuda.get_device_name() if cuda else "cpu",
         }), flush=True)  # fmt: skip
     offloader.release()
-    dist.barrier()
     if ulysses is not None:
-        from deepspeed.sequence import layer
+        from trl_longctx.sequence_parallel import leave_process_group
 
-        layer._all_to_all_groups.clear()  # DeepSpeed's registry of all-to-all groups: see test_sequence_parallel
-    dist.destroy_process_group()
+        leave_process_group()
+    else:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_longest(args) -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import run_torchrun
 
 STEPS = 3
 GLOBAL_BATCH = 8
@@ -127,23 +127,10 @@ def launch(tmp_path: Path, model_dir: str, env_vars: dict[str, str], mode: str =
     `accelerate launch --cpu` only starts several CPU processes through `mpirun`, and refuses FSDP with `--cpu`; the
     env vars Accelerate reads (`ACCELERATE_USE_FSDP`, `FSDP_*`) select the wrapper instead, as its launcher would.
     """
-    out = tmp_path / "result.pt"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env_vars}
-    env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (ZeRO rows) on the CPU; gloo carries its collectives
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    command += [__file__, str(out), model_dir, str(GLOBAL_BATCH // processes), mode]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return torch.load(out)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    # DeepSpeed (ZeRO rows) on the CPU unless the environment names its accelerator; gloo carries its collectives.
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), **env_vars}
+    return run_torchrun(__file__, tmp_path / "result.pt", [model_dir, str(GLOBAL_BATCH // processes), mode],
+                        processes=processes, env=env)  # fmt: skip
 
 
 def assert_same_run(two: dict, one: dict, initial: dict) -> None:
@@ -334,14 +321,9 @@ def sequence_parallel_worker(out: str, model_dir: str, per_device_batch: int) ->
     result["restored"] = trainer.sequence_parallel is not None and not trainer.sequence_parallel._entered
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(result, out)
-    # As `test_sequence_parallel._leave_group`: a rank exiting while DeepSpeed's registry of all-to-all groups still
-    # holds one aborts at interpreter exit now and then.
-    import deepspeed.comm
-    from deepspeed.sequence import layer
+    from trl_longctx.sequence_parallel import leave_process_group
 
-    torch.distributed.barrier()
-    layer._all_to_all_groups.clear()
-    deepspeed.comm.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import transformers
 from peft import LoraConfig
 from test_longctx_grpo_trainer import random_batch, varied_reward
-from testing_utils import assert_close, moe_config
+from testing_utils import assert_close, moe_config, recording
 from trl import GRPOTrainer
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
@@ -112,7 +112,7 @@ def test_aux_loss_logps_and_grads_match_trl_path(arch, overrides, tmp_path, monk
     assert trainer.aux_loss_enabled  # TRL turns it on for MoE configs
     as_in_training(trainer)
     passes = []
-    monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", recording(trainer.logprob_pass.sizes, passes))
     input_ids, attention_mask, keep = random_batch(trainer.model.config.vocab_size)
     ours = run(LongContextGRPOTrainer._get_per_token_logps_and_entropies, trainer, input_ids, attention_mask, keep)
     offloaded = trainer.logprob_pass.offloader.offloaded_count
@@ -176,17 +176,9 @@ def test_zero_aux_loss_coef_keeps_the_fused_path(where, tmp_path, monkeypatch):
     monkeypatch.setattr(decoder, "_can_record_outputs", recorded)
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", _refuse_trl)
     passes = []
-    monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", recording(trainer.logprob_pass.sizes, passes))
     trainer.train()
     assert passes and "aux_loss" not in trainer.state.log_history[0]
-
-
-def _recording(sizes, passes):
-    def recorded(*args, **kwargs):
-        passes.append(sizes(*args, **kwargs))
-        return passes[-1]
-
-    return recorded
 
 
 def _refuse(*args, **kwargs):

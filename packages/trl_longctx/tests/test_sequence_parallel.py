@@ -12,16 +12,15 @@ This file is also the worker script that torchrun runs
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import run_torchrun
 
-from trl_longctx.sequence_parallel import _own_rows, _refuse_unsupported
+from trl_longctx.sequence_parallel import _own_rows, _refuse_unsupported, leave_process_group
 
 # (dtype, log-prob/entropy tolerance, gradient tolerance) against the float64 reference: the repo's fp32 row.
 TOLERANCES = [
@@ -270,38 +269,11 @@ def worker(out: str, dtype_name: str, mode: str) -> None:
     results["restored"] = torch.equal(again.detach(), before)
     if rank == 0:
         torch.save(results, out)
-    _leave_group()
-
-
-def _leave_group() -> None:
-    """Leave the process group with no reference to it left: a rank that exits while DeepSpeed's registry of
-    all-to-all groups still holds one aborts at interpreter exit now and then ("terminate called without an active
-    exception", SIGABRT; seen in 1 of 4 runs until the registry was cleared)."""
-    import deepspeed.comm
-    from deepspeed.sequence import layer
-
-    torch.distributed.barrier()
-    layer._all_to_all_groups.clear()
-    deepspeed.comm.destroy_process_group()
+    leave_process_group()
 
 
 def launch(tmp_path: Path, dtype_name: str, mode: str) -> dict:
-    out = tmp_path / f"result-{dtype_name}-{mode}.pt"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, str(out), dtype_name]
-    command += [mode]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return torch.load(out)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return run_torchrun(__file__, tmp_path / f"result-{dtype_name}-{mode}.pt", [dtype_name, mode], timeout=300)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 import transformers
 from peft import LoraConfig
 from test_longctx_grpo_trainer import varied_reward
-from testing_utils import assert_close, cpu_trainer_settings
+from testing_utils import assert_close, cpu_trainer_settings, recording
 from trl import GRPOTrainer
 
 pytest.importorskip("PIL", reason="vision-language tests need the `vision` extra (Pillow)")
@@ -40,14 +40,15 @@ def varied_chat_reward(completions, **kwargs):
 
 
 def make_trainer(
-    family, tmp_path, peft_config=LORA, reward_funcs=varied_chat_reward, **overrides
+    family, tmp_path, peft_config=LORA, reward_funcs=varied_chat_reward, model=None, **overrides
 ) -> LongContextGRPOTrainer:
-    """Our trainer on a tiny vision-language model of `family`, on CPU in fp32."""
+    """Our trainer on a tiny vision-language model of `family`, on CPU in fp32; `model`: one to train instead of a
+    fresh one (built for `build_tiny_vl_processor(family)`'s tokenizer)."""
     processor = build_tiny_vl_processor(family)
     small = {"per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 4}
     settings = cpu_trainer_settings(tmp_path, **{**small, **overrides})
     trainer = LongContextGRPOTrainer(
-        model=build_tiny_vl_model(family, processor.tokenizer),
+        model=model if model is not None else build_tiny_vl_model(family, processor.tokenizer),
         reward_funcs=reward_funcs,
         args=LongContextGRPOConfig(**settings),
         train_dataset=make_count_squares_dataset(8),
@@ -127,8 +128,8 @@ def assert_same(ours, trl):
 def test_logps_entropies_and_lora_grads_match_trl_path(family, overrides, tmp_path, monkeypatch):
     trainer = make_trainer(family, tmp_path, **overrides)
     passes, slices = [], []
-    monkeypatch.setattr(trainer.logprob_pass, "sizes", _recording(trainer.logprob_pass.sizes, passes))
-    monkeypatch.setattr(ImageInputs, "batch", _recording(ImageInputs.batch, slices))
+    monkeypatch.setattr(trainer.logprob_pass, "sizes", recording(trainer.logprob_pass.sizes, passes))
+    monkeypatch.setattr(ImageInputs, "batch", recording(ImageInputs.batch, slices))
     tiled = []
     tile = logprob_pass.tile_mlps
     monkeypatch.setattr(logprob_pass, "tile_mlps", lambda module, chunks: tiled.append(module) or tile(module, chunks))
@@ -279,25 +280,22 @@ def test_count_squares_grpo_run_trains_every_adapter(tmp_path, monkeypatch, capl
         "qwen2_5_vl", tmp_path, peft_config=LoraConfig(r=4, target_modules="all-linear"),
         reward_funcs=[count_squares_reward, varied_chat_reward], max_steps=2, use_vllm=False,
     )  # fmt: skip
-    passes = []
-    monkeypatch.setattr(ImageInputs, "batch", _recording(ImageInputs.batch, passes))
-    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     with caplog.at_level(logging.WARNING, logger="trl_longctx.longctx_grpo_trainer"):
-        trainer.train()
-    assert passes, "the fused pass never ran on images"
+        train_on_images_and_check_every_adapter(trainer, monkeypatch)
     assert "Image inputs go to TRL's log-prob path" not in caplog.text
     assert "rewards/count_squares_reward/mean" in trainer.state.log_history[0]
+
+
+def train_on_images_and_check_every_adapter(trainer, monkeypatch) -> None:
+    """Train; the fused pass must have run on the images and every trainable parameter moved."""
+    passes = []
+    monkeypatch.setattr(ImageInputs, "batch", recording(ImageInputs.batch, passes))
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert passes, "the fused pass never ran on images"
     params = dict(trainer.model.named_parameters())
     unchanged = [n for n in trainable if torch.equal(params[n], trainable[n])]
     assert not unchanged, f"parameters not updated: {unchanged}"
-
-
-def _recording(function, calls):
-    def recorded(*args, **kwargs):
-        calls.append(function(*args, **kwargs))
-        return calls[-1]
-
-    return recorded
 
 
 def _refuse(*args, **kwargs):
@@ -315,18 +313,8 @@ def test_count_squares_grpo_run_on_4bit_weights_trains_every_adapter(tmp_path, m
         tmp_path / "model", quantization_config=quantization, device_map="cpu"
     )
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
-    settings = cpu_trainer_settings(tmp_path / "run", per_device_train_batch_size=4, num_generations=2,
-                                    max_completion_length=4, max_steps=2, use_vllm=False)  # fmt: skip
-    trainer = LongContextGRPOTrainer(
-        model=model, reward_funcs=[count_squares_reward, varied_chat_reward], args=LongContextGRPOConfig(**settings),
-        train_dataset=make_count_squares_dataset(8), processing_class=processor,
-        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    trainer = make_trainer(
+        "qwen2_5_vl", tmp_path / "run", peft_config=LoraConfig(r=4, target_modules="all-linear"),
+        reward_funcs=[count_squares_reward, varied_chat_reward], model=model, max_steps=2, use_vllm=False,
     )  # fmt: skip
-    passes = []
-    monkeypatch.setattr(ImageInputs, "batch", _recording(ImageInputs.batch, passes))
-    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainer.train()
-    assert passes, "the fused pass never ran on images"
-    params = dict(trainer.model.named_parameters())
-    unchanged = [n for n in trainable if torch.equal(params[n], trainable[n])]
-    assert not unchanged, f"parameters not updated: {unchanged}"
+    train_on_images_and_check_every_adapter(trainer, monkeypatch)

@@ -2,6 +2,10 @@
 
 import contextlib
 import inspect
+import os
+import socket
+import subprocess
+import sys
 
 import torch
 import transformers
@@ -148,3 +152,32 @@ def build_moe_model(arch: str, lora: str = "none", layers: int = 2, use_reentran
         )
         model = get_peft_model(model, config)
     return model.train()
+
+
+def run_torchrun(script: str, out, args: list[str], *, processes: int = 2, env: dict | None = None,
+                 timeout: float = 240):  # fmt: skip
+    """Run `script out args...` in `processes` CPU processes with torchrun (the launcher `accelerate launch` uses on
+    GPUs), on a free port, `OMP_NUM_THREADS=1`; assert they all succeeded and return what rank 0 saved to `out`."""
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--nnodes", "1"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, str(out), *args]
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return torch.load(out)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def recording(function, calls: list):
+    """`function` wrapped to append each call's result to `calls`."""
+
+    def recorded(*args, **kwargs):
+        calls.append(function(*args, **kwargs))
+        return calls[-1]
+
+    return recorded
