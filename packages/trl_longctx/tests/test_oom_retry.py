@@ -21,8 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from test_distributed import _free_port
-from testing_utils import assert_close
+from testing_utils import assert_close, free_port
 
 from trl_longctx import LongContextGRPOConfig, oom_retry
 from trl_longctx.logprob_pass import LogProbPass, lowered_sizes
@@ -137,7 +136,7 @@ def test_one_process_with_a_process_group_is_retried(tiny_model_dir, tmp_path):
     """`torchrun --nproc_per_node 1` (or RANK/WORLD_SIZE set, as a launcher does): Accelerate builds a process group
     and a DDP wrapper of one rank; no peer waits for the failed try, so the retry stays on."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_PORT": str(free_port())}  # fmt: skip
     child = subprocess.run(
         [sys.executable, "-c", ONE_PROCESS_DDP, tiny_model_dir, str(tmp_path)], env=env, cwd=Path(__file__).parent,
         capture_output=True, text=True, timeout=300,
