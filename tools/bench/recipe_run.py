@@ -27,6 +27,7 @@ trainer and vLLM together, `torch.cuda.mem_get_info`), the process's resident ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -156,10 +157,51 @@ def cmd_prepare(args) -> None:
 # ---------------------------------------------------------------- launch / the training process
 
 
+def cmd_ballast(args) -> None:
+    """Hold the device memory above `--card-gib` (a smaller card emulated on a larger one) until killed. Unlike
+    `torch.cuda.set_per_process_memory_fraction`, which only caps one process's allocator, held memory is missing from
+    what every process sees free (`cudaMemGetInfo`): vLLM's start-up check, its KV-cache sizing and the trainer's
+    log-prob planner all read that. `ballast.json` records the bytes held; `report` subtracts them."""
+    import torch
+
+    work = Path(args.work)
+    free, total = torch.cuda.mem_get_info()
+    hold = total - int(args.card_gib * GIB)
+    if hold <= 0:
+        raise SystemExit(f"--card-gib {args.card_gib} is not below this device's {total / GIB:.1f} GiB")
+    chunks = [torch.empty(GIB, dtype=torch.uint8, device="cuda") for _ in range(hold // GIB)]
+    chunks.append(torch.empty(hold % GIB, dtype=torch.uint8, device="cuda"))
+    torch.cuda.synchronize()
+    after, _ = torch.cuda.mem_get_info()
+    (work / "ballast.json").write_text(json.dumps({
+        "pid": os.getpid(), "card_gib": args.card_gib, "device_total_gib": total / GIB, "held_gib": (free - after) / GIB,
+        "free_before_gib": free / GIB, "free_after_gib": after / GIB,
+    }))  # fmt: skip
+    while True:
+        time.sleep(60)
+
+
+def _start_ballast(work: Path, card_gib: float) -> None:
+    """A ballast process (`cmd_ballast`) in its own session; returns once it holds its memory."""
+    (work / "ballast.json").unlink(missing_ok=True)
+    subprocess.Popen(
+        [sys.executable, __file__, "_ballast", "--work", str(work), "--card-gib", str(card_gib)],
+        stdout=open(work / "ballast.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (work / "ballast.json").exists():
+        if time.time() > deadline:
+            raise SystemExit(f"the ballast process did not start: {(work / 'ballast.log').read_text()}")
+        time.sleep(1)
+    print(f"ballast: {(work / 'ballast.json').read_text()}")
+
+
 def cmd_launch(args) -> None:
     work = Path(args.work)
     for name in ("exit.json", "train.log", "samples.csv"):
         (work / name).unlink(missing_ok=True)
+    if args.card_gib:
+        _start_ballast(work, args.card_gib)
     log = open(work / "train.log", "w")  # noqa: SIM115 (the child keeps it)
     subprocess.Popen(
         [sys.executable, __file__, "_train", "--work", str(work)], stdout=log, stderr=subprocess.STDOUT,
@@ -265,15 +307,23 @@ def cmd_poll(args) -> None:
     while time.time() < deadline and not (work / "exit.json").exists():
         time.sleep(5)
     samples = _samples(work)
+    ballast = json.loads((work / "ballast.json").read_text()) if (work / "ballast.json").exists() else None
+    held = ballast["held_gib"] if ballast else 0.0
     if samples:
         last = samples[-1]
-        peak = max(s["gpu_used_gib"] for s in samples)
-        print(f"at +{last['t'] - samples[0]['t']:.0f} s: GPU used {last['gpu_used_gib']:.1f} GiB (peak {peak:.1f}), "
+        peak = max(s["gpu_used_gib"] for s in samples) - held
+        print(f"at +{last['t'] - samples[0]['t']:.0f} s: GPU used {last['gpu_used_gib'] - held:.1f} GiB "
+              f"(peak {peak:.1f}{', less the ballast' if ballast else ''}), "
               f"RSS {last['rss_gib']:.1f} GiB, rollout tokens {int(last['rollout_tokens'])}")  # fmt: skip
     log = (work / "train.log").read_text(errors="replace").splitlines() if (work / "train.log").exists() else []
     print("\n".join(log[-args.lines :]))
     if (work / "exit.json").exists():
         print(f"finished: {(work / 'exit.json').read_text()}")
+        if ballast:  # the run is over: give the held memory back
+            import signal
+
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ballast["pid"], signal.SIGKILL)
 
 
 _LOG_TIME = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\S+) \w+ (.*)$")
@@ -314,6 +364,8 @@ def cmd_report(args) -> None:
                 "gpu_used_peak_gib": max((s["gpu_used_gib"] for s in in_rollout), default=None),
             })  # fmt: skip
     exit_info = json.loads((work / "exit.json").read_text()) if (work / "exit.json").exists() else None
+    ballast = json.loads((work / "ballast.json").read_text()) if (work / "ballast.json").exists() else None
+    held = ballast["held_gib"] if ballast else 0.0
     row = {
         "what": "recipe_run",
         "prepared": json.loads((work / "prepared.json").read_text()),
@@ -321,6 +373,8 @@ def cmd_report(args) -> None:
         "wall_s": (exit_info["ended_at"] if exit_info else time.time()) - launched,
         "rollouts": rollouts,
         "gpu_used_peak_gib": max((s["gpu_used_gib"] for s in samples), default=None),
+        "ballast": ballast,  # the device-level figures include what it held: subtract "held_gib"
+        "gpu_used_peak_less_ballast_gib": max((s["gpu_used_gib"] - held for s in samples), default=None),
         "torch_allocated_peak_gib": max((s["torch_allocated_gib"] for s in samples), default=None),
         "rss_peak_gib": max((s["rss_gib"] for s in samples), default=None),
         "metrics": metrics,
@@ -347,8 +401,17 @@ def main(argv=None) -> None:
         "save: random weights saved (always for 4-bit recipes, which vLLM quantizes at load)",
     )  # fmt: skip
     p.add_argument("--set", action="append", help="key=value (YAML value) over the recipe")
-    for name in ("launch", "_train"):
-        sub.add_parser(name).add_argument("--work", required=True)
+    p = sub.add_parser("launch")
+    p.add_argument("--work", required=True)
+    p.add_argument(
+        "--card-gib", type=float,
+        help="emulate a card of this many GiB (as torch reports its total) on a larger one: a ballast process holds "
+        "the difference; scale vllm_gpu_memory_utilization with --set at prepare (it is a share of the whole device)",
+    )  # fmt: skip
+    sub.add_parser("_train").add_argument("--work", required=True)
+    p = sub.add_parser("_ballast")
+    p.add_argument("--work", required=True)
+    p.add_argument("--card-gib", type=float, required=True)
     p = sub.add_parser("poll")
     p.add_argument("--work", required=True)
     p.add_argument("--wait", type=float, default=0)
@@ -357,9 +420,14 @@ def main(argv=None) -> None:
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    {"prepare": cmd_prepare, "launch": cmd_launch, "_train": cmd_train, "poll": cmd_poll, "report": cmd_report}[
-        args.command
-    ](args)
+    {
+        "prepare": cmd_prepare,
+        "launch": cmd_launch,
+        "_train": cmd_train,
+        "_ballast": cmd_ballast,
+        "poll": cmd_poll,
+        "report": cmd_report,
+    }[args.command](args)
 
 
 if __name__ == "__main__":
