@@ -37,17 +37,57 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-__all__ = ["LONGCTX_FLEX", "flex_attention_forward", "register_flex_attention", "sink_flex_attention"]
+__all__ = [
+    "LONGCTX_FLEX",
+    "FlexRecompileLimitError",
+    "RECOMPILE_LIMIT",
+    "flex_attention_forward",
+    "register_flex_attention",
+    "sink_flex_attention",
+]
 
 # The name this attention is registered under with transformers' `AttentionInterface` and `AttentionMaskInterface`
 # (`config._attn_implementation`).
 LONGCTX_FLEX = "longctx_flex"
 
 
+# Graphs dynamo may compile for flex attention in one process. Each mix of mask function, dtype, grouped-query flag,
+# grad mode and static-then-dynamic shapes is one (a gpt-oss run has about 8: sliding and full layers, scoring without
+# grad and training with it); torch's default limit is 8, beyond which dynamo silently runs the function uncompiled,
+# which materializes `[T, T]` scores per head and runs out of memory at long context.
+RECOMPILE_LIMIT = 64
+
+
+class FlexRecompileLimitError(RuntimeError):
+    """Flex attention needed more compiled variants than `RECOMPILE_LIMIT` (it would run uncompiled, `O(T^2)`)."""
+
+
+def compile_failing_loudly(fn, limit: int = RECOMPILE_LIMIT, **compile_kwargs):
+    """`torch.compile(fn)` whose recompile limit is `limit` and whose hitting it raises `FlexRecompileLimitError`
+    instead of running `fn` uncompiled. Both settings apply only while the returned function runs."""
+    compiled = torch.compile(fn, **compile_kwargs)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kwargs)
+        except FailOnRecompileLimitHit as error:
+            raise FlexRecompileLimitError(
+                f"flex attention was compiled for {limit} variants in this process (masks, dtypes, shapes) and would "
+                "now run uncompiled, materializing [T, T] scores per head. Turn it off with flex_attention=False, "
+                f"or raise trl_longctx.attention.flex_sinks.RECOMPILE_LIMIT. ({error})"
+            ) from error
+
+    return run
+
+
 @functools.cache
 def _compiled_flex_attention():
-    # One compiled wrapper for the process: dynamo caches a graph per shape (dynamic after the first new length).
-    return torch.compile(flex_attention)
+    # One compiled wrapper for the process: dynamo caches a graph per variant (dynamic after the first new length).
+    return compile_failing_loudly(flex_attention)
 
 
 def _flex_kernel(device: torch.device):
