@@ -107,6 +107,7 @@ class LogProbPass:
         lora_experts: Whether the adapter is also on MoE expert weights (PEFT `target_parameters`).
         router_aux_loss: Whether the router aux loss is computed (TRL's `aux_loss_enabled`), so that its router
             logits are kept.
+        lora_dropout: Whether the adapter applies dropout (the planner counts its masks and outputs).
 
     Attributes:
         backend: `"torch"` or `"triton"`, as `longctx_kernels.resolve_backend` resolves `logprob_backend` here.
@@ -132,11 +133,13 @@ class LogProbPass:
         *,
         lora_experts: bool = False,
         router_aux_loss: bool = True,
+        lora_dropout: bool = False,
     ):
         self.backend = resolved_backend(args, device)
         self._args, self._device, self._mode, self._lora_rank = args, device, mode, lora_rank
         self._attention = attention if attention in ATTENTIONS else "sdpa"
         self._moe = {"lora_experts": lora_experts, "router_aux_loss": router_aux_loss}
+        self._lora_dropout = lora_dropout
         self.free_bytes: Callable[[], float] | None = cuda_free_bytes if device.type == "cuda" else None
         self.offloader = CheckpointOffloader()
         self.used: list[ChunkSizes] = []
@@ -228,7 +231,7 @@ class LogProbPass:
                 lora_rank=self._lora_rank or 32, offload_checkpoints=self.offload, logprob_backend=self.backend,
                 optimizer_states_allocated=optimizer_states_allocated, tile_mlps=args.tiled_mlp_chunks is None,
                 grpo_mini_batch=args.grpo_mini_batch, vision_patches=vision.patches, vision_trained=vision.trained,
-                attention=self._attention, **self._moe,
+                attention=self._attention, lora_dropout=self._lora_dropout, **self._moe,
             )  # fmt: skip
             self._planned[key] = planned
             if planned.grpo_mini_batch < sequences or planned.tiled_mlp_chunks > 1:

@@ -149,6 +149,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         self.logprob_pass = LogProbPass(
             self.args, self.accelerator.device, mode=_training_mode(unwrapped), lora_rank=getattr(peft, "r", None),
             attention=self.attention.implementation, lora_experts=expert_lora, router_aux_loss=self.aux_loss_enabled,
+            lora_dropout=bool(getattr(peft, "lora_dropout", 0)),
         )  # fmt: skip
         self.add_callback(ReleaseBuffersCallback(self.logprob_pass.offloader))
         self.add_callback(ReleaseLmHeadCallback(unwrapped))  # ZeRO-3 only: the lm_head our passes gather

@@ -244,7 +244,7 @@ def test_sequence_parallel_plans_one_ranks_slices(capsys):
                "--prompt-length", "256", "--completion-length", "131072", "--sequence-parallel", "4"])  # fmt: skip
     out = capsys.readouterr().out
     assert "split over 4 processes: each rank runs 8 slices of (64 + 32768) tokens, one per decoder pass" in out
-    slices = TrainSetup(8, 64, 32768, grpo_mini_batch=1)
+    slices = TrainSetup(8, 64, 32768, grpo_mini_batch=1, lora_dropout=True)  # TRL's default dropout 0.05
     longest = 4 * longest_completion(PRESETS["qwen3-8b"], slices, 80, tile_mlps=True, host_memory_gib=400)
     assert (
         f"split over 4 processes: 131072 completion tokens fits; longest completion that fits: {longest} tokens" in out

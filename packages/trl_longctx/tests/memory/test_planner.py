@@ -16,6 +16,7 @@ from trl_longctx.memory.planner import (
     default_logit_chunk_tokens,
     final_norm_backward_bytes_per_token,
     layer_recompute_bytes_per_token,
+    lora_dropout_bytes_per_token,
 )
 from trl_longctx.memory.shapes import GIB, ModelShape, VisionShape, vision_saved_bytes_per_patch
 
@@ -388,3 +389,57 @@ def test_auto_chunk_sizes_count_a_trained_vision_tower():
     )
     trained = auto_chunk_sizes(shape, free, 8, 2048, 4096, vision_trained=True, **kwargs)
     assert trained.grpo_mini_batch < 8
+
+
+def test_lora_dropout_bytes_by_hand():
+    # QLoRA (bf16 adapters), mask m = 1 B: q m*H, k and v (2 + m)*H each, o (2 + m)*q, gate m*H, up (2 + m)*H,
+    # down m*I (module docstring); LoRA (fp32 adapters): masks m*(3H + q + 2H + I) and the down adapter's fp32 dropout
+    # output 4I; MLP terms per tile; MoE models: the attention's adapters only.
+    h, q, i = 8, 8, 24
+    assert lora_dropout_bytes_per_token(TINY, "qlora") == h + 3 * 2 * h + 3 * q + h + 3 * h + i
+    assert lora_dropout_bytes_per_token(TINY, "lora") == 3 * h + q + 2 * h + i + 4 * i
+    assert lora_dropout_bytes_per_token(TINY, "qlora", tiles=2) == h + 3 * 2 * h + 3 * q + (h + 3 * h + i) / 2
+    assert lora_dropout_bytes_per_token(TINY, "full") == 0
+    moe = ModelShape(**{**TINY.__dict__, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8})
+    assert lora_dropout_bytes_per_token(moe, "qlora") == h + 3 * 2 * h + 3 * q
+    # Qwen3-8B QLoRA: 69,632 B per token, 14.3 GiB more at the recompute peak of 2 x 110,338 tokens.
+    assert lora_dropout_bytes_per_token(QWEN3_8B, "qlora") == 69_632
+    setups = [TrainSetup.for_path("ours", 2, 102_146, 8192, mode="qlora", lora_dropout=d) for d in (False, True)]
+    plans = [plan_memory(QWEN3_8B, s, activation_scale=1.0) for s in setups]
+    assert plans[1].allocated - plans[0].allocated == 69_632 * 2 * 110_338
+    with pytest.raises(ValueError, match=r"lora_dropout must be False with mode='full' \(no adapters\), got True"):
+        TrainSetup(2, 0, 100, mode="full", lora_dropout=True)
+
+
+def test_lora_dropout_saved_bytes_match_peft():
+    """What a Qwen3 layer with PEFT's bf16 adapters (QLoRA's) saves for the backward with `lora_dropout > 0` beyond
+    what it saves without, per token, equals `lora_dropout_bytes_per_token` with the mask of torch's CPU dropout (the
+    input's dtype, 2 B; CUDA's is a 1 B bool mask, the planner's default). Exact: every saved storage counted once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    tokens, cpu_mask_bytes = 24, 2
+
+    def saved_bytes(dropout: float) -> int:
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
+        for param in model.parameters():  # bf16 adapters, as TRL casts QLoRA's
+            param.data = param.data.to(torch.bfloat16)
+        model.enable_input_require_grads()  # as TRL does for PEFT with gradient checkpointing: every adapter
+        model.train()  # input then needs its dropout's backward (in a deeper model, every layer after the first)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 64, (1, tokens)))
+        return sum(storages.values())
+
+    expected = lora_dropout_bytes_per_token(ModelShape.from_config(config), "qlora", mask_bytes=cpu_mask_bytes)
+    assert saved_bytes(0.1) - saved_bytes(0.0) == tokens * expected

@@ -34,6 +34,9 @@ from .rollout_kv import kv_bytes_per_token, min_vllm_utilization, rollout_kv_tok
 
 DEFAULT_MODELS = ("qwen3-8b", "llama3.1-8b")
 DEFAULT_PATHS = ("ours", "trl")
+# TRL's `ModelConfig.lora_dropout` default, which `longctx-grpo train` passes to PEFT unless the config sets it (a test
+# checks it against TRL's; TRL is not imported here).
+LORA_DROPOUT_DEFAULT = 0.05
 # Paths that tile the MLPs when the untiled step does not fit (what `LongContextGRPOTrainer` does on CUDA).
 TILING_PATHS = ("ours",)
 # The label of `--gpu-memory-gib` in the printed plan.
@@ -64,6 +67,14 @@ def make_plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--completion-length", type=int, default=32768)
     parser.add_argument("--mode", default="lora", help=f"One of {', '.join(MODES)}.")
     parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=LORA_DROPOUT_DEFAULT,
+        help=f"The adapters' dropout (lora_dropout); above 0 each adapter keeps its dropout mask (QLoRA: and output) "
+        f"per layer. Default {LORA_DROPOUT_DEFAULT}: TRL's ModelConfig default, what `longctx-grpo train` uses unless "
+        "the config sets lora_dropout.",
+    )
     parser.add_argument("--grpo-mini-batch", type=int, help="Sequences per decoder pass (default: all).")
     parser.add_argument(
         "--lora-experts",
@@ -134,6 +145,8 @@ def _checked(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}.")
     if args.mode not in MODES:
         raise ValueError(f"--mode must be one of {list(MODES)}, got {args.mode!r}.")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}.")
     if args.lora_experts and args.mode == "full":
         raise ValueError("--lora-experts needs --mode lora or qlora (full fine-tuning has no adapters), got full.")
     unknown = [p for p in args.paths if p not in PATHS]
@@ -143,7 +156,8 @@ def _checked(args: argparse.Namespace) -> dict:
         raise ValueError(f"--grpo-mini-batch must be in 1..--num-generations, got {args.grpo_mini_batch}.")
     return {**flags, "mode": args.mode, "grpo_mini_batch": args.grpo_mini_batch, "lora_experts": args.lora_experts,
             "router_aux_loss": args.router_aux_loss, "vision_patches": args.vision_patches,
-            "vision_trained": args.vision_trained}  # fmt: skip
+            "vision_trained": args.vision_trained,
+            "lora_dropout": args.lora_dropout > 0 and args.mode != "full"}  # fmt: skip
 
 
 def named_gpus(names: list[str] | None, memory_gib: float | None) -> dict[str, float]:

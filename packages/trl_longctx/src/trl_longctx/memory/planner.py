@@ -33,6 +33,12 @@ Bytes alive then, each derived from the ops of transformers 5.17's Llama/Qwen3 l
   + `2H` (down output); the down adapter's cast `4I + 2I`; gradients `2H` (of the layer output) + `2H` (its
   LoRA-scaled copy, made before the first saved tensor is unpacked). Qwen3-8B: 336,000 B = 41.0 x `2H`;
   Llama-3.1-8B: 344,192 B = 42.0 x `2H`;
+- LoRA dropout (`lora_dropout > 0`; PEFT runs `lora_A(dropout(x))` per adapter, `nn.Identity` at 0): each
+  adapter's dropout keeps its bool mask for the backward, 1 B per input element; with bf16 adapters (QLoRA) `lora_A`
+  saves the dropout's bf16 output in place of the input the adapters of q/k/v and of gate/up shared; with fp32
+  adapters the saved bf16 cast is already counted, and the down adapter's fp32 dropout output `4I` joins the cast at
+  the peak (`lora_dropout_bytes_per_token` itemizes them; Qwen3-8B QLoRA: 69,632 B per token). TRL's `ModelConfig`
+  defaults to 0.05, PEFT's `LoraConfig` to 0: the fit's steps ran at 0;
 - other mini-batches (not yet back-propagated): each keeps its final norm's fp32 input `N * 4H` and the log-prob
   kernel's saved tensors (`selective_logprobs`: hidden rows + their stored gradient, `N_p * 4H`; TRL: `N_p * 2H`);
 - rotary tables `2 * T * head_dim * 2` per mini-batch;
@@ -161,6 +167,7 @@ class TrainSetup:
             The image tokens are already part of `prompt_length`.
         vision_trained: Whether the vision tower takes gradients (then it keeps `vision_saved_bytes_per_patch`).
         attention: `"sdpa"` or `"longctx_flex"` (`trl_longctx.attention`, with attention sinks); see `ATTENTIONS`.
+        lora_dropout: Whether the adapters apply dropout (`lora_dropout > 0`); not with `mode="full"`.
     """
 
     num_generations: int
@@ -179,6 +186,7 @@ class TrainSetup:
     vision_patches: int = 0
     vision_trained: bool = False
     attention: str = "sdpa"
+    lora_dropout: bool = False
 
     def __post_init__(self):
         for name in ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks"):
@@ -197,8 +205,9 @@ class TrainSetup:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
-        if self.lora_experts and self.mode == "full":
-            raise ValueError("lora_experts must be False with mode='full' (no adapters), got True.")
+        for name in ("lora_experts", "lora_dropout"):
+            if getattr(self, name) and self.mode == "full":
+                raise ValueError(f"{name} must be False with mode='full' (no adapters), got True.")
 
     @classmethod
     def for_path(cls, path: str, num_generations: int, prompt_length: int, completion_length: int, **kw):
@@ -296,6 +305,37 @@ def dense_layer_bytes_per_token(
     live = BF16 * h + BF16 * h + BF16 * i / tiles + BF16 * h + tile_outputs  # residual, MLP input, product, down out
     return {"saved for backward": saved, "forward values": live, "adapter cast": (FP32 + BF16) * i / tiles,
             "gradients": 2 * BF16 * h}  # fmt: skip
+
+
+# Bytes per element of a dropout mask saved for the backward: CUDA's fused dropout keeps a bool mask. (torch's CPU
+# dropout multiplies by a noise tensor of the input's dtype and keeps that.)
+DROPOUT_MASK_BYTES = 1
+
+
+def lora_dropout_bytes_per_token(
+    shape: ModelShape, mode: str = "lora", tiles: int = 1, mask_bytes: int = DROPOUT_MASK_BYTES
+) -> float:
+    """Bytes per token that adapter dropout adds to one decoder layer's recompute peak (module docstring, "LoRA
+    dropout"). Each adapter's dropout keeps its mask (`mask_bytes` per input element). With bf16 adapters (QLoRA)
+    `lora_A` saves the dropout's output instead of the input it shares with its neighbours, which nothing else keeps
+    (the frozen base layers save no input): per token `m H` (q), `(2 + m) 2H` (k, v), `(2 + m) q` (o, whose input
+    attention keeps anyway), `m H` (gate), `(2 + m) H` (up), `m I` (down), `m = mask_bytes`. With fp32 adapters (LoRA)
+    each adapter already saves its own cast copy, which the dropout's output replaces: the masks, `m (3H + q + 2H + I)`,
+    and the down adapter's fp32 dropout output `4I` at the cast. MLP terms per tile, as in
+    `dense_layer_bytes_per_token`; MoE models count their attention's adapters only (the expert block has no input
+    adapters)."""
+    if mode == "full":
+        return 0.0
+    h, i, q, m = shape.hidden_size, shape.intermediate_size, shape.q_size, mask_bytes
+    if mode == "qlora":
+        attention = m * h + (BF16 + m) * (2 * h + q)
+        mlp = m * h + (BF16 + m) * h + m * i
+    else:
+        attention = m * (3 * h + q)
+        mlp = m * (2 * h + i) + FP32 * i
+    if shape.moe_layers:
+        return float(attention)
+    return attention + mlp / tiles
 
 
 def checkpoint_inputs_on_gpu(shape: ModelShape, mode: str, offload: bool) -> tuple[int, int]:
@@ -462,6 +502,11 @@ def _phases(shape: ModelShape, setup: TrainSetup, batches: list[int], j: int, sc
         **_static_bytes(shape, setup, layers_done),
         "checkpointed layer inputs on GPU": BF16 * h * tokens * current_inputs + inputs_before,
         "recompute working set (1 layer)": scale * sum(per_token.values()) * tokens,
+        "LoRA dropout masks and outputs (1 layer)": (
+            scale * lora_dropout_bytes_per_token(shape, setup.mode, setup.tiled_mlp_chunks) * tokens
+            if setup.lora_dropout
+            else 0
+        ),
         "adapted expert weights (LoRA on experts)": adapted_expert_bytes(shape) if setup.lora_experts else 0,
         **shared,
     }
@@ -598,6 +643,7 @@ def auto_chunk_sizes(
     attention: str = "sdpa",
     lora_experts: bool = False,
     router_aux_loss: bool = True,
+    lora_dropout: bool = False,
 ) -> ChunkSizes:
     """The largest mini-batch and logit chunk (and, with `tile_mlps`, the fewest MLP tiles) whose predicted step fits
     in `free_bytes` with a `margin`.
@@ -630,6 +676,7 @@ def auto_chunk_sizes(
         vision_patches, vision_trained: As in `TrainSetup` (the images of a vision-language model).
         attention: As in `TrainSetup`.
         lora_experts, router_aux_loss: As in `TrainSetup` (MoE models).
+        lora_dropout: As in `TrainSetup`.
 
     Returns:
         `ChunkSizes(grpo_mini_batch, logit_chunk_tokens, tiled_mlp_chunks)`, all `>= 1`; the mini-batch divides
@@ -648,7 +695,8 @@ def auto_chunk_sizes(
     base = TrainSetup(num_sequences, prompt_len, completion_len, mode=mode, lora_rank=lora_rank,
                       offload_checkpoints=offload_checkpoints, logprob_backend=logprob_backend,
                       vision_patches=vision_patches, vision_trained=vision_trained, attention=attention,
-                      lora_experts=lora_experts, router_aux_loss=router_aux_loss)  # fmt: skip
+                      lora_experts=lora_experts, router_aux_loss=router_aux_loss,
+                      lora_dropout=lora_dropout)  # fmt: skip
     resident = _resident_bytes(shape, base, optimizer_states_allocated)
 
     def fits(mini_batch: int, chunk: int, tiles: int = 1) -> bool:
