@@ -265,3 +265,23 @@ def test_sequence_parallel_plans_one_ranks_slices(capsys):
 def test_bad_sequence_parallel_flags_are_refused(argv, message):
     with pytest.raises(SystemExit, match=message):
         plan_main([*argv, "--gpu", "24GB"])
+
+
+def test_lora_dropout_default_is_trls():
+    """`--lora-dropout`'s default is TRL's `ModelConfig.lora_dropout`, what `longctx-grpo train` passes to PEFT."""
+    from trl import ModelConfig
+
+    from trl_longctx.memory.plan_cli import LORA_DROPOUT_DEFAULT
+
+    assert ModelConfig().lora_dropout == LORA_DROPOUT_DEFAULT
+
+
+def test_lora_dropout_flag_changes_the_plan(capsys):
+    argv = ["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--host-memory-gib", "400", "--paths", "ours",
+            "--mode", "qlora", "--prompt-length", "1024", "--completion-length", "8192"]  # fmt: skip
+    plan_main(argv)
+    assert "LoRA dropout masks and outputs (1 layer)" in capsys.readouterr().out
+    plan_main([*argv, "--lora-dropout", "0"])
+    assert "LoRA dropout" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--lora-dropout must be in \[0, 1\), got 1.5"):
+        plan_main([*argv, "--lora-dropout", "1.5"])
