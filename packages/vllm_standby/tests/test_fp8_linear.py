@@ -23,6 +23,7 @@ import torch
 from fp8_layouts import FP8, FP8_MAX, dequantized64, quantize
 
 from vllm_standby.fp8_linear import (
+    AUTO_REASON,
     Fp8Linear,
     capability_problem,
     dequantize_fp8,
@@ -247,14 +248,9 @@ def test_scaled_mm_path_grads_equal_the_dequantized_path():
 
 def test_matmul_resolution_names_what_runs_and_why():
     codes, scale = quantize(torch.randn(32, 64), "per-channel")
-    assert resolve_matmul("auto", codes, "per-channel") == (
-        "dequantize",
-        "matmul='auto' on cpu (torch._scaled_mm is for speed on CUDA only)",
-    )
+    for kind in ("per-channel", "per-block"):  # "auto" dequantizes: the faster of the two for the trainer
+        assert resolve_matmul("auto", codes, kind) == ("dequantize", f"matmul='auto': {AUTO_REASON}")
     assert resolve_matmul("scaled_mm", codes, "per-channel")[0] == "scaled_mm"
-    assert resolve_matmul("auto", codes, "per-block")[1] == (
-        "matmul='auto': its scales are per block (no block-scaled torch._scaled_mm path here)"
-    )
     with pytest.raises(ValueError, match=r"matmul='scaled_mm' cannot run this layer: its scales are per block"):
         resolve_matmul("scaled_mm", codes, "per-block")
     with pytest.raises(ValueError, match=r"matmul must be one of \['auto', 'scaled_mm', 'dequantize'\], got 'fp8'"):
@@ -284,7 +280,7 @@ def test_bad_weights_and_scales_are_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["per-tensor", "per-channel"])
 def test_scaled_mm_on_cuda(kind):
-    """On a GPU of compute capability >= 8.9, `"auto"` picks `torch._scaled_mm`, whose bf16 output is the W8A8 product
+    """On a GPU of compute capability >= 8.9, `"scaled_mm"` runs `torch._scaled_mm`, whose bf16 output is the W8A8 product
     rounded once (max error <= 2**-7 x max |output|) and whose input gradient is the dequantized one (bf16 rule)."""
     from vllm_standby.fp8_linear import capability_problem
 
@@ -292,7 +288,7 @@ def test_scaled_mm_on_cuda(kind):
         pytest.skip(capability_problem(torch.cuda.get_device_capability()))
     codes, scale = quantize(torch.randn(256, 512) * 0.05, kind)
     w64 = dequantized64(codes, scale, kind)
-    layer = Fp8Linear(codes.cuda(), scale.cuda(), matmul="auto")
+    layer = Fp8Linear(codes.cuda(), scale.cuda(), matmul="scaled_mm")
     assert layer.matmul == "scaled_mm", layer.matmul_reason
     x = torch.randn(3, 40, 512, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     out = layer(x)

@@ -10,8 +10,11 @@ never a higher-precision copy. Its forward runs one of two matmuls, chosen once 
   log-probs follow the sampler's numerics more closely. CUDA needs compute capability >= 8.9 (Ada, Hopper);
   torch's CPU implementation runs it too (for tests, not speed). Per-block scales have no path here.
 
-``"auto"`` picks ``"scaled_mm"`` on a CUDA device that runs it and ``"dequantize"`` elsewhere; :func:`resolve_matmul`
-says what it picked and why, so the caller can log it. The backward gives the gradient of the input only (and of the
+``"auto"`` picks ``"dequantize"``: for the trainer's forward and input gradient on Hopper, ``"scaled_mm"`` was measured
+slower than dequantizing at every layer shape and token count tried but one (its per-token activation quantization is
+separate passes over the input in eager PyTorch, and the backward dequantizes anyway), and its output is further from
+the exact product. ``"scaled_mm"`` stays selectable for its numerics, which follow vLLM's FP8 kernels.
+:func:`resolve_matmul` says what it picked and why, so the caller can log it. The backward gives the gradient of the input only (and of the
 bias, if something trains it): the weight is frozen. It dequantizes the weight again instead of keeping a bf16 copy
 from the forward, so a step never holds more than one layer's dequantized weight at a time.
 
@@ -36,6 +39,11 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 _MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 #: Values of ``matmul``.
 MATMULS = ("auto", "scaled_mm", "dequantize")
+#: Why ``"auto"`` dequantizes (module docstring).
+AUTO_REASON = (
+    "dequantized to the input's dtype per matmul (torch._scaled_mm on per-token FP8 activations is slower for the "
+    "trainer's forward and input gradient; matmul='scaled_mm' selects it)"
+)
 #: How the scales of a weight are laid out.
 SCALE_KINDS = ("per-tensor", "per-channel", "per-block")
 # Float32 temporaries of dequantization and activation quantization are made this many elements at a time (64 MiB):
@@ -172,11 +180,7 @@ def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, s
                 f"matmul='scaled_mm' cannot run this layer: {problem}. Allowed here: 'dequantize', 'auto'."
             )
         return "scaled_mm", "matmul='scaled_mm'"
-    if problem is not None:
-        return "dequantize", f"matmul='auto': {problem}"
-    if weight.device.type != "cuda":
-        return "dequantize", f"matmul='auto' on {weight.device.type} (torch._scaled_mm is for speed on CUDA only)"
-    return "scaled_mm", "matmul='auto' on a GPU that runs torch._scaled_mm"
+    return "dequantize", f"matmul='auto': {AUTO_REASON}"
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

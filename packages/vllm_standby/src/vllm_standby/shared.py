@@ -110,8 +110,8 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
             unquantized, bitsandbytes 4-bit or online FP8, created with the vllm_standby patches live (so CPU weights
             stay plain).
         model_cls: transformers class to build; default ``AutoModelForCausalLM`` from vLLM's HF config.
-        fp8_matmul: The FP8 layers' matmul (``vllm_standby.fp8_linear.MATMULS``): ``"auto"`` (``torch._scaled_mm``
-            on a GPU that runs it, dequantized elsewhere), ``"scaled_mm"`` or ``"dequantize"``.
+        fp8_matmul: The FP8 layers' matmul (``vllm_standby.fp8_linear.MATMULS``): ``"auto"`` (dequantized per
+            matmul, ``vllm_standby.fp8_linear.AUTO_REASON``), ``"scaled_mm"`` or ``"dequantize"``.
 
     Returns:
         The transformers model in eval mode, on vLLM's device and dtype.
