@@ -70,12 +70,15 @@ def test_the_moe_recipes_exist_and_say_they_were_not_run():
                          ids=lambda p: p.name)  # fmt: skip
 def test_the_plan_a_recipe_names_fits_the_recipe(recipe, capsys):
     """The header's `longctx-grpo plan` check runs, plans the recipe's completion length, and says it fits."""
-    from trl_longctx.memory.plan_cli import main
+    from trl_longctx.memory.plan_cli import LORA_DROPOUT_DEFAULT, main
 
     command = re.search(r"check first: longctx-grpo plan ([^)]*)\)", recipe.read_text()).group(1)
     argv = shlex.split(command) + ["--host-memory-gib", "109"]  # the host the headers assume, not this machine's
     length = yaml.safe_load(recipe.read_text())["max_completion_length"]
     assert argv[argv.index("--completion-length") + 1] == str(length), f"{recipe.name}: the check plans another length"
+    dropout = yaml.safe_load(recipe.read_text()).get("lora_dropout", LORA_DROPOUT_DEFAULT)
+    planned = float(argv[argv.index("--lora-dropout") + 1]) if "--lora-dropout" in argv else LORA_DROPOUT_DEFAULT
+    assert (planned > 0) == (dropout > 0), f"{recipe.name}: lora_dropout {dropout}, planned with {planned}"
     main(argv)
     assert f"{length} completion tokens fits" in capsys.readouterr().out
 
