@@ -18,7 +18,7 @@ from trl_longctx.memory.planner import (
     layer_recompute_bytes_per_token,
     lora_dropout_bytes_per_token,
 )
-from trl_longctx.memory.shapes import GIB, ModelShape, VisionShape, vision_saved_bytes_per_patch
+from trl_longctx.memory.shapes import FP32, GIB, ModelShape, VisionShape, vision_saved_bytes_per_patch
 
 QWEN3_8B = PRESETS["qwen3-8b"]
 # H=8, I=24, 4 layers, 2 heads x 4 (q=8), 1 kv head (kv=4), V=100, Qwen3's q/k norms.
@@ -411,24 +411,29 @@ def test_lora_dropout_bytes_by_hand():
         TrainSetup(2, 0, 100, mode="full", lora_dropout=True)
 
 
-def test_lora_dropout_saved_bytes_match_peft():
-    """What a Qwen3 layer with PEFT's bf16 adapters (QLoRA's) saves for the backward with `lora_dropout > 0` beyond
-    what it saves without, per token, equals `lora_dropout_bytes_per_token` with the mask of torch's CPU dropout (the
-    input's dtype, 2 B; CUDA's is a 1 B bool mask, the planner's default). Exact: every saved storage counted once."""
+@pytest.mark.parametrize("mode", ["qlora", "lora"])
+def test_lora_dropout_saved_bytes_match_peft(mode):
+    """What a Qwen3 layer with PEFT's adapters saves for the backward with `lora_dropout > 0` beyond what it saves
+    without, per token, equals `lora_dropout_bytes_per_token` less its transient (LoRA: the down adapter's fp32 dropout
+    output `4I`, alive only at the cast), with the mask of torch's CPU dropout: a tensor of the input's dtype (QLoRA's
+    bf16 adapters: 2 B; LoRA's fp32 adapters, which PEFT feeds an fp32 copy of the input: 4 B), where CUDA's is a 1 B
+    bool mask (the planner's default). QLoRA: bf16 adapters, as TRL casts them; LoRA: fp32 adapters under bf16
+    autocast, as the trainer runs them. Exact: every saved storage counted once."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
-    tokens, cpu_mask_bytes = 24, 2
+    tokens, cpu_mask_bytes = 24, {"qlora": 2, "lora": 4}[mode]
 
     def saved_bytes(dropout: float) -> int:
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
-        for param in model.parameters():  # bf16 adapters, as TRL casts QLoRA's
-            param.data = param.data.to(torch.bfloat16)
+        if mode == "qlora":
+            for param in model.parameters():
+                param.data = param.data.to(torch.bfloat16)
         model.enable_input_require_grads()  # as TRL does for PEFT with gradient checkpointing: every adapter
         model.train()  # input then needs its dropout's backward (in a deeper model, every layer after the first)
         storages = {}
@@ -437,9 +442,12 @@ def test_lora_dropout_saved_bytes_match_peft():
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "lora")
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=torch.randint(0, 64, (1, tokens)))
         return sum(storages.values())
 
-    expected = lora_dropout_bytes_per_token(ModelShape.from_config(config), "qlora", mask_bytes=cpu_mask_bytes)
+    shape = ModelShape.from_config(config)
+    transient = FP32 * shape.intermediate_size if mode == "lora" else 0
+    expected = lora_dropout_bytes_per_token(shape, mode, mask_bytes=cpu_mask_bytes) - transient
     assert saved_bytes(0.1) - saved_bytes(0.0) == tokens * expected
