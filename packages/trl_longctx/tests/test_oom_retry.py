@@ -14,6 +14,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -276,6 +277,9 @@ def test_step_completes_after_lowering_and_logs_the_values(capped_runs):
     assert retried["sizes_after"] == [8, 256, 1]
     assert retried["chunk_sizes"] == {"grpo_mini_batch": None, "logit_chunk_multiplier": 1}
     assert retried["rollouts"] == 1  # the first micro-step's retry reused its batch: no second rollout
+    # TRL's step_time counts the failed tries too (their rollout included), not only the retries: nearly all the
+    # step's wall time, which adds only the optimizer step and callbacks.
+    assert retried["step_time"] >= 0.9 * retried["step_wall"], (retried["step_time"], retried["step_wall"])
 
 
 @pytest.mark.slow
@@ -381,8 +385,12 @@ def _child(out_dir: str) -> None:
             self.first, self.second, self.grads_path = first, second, grads_path
 
         def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
             if self.first is not None:
                 _set_cap(self.first)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.wall = time.perf_counter() - self.began
 
         def on_substep_end(self, args, state, control, **kwargs):
             if self.second is not None:
@@ -428,7 +436,8 @@ def _child(out_dir: str) -> None:
         )
         if free_bytes is not None:  # the planner sizes the pass on CPU too, for this figure
             trainer.logprob_pass.free_bytes = lambda: free_bytes
-        trainer.add_callback(Caps(*caps, out / f"grads_{name}.pt"))
+        caps_callback = Caps(*caps, out / f"grads_{name}.pt")
+        trainer.add_callback(caps_callback)
         result = {"rollouts": 0}
         try:
             trainer.train()
@@ -449,6 +458,8 @@ def _child(out_dir: str) -> None:
             global_step=trainer.state.global_step,
             loss=log.get("loss"),
             entropy=log.get("entropy"),
+            step_time=log.get("step_time"),
+            step_wall=getattr(caps_callback, "wall", None),
             chunk_sizes={k: getattr(trainer.args, k) for k in ("grpo_mini_batch", "logit_chunk_multiplier")},
             sizes_after=list(trainer.logprob_pass.sizes(trainer.model.config, VOCAB, BATCH, 40, COMPLETION)),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 
 from trl import GRPOTrainer
 
@@ -235,6 +236,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         run = functools.partial(super().training_step, model, inputs, num_items_in_batch)
         step, passes = self.state.global_step + 1, self.logprob_pass
+        started = time.perf_counter()
         first = oom_retry.StepAttempt(self, model)
         try:
             passes.begin_try()
@@ -250,6 +252,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if lowered is None:
             raise oom_retry.OutOfMemoryRetryError(oom_retry.failure_message(step, summary, tried)) from failure
         del failure
+        # TRL's `step_time` adds each `training_step`'s time once it returns: the failed try (its rollout included)
+        # never returned, and the retry alone would be reported as the step's time.
+        self._current_train_step_time += time.perf_counter() - started
         oom_retry.free_memory(self.accelerator.device)
         logger.warning(oom_retry.lowering_message(step, summary, tried[0], lowered))
         try:

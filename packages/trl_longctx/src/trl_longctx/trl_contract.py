@@ -351,10 +351,12 @@ TRL_HOOKS: tuple[Hook, ...] = (
     Hook(
         GRPO_TRAINER, "training_step", "override",
         ("self", "model", "inputs", "num_items_in_batch"),
-        reason="the OOM retry runs TRL's step again with lower sizes",
+        reason="the OOM retry runs TRL's step again with lower sizes, and adds the failed try's time to the step time "
+        "TRL accumulates in _current_train_step_time",
         upstream="trl/trainer/grpo_trainer.py (v1.16.0)",
         on_change="Review LongContextGRPOTrainer.training_step and oom_retry.",
         source_sha256={"1.16.0": "15ea836c392b6976d236a7333743c143f81cea132e09ef60a08f3a54cdfe61d0"},
+        sets=("_current_train_step_time",),
     ),
     Hook(
         GRPO_TRAINER, "compute_loss", "override",
