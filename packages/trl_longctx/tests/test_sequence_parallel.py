@@ -285,3 +285,93 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Refusals before anything loads (`refuse_before_load`): from the checkpoint's config.json and the peft config.
+
+
+def _sp_args(**overrides):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"sequence_parallel_size": 2, "model_init_kwargs": None, "router_aux_loss_coef": None,
+                              **overrides})  # fmt: skip
+
+
+def _checkpoint(tmp_path, config) -> str:
+    config.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def _qwen3(**overrides):
+    from transformers import Qwen3Config
+
+    settings = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 64}  # fmt: skip
+    return Qwen3Config(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize(
+    ("make_config", "args", "message"),
+    [
+        (lambda: _qwen3(use_sliding_window=True, sliding_window=8, max_window_layers=1), {}, "sliding-window"),
+        (lambda: _qwen3(num_attention_heads=3, num_key_value_heads=1), {}, "num_attention_heads=3 must be divisible"),
+        (lambda: _qwen3(), {"model_init_kwargs": {"attn_implementation": "eager"}}, "attn_implementation='eager'"),
+        (
+            lambda: __import__("transformers").Qwen3MoeConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                vocab_size=64,
+                num_experts=4,
+            ),  # fmt: skip
+            {},
+            r"needs router_aux_loss_coef=0.0",
+        ),
+    ],
+    ids=["sliding-window", "heads", "eager", "moe-aux-loss"],
+)
+def test_what_the_checkpoint_decides_is_refused_before_loading(tmp_path, make_config, args, message):
+    from trl_longctx.sequence_parallel import refuse_before_load
+
+    folder = _checkpoint(tmp_path, make_config())
+    with pytest.raises(ValueError, match=message):
+        refuse_before_load(_sp_args(**args), folder)
+    refuse_before_load(_sp_args(sequence_parallel_size=1, **args), folder)  # off: nothing to refuse
+
+
+def test_before_loading_what_can_split_passes_and_what_is_not_at_hand_waits(tmp_path):
+    from peft import LoraConfig
+
+    from trl_longctx.sequence_parallel import refuse_before_load
+
+    refuse_before_load(_sp_args(), _checkpoint(tmp_path / "dense", _qwen3()), LoraConfig(target_modules="all-linear"))
+    moe = __import__("transformers").Qwen3MoeConfig(num_hidden_layers=1, num_experts=4, num_attention_heads=4,
+                                                    num_key_value_heads=2, hidden_size=64)  # fmt: skip
+    refuse_before_load(_sp_args(router_aux_loss_coef=0.0), _checkpoint(tmp_path / "moe", moe))  # aux loss off
+    refuse_before_load(_sp_args(), str(tmp_path / "not-downloaded"))  # checked once the model is built
+    with pytest.raises(ValueError, match="needs no adapter on the lm_head"):
+        refuse_before_load(_sp_args(), torch.nn.Linear(2, 2), LoraConfig(target_modules=["q_proj", "lm_head"]))
+
+
+def test_the_trainer_refuses_before_loading(monkeypatch, tmp_path):
+    """`LongContextGRPOTrainer` calls `refuse_before_load` before any model or engine is built (the model named here
+    does not exist: loading it would fail with another error)."""
+    from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer, longctx_grpo_trainer
+
+    seen = []
+
+    def refuse(args, model, peft_config=None):
+        seen.append(model)
+        raise ValueError("refused before loading")
+
+    monkeypatch.setattr(longctx_grpo_trainer, "refuse_before_load", refuse)
+    args = LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False)
+    with pytest.raises(ValueError, match="refused before loading"):
+        LongContextGRPOTrainer(model=str(tmp_path / "missing"), reward_funcs=lambda completions, **kw: [0.0],
+                               args=args, train_dataset=__import__("datasets").Dataset.from_dict({"prompt": ["a"]}))  # fmt: skip
+    assert seen == [str(tmp_path / "missing")]

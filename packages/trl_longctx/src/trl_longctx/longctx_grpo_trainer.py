@@ -24,7 +24,7 @@ from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .quantized_experts import unquantized_experts_notice
 from .rollout_plan import resolve_rollout_plan
 from .rollout_standby import kv_cache_for_rollout
-from .sequence_parallel import SequenceParallelPass, sequence_parallel_pass
+from .sequence_parallel import SequenceParallelPass, refuse_before_load, sequence_parallel_pass
 from .training_layout import describe_layout, layout_problem
 from .trl_contract import check_trl_contract
 from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, vision_parts
@@ -54,6 +54,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         args = _long_context_args(args, model)
         check_train_dataset(kwargs.get("train_dataset"))
         resolved_backend(args, args.device)  # a logit chunk the backend cannot honour is refused before any load
+        refuse_before_load(args, model, kwargs.get("peft_config"))  # what sequence parallelism cannot split
         # How the run generates: decided once, before any model or engine is built (bad requests raise here).
         self.rollout_plan = plan = resolve_rollout_plan(
             args, model, kwargs.get("peft_config"), _quantization_config(args, kwargs),

@@ -454,16 +454,7 @@ def sequence_parallel_pass(
     size = args.sequence_parallel_size
     if size == 1:
         return None
-    fixes = {
-        "router_aux_loss": "router_aux_loss_coef=0.0 (the router aux loss needs every token of a row at once)",
-        "lm_head_adapter": "no adapter on the lm_head (take 'lm_head' out of the LoRA target_modules and "
-        "modules_to_save: the fused pass reads its plain weight)",
-        "fsdp": "DDP instead of FSDP (sequence parallelism is tested with DDP only)",
-        "deepspeed": "DDP instead of DeepSpeed (sequence parallelism is tested with DDP only)",
-    }
-    for name, holds in refusals.items():
-        if holds:
-            raise ValueError(f"sequence_parallel_size={size} needs {fixes[name]}; or set sequence_parallel_size=1.")
+    _refuse(refusals, size)
     others = (ref_model,) if ref_model is not None else ()
     ulysses = UlyssesLogProbs(model, sequence_parallel_group(size), others=others)
     logger.warning(
@@ -471,6 +462,67 @@ def sequence_parallel_pass(
         size, dist.get_rank() // size, ulysses.attention,
     )  # fmt: skip
     return SequenceParallelPass(ulysses, passes)
+
+
+# What each refusal of `sequence_parallel_pass` asks for.
+_FIXES = {
+    "router_aux_loss": "router_aux_loss_coef=0.0 (the router aux loss needs every token of a row at once)",
+    "lm_head_adapter": "no adapter on the lm_head (take 'lm_head' out of the LoRA target_modules and "
+    "modules_to_save: the fused pass reads its plain weight)",
+    "fsdp": "DDP instead of FSDP (sequence parallelism is tested with DDP only)",
+    "deepspeed": "DDP instead of DeepSpeed (sequence parallelism is tested with DDP only)",
+}
+
+
+def _refuse(refusals: dict[str, bool], size: int) -> None:
+    for name, holds in refusals.items():
+        if holds:
+            raise ValueError(f"sequence_parallel_size={size} needs {_FIXES[name]}; or set sequence_parallel_size=1.")
+
+
+def refuse_before_load(args: Any, model: Any, peft_config: Any = None) -> None:
+    """Make the refusals of `sequence_parallel_pass` that the checkpoint's config and the peft config decide before
+    anything loads: attention, sliding windows, vision, head counts, the router aux loss, an lm_head adapter.
+
+    Only where `model` names a checkpoint whose config is at hand (a folder, or the Hugging Face cache; nothing is
+    fetched); a model object, or a checkpoint not downloaded yet, is checked once built, as before.
+
+    Args:
+        args: The trainer's `LongContextGRPOConfig` (`sequence_parallel_size`, `model_init_kwargs`,
+            `router_aux_loss_coef`).
+        model: What the trainer was given: a checkpoint name or folder, or a model.
+        peft_config: The trainer's peft config, or `None`.
+
+    Raises:
+        ValueError: As `sequence_parallel_pass` would once the model is loaded.
+    """
+    size = args.sequence_parallel_size
+    if size == 1:
+        return
+    targets = set(_names(getattr(peft_config, "target_modules", None)))
+    targets |= set(_names(getattr(peft_config, "modules_to_save", None)))
+    _refuse({"lm_head_adapter": "lm_head" in targets}, size)
+    if not isinstance(model, str):
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):  # not at hand: checked once the model is loaded
+        return
+    attention = (getattr(args, "model_init_kwargs", None) or {}).get("attn_implementation") or "sdpa"
+    _refuse_unsupported(config, attention, size)
+    text = config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    _refuse({"router_aux_loss": hasattr(text, "output_router_logits") and coef != 0.0}, size)  # as TRL decides it
+
+
+def _names(value) -> list[str]:
+    """Module names of a peft config field: a list, one name, or `None` (`"all-linear"` never adapts the lm_head)."""
+    if value is None or value == "all-linear":
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _refuse_unsupported(config, attention: str, size: int) -> None:
