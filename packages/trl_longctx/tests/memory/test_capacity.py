@@ -59,7 +59,7 @@ def test_a_given_mini_batch_caps_the_search():
     ("preset", "mode", "note"),
     [
         ("qwen3-30b-a3b", "lora", "Mixture-of-Experts models keep TRL's engine"),
-        ("qwen3-8b", "qlora", "4-bit weights (QLoRA) is not modeled"),
+        ("qwen3-8b", "qlora", "4-bit weights (QLoRA), whose vLLM memory the planner does not know"),
         ("qwen3-8b", "full", "full fine-tuning keeps vLLM's own copy"),
     ],
 )
@@ -78,4 +78,7 @@ def test_plan_prints_the_capacity(capsys):
     assert f"H100 80GB (79.2 GiB): training {capacity.training} (then host memory runs out), rollout " in out
     main(["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--mode", "full", "--paths", "ours"])
     out = capsys.readouterr().out
-    assert "vLLM side: not modeled for full fine-tuning" in out and "one copy of the weights" not in out
+    assert (
+        "vLLM side: not modeled (full fine-tuning keeps vLLM's own copy of the weights" in out
+        and "one copy of the weights" not in out
+    )

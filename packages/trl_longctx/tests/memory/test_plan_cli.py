@@ -198,7 +198,10 @@ def test_moe_plans_say_the_vllm_side_is_not_modelled(capsys):
     plan_main(["--model", "qwen3-30b-a3b", "--gpu", "H200 141GB", "--completion-length", "8192", "--paths", "ours",
           "--host-memory-gib", "100"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "vLLM side: not modeled for Mixture-of-Experts models" in out and "one copy of the weights" not in out
+    assert (
+        "vLLM side: not modeled (Mixture-of-Experts models keep TRL's engine" in out
+        and "one copy of the weights" not in out
+    )
 
 
 def test_vision_flags_plan_the_tower(capsys):
@@ -213,7 +216,7 @@ def test_vision_flags_plan_the_tower(capsys):
     plan_main([*flags, "--vision-patches", "4096"])
     frozen = capsys.readouterr().out
     assert "| vision tower saved tensors |" in trained and "vision tower saved tensors" not in frozen
-    assert "vLLM side: not modeled for vision-language models" in frozen
+    assert "vLLM side: not modeled (vision-language models keep TRL's engine" in frozen
     assert "rollout not modeled (vision-language models keep TRL's engine" in frozen
     assert 0.5e9 < PRESETS["qwen3-vl-8b"].vision.params < 0.6e9  # Qwen3-VL-8B's tower: 0.58B
     assert PRESETS["qwen3-vl-8b"].total_params() - PRESETS["qwen3-8b"].total_params() == (

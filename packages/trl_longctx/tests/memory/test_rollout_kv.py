@@ -46,7 +46,10 @@ def test_plan_prints_the_vllm_side(capsys):
     assert "one copy of the weights: 61.02 GiB" in out
     assert "needs 256736 KV tokens x 262144 B = 62.68 GiB; vllm_gpu_memory_utilization: GPU >= 0.91." in out
     main(["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--mode", "qlora", "--paths", "ours"])
-    assert "vLLM side: not modeled for 4-bit weights (QLoRA)." in capsys.readouterr().out
+    assert (
+        "vLLM side: not modeled (4-bit weights (QLoRA), whose vLLM memory the planner does not know)."
+        in capsys.readouterr().out
+    )
 
 
 def test_rollout_kv_cache_bytes_fills_whole_blocks_of_any_size():

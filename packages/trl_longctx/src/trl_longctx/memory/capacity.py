@@ -60,13 +60,14 @@ class StepCapacity:
 
 def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
     """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA on a dense model)."""
+    # The rollout plan keeps TRL's engine for these checkpoints (vLLM fuses the experts; vision towers are not shared).
     if shape.num_experts:
         return "Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
     if shape.vision is not None:
         return "vision-language models keep TRL's engine, a second copy of the weights"
     if mode == "qlora":
-        return "vLLM's side of 4-bit weights (QLoRA) is not modeled"
-    if mode == "full":
+        return "4-bit weights (QLoRA), whose vLLM memory the planner does not know"
+    if mode == "full":  # shared weights need LoRA: full fine-tuning would train vLLM's weights in place
         return "full fine-tuning keeps vLLM's own copy of the weights beside the trainer's"
     return None
 

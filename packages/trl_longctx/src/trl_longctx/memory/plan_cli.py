@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .capacity import step_capacity
+from .capacity import rollout_capacity_problem, step_capacity
 from .machine import GPUS_GIB, HOST_RESERVE_GIB, cuda_gpu, gpu_presets_matching, host_memory_gib, pinnable_host_gib
 from .planner import (
     GIB,
@@ -277,19 +277,8 @@ def _capacity_lines(shape: ModelShape, setup: TrainSetup, gpus: dict[str, float]
 
 def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: int, mode: str, gpus: dict) -> str:
     """The colocated vLLM side (shared weights, KV standby): the rollout's KV cache and the utilization it needs."""
-    if shape.vision is not None:
-        # The rollout plan keeps TRL's engine for vision-language checkpoints: a second copy.
-        return "vLLM side: not modeled for vision-language models (TRL's engine holds a second copy of the weights)."
-    if mode == "qlora":
-        return "vLLM side: not modeled for 4-bit weights (QLoRA)."
-    if shape.num_experts:
-        # The rollout plan keeps TRL's engine for MoE checkpoints (vLLM holds the experts fused): a second copy.
-        return (
-            "vLLM side: not modeled for Mixture-of-Experts models (TRL's engine holds a second copy of the weights)."
-        )
-    if mode == "full":
-        # Shared weights need LoRA (`rollout_plan`): full fine-tuning would train vLLM's weights in place.
-        return "vLLM side: not modeled for full fine-tuning (vLLM keeps its own copy of the weights)."
+    if (problem := rollout_capacity_problem(shape, mode)) is not None:
+        return f"vLLM side: not modeled ({problem})."
     tokens = rollout_kv_tokens(sequences, prompt, completion)
     need = ", ".join(
         f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib):.2f}" for gpu, gib in gpus.items()
