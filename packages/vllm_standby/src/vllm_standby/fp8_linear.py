@@ -117,7 +117,8 @@ def dequantize_fp8(
         factor = rows.repeat_interleave(block_in, dim=1)[:, :cols]
     result = torch.empty(out, cols, dtype=dtype, device=weight.device)
     for rows in _row_chunks(out, cols):
-        result[rows] = weight[rows].to(torch.float32) * factor[rows]
+        # The product is computed in float32 and rounded once as it is stored into `result`: no float32 copy of it.
+        torch.mul(weight[rows].to(torch.float32), factor[rows], out=result[rows])
     return result
 
 
