@@ -68,8 +68,8 @@ def test_all_names_its_runs_and_summarizes_rows():
     args = argparse.Namespace(preset="qwen3-1.7b", matmul_shapes="qwen3-8b", length=4096, steps=4)
     runs = fp8_rollout.all_runs(args)
     assert {"matmul", "rollout-bf16", "rollout-per-channel", "grpo-trl", "grpo-per-channel"} <= set(runs)
-    assert runs["grpo-per-channel-dequantize"][0][:5] == ["grpo", "--weights", "per-channel", "--fp8-matmul",
-                                                          "dequantize"]  # fmt: skip
+    assert runs["grpo-per-channel-scaled_mm"][0][:5] == ["grpo", "--weights", "per-channel", "--fp8-matmul",
+                                                         "scaled_mm"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"--only takes .* got \['nope'\]"):
         fp8_rollout.main(["all", "--only", "nope"])
     rows = [

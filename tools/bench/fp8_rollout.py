@@ -6,8 +6,8 @@ and writes one JSON (`--out`), then prints a markdown table.
 
 - ``matmul --shapes qwen3-8b``: one frozen base layer, forward and input gradient as the trainer runs it, per layer
   shape of the preset (q, k/v, o, gate/up, down) and token count: bf16 ``nn.Linear`` against ``Fp8Linear`` with
-  ``dequantize`` (W8A16) and with ``scaled_mm`` (``torch._scaled_mm`` on per-token FP8 activations, W8A8, the default
-  the rollout plan picks for per-channel and per-tensor scales); ms p20/p50/p80, peak GiB above the inputs, and the
+  ``dequantize`` (W8A16, what the rollout plan picks) and with ``scaled_mm`` (``torch._scaled_mm`` on per-token FP8
+  activations, W8A8, as vLLM multiplies); ms p20/p50/p80, peak GiB above the inputs, and the
   output's relative error against float64. This says where the FP8 matmul is faster than dequantizing.
 - ``rollout --weights bf16|per-channel|per-tensor|per-block``: the shared-weights engine as the trainer builds it
   (`vllm_standby.StandbyLLM`, LoRA on, `quantization="fp8_per_*"` for FP8) on random weights saved to disk; tokens/s
@@ -333,8 +333,8 @@ def all_runs(args) -> dict[str, tuple[list[str], int]]:
     runs["grpo-trl"] = (["grpo", "--trainer", "trl", *steps], 600)
     runs["grpo-bf16"] = (["grpo", "--weights", "bf16", *steps], 600)
     runs["grpo-per-channel"] = (["grpo", "--weights", "per-channel", *steps], 600)
-    runs["grpo-per-channel-dequantize"] = (["grpo", "--weights", "per-channel", "--fp8-matmul", "dequantize", *steps],
-                                           600)  # fmt: skip
+    runs["grpo-per-channel-scaled_mm"] = (["grpo", "--weights", "per-channel", "--fp8-matmul", "scaled_mm", *steps],
+                                          600)  # fmt: skip
     return runs
 
 
