@@ -233,8 +233,8 @@ class LongContextGRPOConfig(GRPOConfig):
             "base layers are views of those FP8 weights and their scales (`vllm_standby.Fp8Linear`: one copy, half "
             "the bytes of bf16); the adapter stays in 16/32 bits and reaches vLLM as an in-memory LoRA request. "
             '`"per-channel"`: a scale per output row; `"per-tensor"`: one per fused layer; `"per-block"`: one per '
-            "128 x 128 block (the trainer dequantizes each weight to bf16 for its matmul, faster than an FP8 matmul "
-            "on per-token FP8 activations would be there). Needs a CUDA build of vLLM "
+            "128 x 128 block. Whatever the layout, the trainer dequantizes each weight to bf16 for its matmul (an FP8 "
+            "matmul on per-token FP8 activations, as vLLM runs, is slower there). Needs a CUDA build of vLLM "
             "with online FP8 quantization and a GPU of compute capability >= 8.9 (Ada, Hopper or newer); refused "
             "elsewhere, saying what to use instead. FP8 sampling and bf16 training differ in their log-probs more "
             "than bf16 does: needs `vllm_importance_sampling_correction=True` (TRL's default), which corrects each "
