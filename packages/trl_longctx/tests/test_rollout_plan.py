@@ -184,7 +184,14 @@ def test_automatic_features_left_off_are_named(tmp_path):
 def test_qlora_shares_4bit_weights_where_vllm_quantizes(tmp_path):
     result = plan(trl_colocate(tmp_path), quantization=NF4, runtime=CUDA_PATCHED)
     assert result.shared_weights and result.quantized and result.adapter_transport == "lora-request"
-    assert "4-bit NF4 weights shared" in result.describe()
+    assert "4-bit NF4 weights shared" in result.describe() and result.notices == ()
+    nested = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    result = plan(trl_colocate(tmp_path), quantization=nested, runtime=CUDA_PATCHED)
+    # vLLM keeps no nested scales: said, with the setting that keeps them.
+    assert result.shared_weights and [n.feature for n in result.notices] == [
+        "double quantization (bnb_4bit_use_double_quant=True)"
+    ]
+    assert "vllm_shared_weights=False" in result.notices[0].message()
 
 
 def test_without_vllm(tmp_path):
