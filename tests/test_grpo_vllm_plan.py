@@ -74,10 +74,14 @@ def settings(args):
 
 
 def test_trl_sleep_mode_config_trains_with_shared_weights_and_kv_standby(tmp_path, monkeypatch, caplog):
-    args = trl_docs_config(tmp_path)
+    from trl_longctx.longctx_grpo_trainer import MODEL_INIT_KWARGS_NOTE
+
+    args = trl_docs_config(tmp_path, model_init_kwargs={"dtype": "float32"})
     before = settings(args)
-    with caplog.at_level(logging.WARNING, logger=PLAN_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=PLAN_LOGGER), caplog.at_level(logging.WARNING, logger="trl"):
         trainer = build(tmp_path, monkeypatch, args)
+    # The shared model was built from model_init_kwargs: TRL's note that they are ignored is not shown.
+    assert not [r for r in caplog.records if MODEL_INIT_KWARGS_NOTE in r.getMessage()]
     plan = trainer.rollout_plan
     assert (plan.shared_weights, plan.kv_standby, plan.notices) == (True, "trainer", ())
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Rollout plan:")]

@@ -74,7 +74,11 @@ class LongContextGRPOTrainer(GRPOTrainer):
             # The model is built (vLLM quantized it in 4 bits when asked): TRL must not load or quantize another.
             kwargs.pop("quantization_config", None)
         # TRL works on its own view of the config (no second engine with shared weights); `args` stays as given.
-        super().__init__(model, reward_funcs, args=plan.trl_args(args), **kwargs)
+        # With shared weights the model reaches TRL built, from `model_init_kwargs`: TRL's note that they are ignored
+        # would be wrong (TRL still uses them for reward models given by name, so they stay).
+        quiet = _without_trl_note(MODEL_INIT_KWARGS_NOTE) if plan.shared_weights else contextlib.nullcontext()
+        with quiet:
+            super().__init__(model, reward_funcs, args=plan.trl_args(args), **kwargs)
         self.args.use_vllm, self.args.vllm_enable_sleep_mode = plan.uses_vllm, args.vllm_enable_sleep_mode
         self._attach_shared_engine(engine)
         self._select_attention()
@@ -345,6 +349,25 @@ class LongContextGRPOTrainer(GRPOTrainer):
 
 # Reasons a pass was handed to TRL's path, each logged once: MoE aux losses and image inputs we cannot serve.
 _HANDED_BACK: set[str] = set()
+
+
+# The start of the warning TRL's `GRPOTrainer.__init__` logs when `model_init_kwargs` is set and the model is built.
+MODEL_INIT_KWARGS_NOTE = "You passed `model_init_kwargs` to the `GRPOConfig`, but your model is already instantiated."
+
+
+@contextlib.contextmanager
+def _without_trl_note(note: str):
+    """Drop the records of TRL's trainer logger that contain `note`, for the length of the block only."""
+    trl_logger = logging.getLogger("trl.trainer.grpo_trainer")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return note not in record.getMessage()
+
+    trl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        trl_logger.removeFilter(keep)
 
 
 def _router_aux_loss_or_reason(model) -> RouterAuxLoss | str:
