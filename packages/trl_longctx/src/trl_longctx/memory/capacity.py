@@ -59,14 +59,13 @@ class StepCapacity:
 
 
 def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
-    """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA on a dense model)."""
+    """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA or QLoRA on a dense
+    model)."""
     # The rollout plan keeps TRL's engine for these checkpoints (vLLM fuses the experts; vision towers are not shared).
     if shape.num_experts:
         return "Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
     if shape.vision is not None:
         return "vision-language models keep TRL's engine, a second copy of the weights"
-    if mode == "qlora":
-        return "4-bit weights (QLoRA), whose vLLM memory the planner does not know"
     if mode == "full":  # shared weights need LoRA: full fine-tuning would train vLLM's weights in place
         return "full fine-tuning keeps vLLM's own copy of the weights beside the trainer's"
     return None
@@ -115,7 +114,11 @@ def step_capacity(
     problem = rollout_capacity_problem(shape, setup.mode)
     if problem is not None:
         return StepCapacity(training, bound, None, problem)
-    other = vllm_weight_bytes(shape) + (VLLM_OTHER_GIB + CUDA_CONTEXT_GIB) * GIB + trainable_state_bytes(shape, setup)
+    other = (
+        vllm_weight_bytes(shape, setup.mode)
+        + (VLLM_OTHER_GIB + CUDA_CONTEXT_GIB) * GIB
+        + trainable_state_bytes(shape, setup)
+    )
     per_sequence = rollout_kv_tokens(1, setup.prompt_length, setup.completion_length) * kv_bytes_per_token(shape)
     rollout = max(0, int((budget - other) // per_sequence))
     return StepCapacity(training, bound, min(rollout, MOST_SEQUENCES))

@@ -281,10 +281,12 @@ def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: in
         return f"vLLM side: not modeled ({problem})."
     tokens = rollout_kv_tokens(sequences, prompt, completion)
     need = ", ".join(
-        f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib):.2f}" for gpu, gib in gpus.items()
+        f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib, mode):.2f}"
+        for gpu, gib in gpus.items()
     )
+    copy = "one 4-bit copy of the weights" if mode == "qlora" else "one copy of the weights"
     return (
-        f"vLLM side (colocated, one copy of the weights: {vllm_weight_bytes(shape) / GIB:.2f} GiB): the rollout of "
+        f"vLLM side (colocated, {copy}: {vllm_weight_bytes(shape, mode) / GIB:.2f} GiB): the rollout of "
         f"{sequences} x ({prompt} + {completion}) tokens needs {tokens} KV tokens x {kv_bytes_per_token(shape)} B = "
         f"{tokens * kv_bytes_per_token(shape) / GIB:.2f} GiB; vllm_gpu_memory_utilization: {need}."
     )

@@ -10,6 +10,12 @@ head_dim * 2` bytes per token (K and V, bf16).
 Checked against the KV caches and weights of vLLM 0.25 engines (Qwen3-32B at utilizations 0.9 and 0.5, Qwen3-1.7B at
 0.95): the bytes per token and the weights are as the formulas give; what else vLLM held varied between engines, and
 `VLLM_OTHER_GIB` is the largest of it, so the utilization printed is enough for each of them.
+
+QLoRA (`mode="qlora"`): vLLM quantizes the checkpoint's linear layers to 4 bits with bitsandbytes when it loads them
+and keeps one float32 scale per block of 64 weights (it dequantizes nested scales at load), `VLLM_NF4_BYTES_PER_PARAM`;
+embeddings, lm_head and norms stay bf16. Against one vLLM 0.25 engine of Qwen3-8B: 5.96 GiB by the formula, 6.21 GiB
+loaded (what else it allocated while loading, LoRA slots among it, is in the 0.25 GiB); in use with the KV cache
+released, 9.02 GiB, within the formula plus `VLLM_OTHER_GIB`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ KV_BLOCK_TOKENS = 16
 # vLLM memory that is neither weights nor KV cache (profiled activations, sampler, CUDA graphs) with
 # `max_num_batched_tokens=4096` (TRL's and our colocate setting): the largest measured.
 VLLM_OTHER_GIB = 3.0
+# Bytes per weight of a linear layer vLLM holds in 4 bits (bitsandbytes NF4): 4 bits and a float32 scale per 64.
+VLLM_NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
 
 
 def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = BF16) -> int:
@@ -29,8 +37,13 @@ def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = BF16) -> int:
     return 2 * shape.num_hidden_layers * shape.kv_size * dtype_bytes
 
 
-def vllm_weight_bytes(shape: ModelShape) -> int:
-    """Bytes of one bf16 copy of the weights, as vLLM holds them (shared with the trainer under shared weights)."""
+def vllm_weight_bytes(shape: ModelShape, mode: str = "lora") -> int:
+    """Bytes of the one copy of the weights vLLM holds (shared with the trainer under shared weights): bf16, or with
+    `mode="qlora"` its linear layers in 4 bits (`VLLM_NF4_BYTES_PER_PARAM`) and the rest bf16."""
+    if mode == "qlora":
+        return int(VLLM_NF4_BYTES_PER_PARAM * shape.linear_params()) + BF16 * (
+            shape.total_params() - shape.linear_params()
+        )
     return BF16 * shape.total_params()
 
 
@@ -41,10 +54,11 @@ def rollout_kv_tokens(sequences: int, prompt_length: int, completion_length: int
 
 
 def min_vllm_utilization(
-    shape: ModelShape, sequences: int, prompt_length: int, completion_length: int, gpu_gib: float
+    shape: ModelShape, sequences: int, prompt_length: int, completion_length: int, gpu_gib: float, mode: str = "lora"
 ) -> float:
-    """The smallest `gpu_memory_utilization` whose KV cache holds the whole rollout at once (may exceed 1)."""
-    need = vllm_weight_bytes(shape) + rollout_kv_tokens(sequences, prompt_length, completion_length) * (
+    """The smallest `gpu_memory_utilization` whose KV cache holds the whole rollout at once (may exceed 1); `mode` as
+    in `vllm_weight_bytes`."""
+    need = vllm_weight_bytes(shape, mode) + rollout_kv_tokens(sequences, prompt_length, completion_length) * (
         kv_bytes_per_token(shape)
     )
     return (need + VLLM_OTHER_GIB * GIB) / (gpu_gib * GIB)
