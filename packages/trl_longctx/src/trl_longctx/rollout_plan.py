@@ -139,7 +139,7 @@ class RolloutPlan:
         fp8: The FP8 scale layout (`vllm_fp8_weights`) when vLLM quantizes the checkpoint to FP8 and the trainer's
             layers are views of it, else `None`.
         fp8_matmul: The trainer's matmul on FP8 weights (`vllm_standby.fp8_linear`): `"dequantize"` for every scale
-            layout (`FP8_MATMULS`); `None` without FP8.
+            layout (`FP8_MATMUL`); `None` without FP8.
         importance_sampling: With FP8, TRL's importance-sampling correction as this run configures it (one line for
             the log), else `None`.
         kv_cache_sizing: `"rollout"` or `"utilization"` for the shared engine, `None` otherwise.
@@ -314,7 +314,7 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
             )
         return RolloutPlan(
             engine="vllm-colocate", shared_weights=True, kv_standby=kv_standby, adapter_transport=transport,
-            quantized=quantized, fp8=fp8, fp8_matmul=FP8_MATMULS[fp8] if fp8 else None,
+            quantized=quantized, fp8=fp8, fp8_matmul=FP8_MATMUL if fp8 else None,
             importance_sampling=importance_sampling_line(args) if fp8 else None, kv_cache_sizing=sizing,
             needs_vllm_standby=True, runtime=runtime, notices=tuple(notices), honoured=tuple(honoured),
         )  # fmt: skip
@@ -479,11 +479,11 @@ def _num_experts(model: str) -> int:
     return int(text.get("num_experts") or text.get("num_local_experts") or 0)
 
 
-#: The trainer's matmul on FP8 shared weights per scale layout (`vllm_standby.fp8_linear`): each weight dequantized to
-#: bf16 for its matmul. `torch._scaled_mm` on per-token FP8 activations (as vLLM multiplies per-tensor and per-channel
-#: weights) is slower for the trainer's forward and input gradient (`vllm_standby.fp8_linear.AUTO_REASON`); block
-#: scales have no such path at all.
-FP8_MATMULS = {"per-channel": "dequantize", "per-tensor": "dequantize", "per-block": "dequantize"}
+#: The trainer's matmul on FP8 shared weights, whatever the scale layout (`vllm_standby.fp8_linear`): each weight
+#: dequantized to bf16 for its matmul. `torch._scaled_mm` on per-token FP8 activations (as vLLM multiplies per-tensor
+#: and per-channel weights) is slower for the trainer's forward and input gradient
+#: (`vllm_standby.fp8_linear.AUTO_REASON`); block scales have no such path at all.
+FP8_MATMUL = "dequantize"
 # What to use instead of FP8 where it cannot run.
 _FP8_INSTEAD = "bf16 shared weights (vllm_fp8_weights=None)"
 _FP8_INSTEAD_GPU = (

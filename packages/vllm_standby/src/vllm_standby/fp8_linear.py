@@ -14,8 +14,8 @@ never a higher-precision copy. Its forward runs one of two matmuls, chosen once 
 slower than dequantizing at every layer shape and token count tried but one (its per-token activation quantization is
 separate passes over the input in eager PyTorch, and the backward dequantizes anyway), and its output is further from
 the exact product. ``"scaled_mm"`` stays selectable for its numerics, which follow vLLM's FP8 kernels.
-:func:`resolve_matmul` says what it picked and why, so the caller can log it. The backward gives the gradient of the input only (and of the
-bias, if something trains it): the weight is frozen. It dequantizes the weight again instead of keeping a bf16 copy
+:func:`resolve_matmul` says what it picked and why, so the caller can log it. The backward gives the gradient of the
+input only (and of the bias, if something trains it): the weight is frozen. It dequantizes the weight again instead of keeping a bf16 copy
 from the forward, so a step never holds more than one layer's dequantized weight at a time.
 
 ``Fp8Linear`` subclasses ``torch.nn.Linear`` so that PEFT treats it as one: ``target_modules="all-linear"`` finds
@@ -160,7 +160,7 @@ def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, s
 
     Args:
         matmul: One of :data:`MATMULS`.
-        weight: The layer's FP8 weight (its device decides).
+        weight: The layer's FP8 weight (with `"scaled_mm"`, its device and shape decide whether it can run).
         kind: The layer's scale layout (:data:`SCALE_KINDS`).
 
     Returns:
@@ -174,14 +174,12 @@ def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, s
         raise ValueError(f"matmul must be one of {list(MATMULS)}, got {matmul!r}.")
     if matmul == "dequantize":
         return "dequantize", "matmul='dequantize'"
+    if matmul == "auto":
+        return "dequantize", f"matmul='auto': {AUTO_REASON}"
     problem = scaled_mm_problem(weight, kind)
-    if matmul == "scaled_mm":
-        if problem is not None:
-            raise ValueError(
-                f"matmul='scaled_mm' cannot run this layer: {problem}. Allowed here: 'dequantize', 'auto'."
-            )
-        return "scaled_mm", "matmul='scaled_mm'"
-    return "dequantize", f"matmul='auto': {AUTO_REASON}"
+    if problem is not None:
+        raise ValueError(f"matmul='scaled_mm' cannot run this layer: {problem}. Allowed here: 'dequantize', 'auto'.")
+    return "scaled_mm", "matmul='scaled_mm'"
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
