@@ -301,13 +301,19 @@ def _samples(work: Path) -> list[dict]:
         return rows
 
 
+def _ballast(work: Path) -> dict | None:
+    """What the ballast process (`launch --card-gib`) recorded, or `None` without one."""
+    path = work / "ballast.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def cmd_poll(args) -> None:
     work = Path(args.work)
     deadline = time.time() + args.wait
     while time.time() < deadline and not (work / "exit.json").exists():
         time.sleep(5)
     samples = _samples(work)
-    ballast = json.loads((work / "ballast.json").read_text()) if (work / "ballast.json").exists() else None
+    ballast = _ballast(work)
     held = ballast["held_gib"] if ballast else 0.0
     if samples:
         last = samples[-1]
@@ -364,7 +370,7 @@ def cmd_report(args) -> None:
                 "gpu_used_peak_gib": max((s["gpu_used_gib"] for s in in_rollout), default=None),
             })  # fmt: skip
     exit_info = json.loads((work / "exit.json").read_text()) if (work / "exit.json").exists() else None
-    ballast = json.loads((work / "ballast.json").read_text()) if (work / "ballast.json").exists() else None
+    ballast = _ballast(work)
     held = ballast["held_gib"] if ballast else 0.0
     row = {
         "what": "recipe_run",
