@@ -18,7 +18,7 @@ from .fault_callbacks import fault_callbacks
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
-from .memory.offload_checkpoints import ReleaseBuffersCallback
+from .memory.offload_checkpoints import ReleaseBuffersCallback, describe_growth
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .quantized_experts import unquantized_experts_notice
@@ -208,9 +208,13 @@ class LongContextGRPOTrainer(GRPOTrainer):
             raise RuntimeError(f"vLLM generation failed at step {step}: {type(error).__name__}: {error}") from error
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's loss, refused (or the step skipped, with `skip_nonfinite_steps`) when it is NaN or Inf."""
+        """TRL's loss, refused (or the step skipped, with `skip_nonfinite_steps`) when it is NaN or Inf. Host buffers the
+        offloaded checkpoints allocated for it (the first step's, or a longer sequence's) are logged with their time."""
+        before = self.logprob_pass.offloader.allocation_record
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         skip, step = self.args.skip_nonfinite_steps, self.state.global_step + 1
+        if (grown := describe_growth(before, self.logprob_pass.offloader.allocation_record)) is not None:
+            logger.info("step %d: %s", step, grown)
         guarded = guard_loss(loss, model, step, skip=skip, accelerator=self.accelerator)
         if skip and self.model.training:
             self._metrics["train"]["nonfinite_skipped"].append(float(guarded is not loss))

@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from testing_utils import assert_close
 
 from trl_longctx.memory import CheckpointOffloader
+from trl_longctx.memory.offload_checkpoints import describe_growth
 from trl_longctx.tiny_models import build_tiny_qwen3
 
 # fp32 end to end: offloading only moves the layer inputs, so the numbers should agree to rounding.
@@ -158,3 +159,19 @@ def test_moe_decoder_layers(arch, lora):
     assert actual[2].keys() == expected[2].keys() and actual[2]
     for name, grad in actual[2].items():
         assert_close(grad, expected[2][name], name, **TOLERANCES["grads"])
+
+
+def test_allocation_record_counts_the_first_step_only():
+    model = make_model(lora=True)
+    offloader = CheckpointOffloader()
+    start = offloader.allocation_record
+    run_step(model, torch.randint(0, 64, (2, 11)), offloader)
+    first = offloader.allocation_record
+    run_step(model, torch.randint(0, 64, (2, 9)), offloader)
+    # Two offloaded inputs of 2 x 11 x 64 fp32 values, each rounded up to one 2 MiB buffer; time spent, measured.
+    assert first[:2] == (NUM_LAYERS - 1, (NUM_LAYERS - 1) * 2 * 2**20) and first[2] > 0
+    assert offloader.allocation_record == first  # the second step reused them
+    assert describe_growth(first, offloader.allocation_record) is None
+    line = describe_growth(start, first)
+    assert line.startswith(f"host buffers of offloaded checkpoints: {NUM_LAYERS - 1} allocated, 0.00 GiB in ")
+    assert line.endswith(f"; {NUM_LAYERS - 1} in all")

@@ -39,7 +39,7 @@ def test_needs_gradient_checkpointing(tmp_path):
         config(tmp_path, offload_checkpoints=True, gradient_checkpointing=False)
 
 
-def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
+def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path, caplog):
     def reward(completions, **kwargs):
         return [(sum(map(ord, c)) % 7) / 7 for c in completions]
 
@@ -52,8 +52,13 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path):
     )
     # Trains one step with offloading on (the Trainer turns gradient checkpointing on in `train()`); afterwards nothing
     # stays pinned.
-    trainer.train()
+    with caplog.at_level("INFO", logger="trl_longctx.longctx_grpo_trainer"):
+        trainer.train()
     assert trainer.logprob_pass.offloader.offloaded_count > 0
+    # The first step's buffers are logged with the time they took (the first step's cost over a warm one).
+    count = trainer.logprob_pass.offloader.pool_allocations
+    assert count > 0
+    assert any(f"step 1: host buffers of offloaded checkpoints: {count} allocated" in m for m in caplog.messages)
     assert trainer.logprob_pass.offloader.buffers_in_use == 0 and trainer.logprob_pass.offloader.pool_bytes == 0
     model = trainer.model
     model.train()

@@ -27,6 +27,7 @@ themselves.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Iterator
 
@@ -63,6 +64,8 @@ class _PinnedPool:
         self.free: list[torch.Tensor] = []
         self.in_use = 0
         self.allocations = 0
+        self.allocated_bytes = 0  # ever allocated, freed buffers included
+        self.allocation_seconds = 0.0  # spent allocating (and pinning) new buffers
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         fitting = [b for b in self.free if b.numel() >= nbytes]
@@ -74,10 +77,13 @@ class _PinnedPool:
             # (inputs alive at once) x (largest input), instead of keeping one set per length ever seen.
             self.free = [b for b in self.free if b.numel() >= nbytes]
             size = -(-nbytes // _BUFFER_GRANULARITY) * _BUFFER_GRANULARITY
+            start = time.perf_counter()
             buffer = torch.empty(size, dtype=torch.uint8)
             if self.pin_memory:
                 _page_lock(buffer)
+            self.allocation_seconds += time.perf_counter() - start
             self.allocations += 1
+            self.allocated_bytes += size
         self.in_use += 1
         return buffer
 
@@ -165,6 +171,12 @@ class CheckpointOffloader:
     def pool_allocations(self) -> int:
         """How many host buffers were ever allocated (stays flat once steps repeat their shapes)."""
         return self._pool.allocations
+
+    @property
+    def allocation_record(self) -> tuple[int, int, float]:
+        """Host buffers ever allocated: how many, their bytes, and the seconds spent allocating and pinning them (a
+        step that allocates none adds nothing; the difference across a step is what that step spent)."""
+        return self._pool.allocations, self._pool.allocated_bytes, self._pool.allocation_seconds
 
     @property
     def buffers_in_use(self) -> int:
@@ -276,6 +288,24 @@ class CheckpointOffloader:
         # again before the copy on the side stream has read it.
         tensor.record_stream(stream)
         return handle
+
+
+def describe_growth(before: tuple[int, int, float], after: tuple[int, int, float]) -> str | None:
+    """What an offloader's pool allocated (and pinned, on CUDA) between two `allocation_record`s, as a log line;
+    `None` when nothing.
+
+    Example:
+        >>> describe_growth((0, 0, 0.0), (35, 35 * 2**30, 12.5))
+        'host buffers of offloaded checkpoints: 35 allocated, 35.00 GiB in 12.5 s (2.80 GiB/s); 35 in all'
+    """
+    count, nbytes, seconds = (a - b for a, b in zip(after, before, strict=True))
+    if count == 0:
+        return None
+    rate = f" ({nbytes / 2**30 / seconds:.2f} GiB/s)" if seconds > 0 else ""
+    return (
+        f"host buffers of offloaded checkpoints: {count} allocated, {nbytes / 2**30:.2f} GiB in {seconds:.1f} s{rate}; "
+        f"{after[0]} in all"
+    )
 
 
 class ReleaseBuffersCallback(TrainerCallback):
