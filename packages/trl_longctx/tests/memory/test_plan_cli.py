@@ -10,6 +10,8 @@ import pytest
 from trl_longctx.memory import plan_cli
 from trl_longctx.memory.machine import GPUS_GIB, HOST_RESERVE_GIB
 from trl_longctx.memory.plan_cli import main as plan_main
+from trl_longctx.memory.presets import PRESETS
+from trl_longctx.memory.shapes import GIB
 
 HEAVY = ("torch", "transformers", "trl", "vllm")
 
@@ -117,6 +119,7 @@ def test_plan_verdict_counts_host_memory_as_the_longest_completion_does(capsys):
             "--paths must be among ['ours', 'trl', 'ours-no-offload', 'materialized'], got ['liger']",
         ),
         (["--grpo-mini-batch", "3"], "--grpo-mini-batch must be in 1..--num-generations, got 3."),
+        (["--nf4-nested-scales"], "--nf4-nested-scales needs --mode qlora (4-bit weights), got lora."),
     ],
 )
 def test_bad_flags_name_the_flag_the_value_and_what_is_allowed(machine, flags, message):
@@ -124,6 +127,24 @@ def test_bad_flags_name_the_flag_the_value_and_what_is_allowed(machine, flags, m
         plan_main(flags)
     assert str(error.value).startswith(f"longctx-grpo plan: {message}")
     assert machine.asked == 0  # refused before the machine is asked
+
+
+def test_nested_scales_weigh_less_and_are_not_shared(capsys):
+    """TRL's default QLoRA (no nested scales) is planned at 4 bits and a float32 scale per 64 weights, as vLLM holds
+    them; `--nf4-nested-scales` at ~0.127 bits of scales, and the plan says vLLM's copy is then a second one."""
+    flags = ["--model", "qwen3-8b", "--gpu-memory-gib", "80", "--mode", "qlora", "--paths", "ours"]
+    plan_main(flags)
+    plain = capsys.readouterr().out
+    plan_main([*flags, "--nf4-nested-scales"])
+    nested = capsys.readouterr().out
+    shape = PRESETS["qwen3-8b"]
+    saved = shape.linear_params() * (4 / 64 - 0.127 / 8) / GIB
+    assert float(_row(plain, "weights")) - float(_row(nested, "weights")) == pytest.approx(saved, abs=0.01)
+    assert "copy stays beside the trainer's while it trains" in nested and "stays beside" not in plain
+
+
+def _row(out: str, name: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(f"| {name} |")).split("|")[2].strip()
 
 
 def test_longctx_grpo_plan_command(capsys):

@@ -409,6 +409,8 @@ def test_lora_dropout_bytes_by_hand():
     assert plans[1].allocated - plans[0].allocated == 69_632 * 2 * 110_338
     with pytest.raises(ValueError, match=r"lora_dropout must be False with mode='full' \(no adapters\), got True"):
         TrainSetup(2, 0, 100, mode="full", lora_dropout=True)
+    with pytest.raises(ValueError, match=r"nf4_nested_scales must be False with mode='lora' \(no 4-bit weights\)"):
+        TrainSetup(2, 0, 100, nf4_nested_scales=True)
 
 
 @pytest.mark.parametrize("mode", ["qlora", "lora"])

@@ -154,10 +154,12 @@ def test_plan_components_by_hand():
     assert "router logits kept for the aux loss" not in quiet.components
     assert "adapted expert weights (LoRA on experts)" not in quiet.components
     # QLoRA quantizes the attention's nn.Linear only: experts and routers stay bf16.
-    qlora = plan_memory(TINY_GPT_OSS, replace(setup, mode="qlora"), activation_scale=1.0).components["weights"]
-    expected = TINY_GPT_OSS.linear_params() * 0.5 + 0.127 / 8 * TINY_GPT_OSS.linear_params()
-    expected += BF16 * (TINY_GPT_OSS.other_params() + TINY_GPT_OSS.moe_params()) + BF16 * 8 * 8
-    assert qlora == pytest.approx(expected)
+    # bitsandbytes' 4 bits with a float32 scale per 64 weights; nested scales: 8-bit, ~0.127 bits per weight.
+    rest = BF16 * (TINY_GPT_OSS.other_params() + TINY_GPT_OSS.moe_params()) + BF16 * 8 * 8
+    for nested, scales in ((False, 4 / 64), (True, 0.127 / 8)):
+        qlora = replace(setup, mode="qlora", nf4_nested_scales=nested)
+        weights = plan_memory(TINY_GPT_OSS, qlora, activation_scale=1.0).components["weights"]
+        assert weights == pytest.approx(TINY_GPT_OSS.linear_params() * (0.5 + scales) + rest)
 
 
 def test_bad_moe_settings_are_refused():

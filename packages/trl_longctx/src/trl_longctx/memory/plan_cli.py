@@ -75,6 +75,12 @@ def make_plan_parser() -> argparse.ArgumentParser:
         f"per layer. Default {LORA_DROPOUT_DEFAULT}: TRL's ModelConfig default, what `longctx-grpo train` uses unless "
         "the config sets lora_dropout.",
     )
+    parser.add_argument(
+        "--nf4-nested-scales",
+        action="store_true",
+        help="--mode qlora: the trainer's own 4-bit copy keeps bitsandbytes' nested block scales "
+        "(use_bnb_nested_quant / bnb_4bit_use_double_quant; TRL's default is off). Weights shared with vLLM never do.",
+    )
     parser.add_argument("--grpo-mini-batch", type=int, help="Sequences per decoder pass (default: all).")
     parser.add_argument(
         "--lora-experts",
@@ -149,6 +155,8 @@ def _checked(args: argparse.Namespace) -> dict:
         raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}.")
     if args.lora_experts and args.mode == "full":
         raise ValueError("--lora-experts needs --mode lora or qlora (full fine-tuning has no adapters), got full.")
+    if args.nf4_nested_scales and args.mode != "qlora":
+        raise ValueError(f"--nf4-nested-scales needs --mode qlora (4-bit weights), got {args.mode}.")
     unknown = [p for p in args.paths if p not in PATHS]
     if unknown:
         raise ValueError(f"--paths must be among {list(PATHS)}, got {unknown}.")
@@ -157,7 +165,8 @@ def _checked(args: argparse.Namespace) -> dict:
     return {**flags, "mode": args.mode, "grpo_mini_batch": args.grpo_mini_batch, "lora_experts": args.lora_experts,
             "router_aux_loss": args.router_aux_loss, "vision_patches": args.vision_patches,
             "vision_trained": args.vision_trained,
-            "lora_dropout": args.lora_dropout > 0 and args.mode != "full"}  # fmt: skip
+            "lora_dropout": args.lora_dropout > 0 and args.mode != "full",
+            "nf4_nested_scales": args.nf4_nested_scales}  # fmt: skip
 
 
 def named_gpus(names: list[str] | None, memory_gib: float | None) -> dict[str, float]:
@@ -257,6 +266,12 @@ def format_plan(
                          f"longest completion that fits: {longest} tokens.")  # fmt: skip
     # Each rank's vLLM generates its own rows whole: the rollout is not split.
     lines += ["", _rollout_line(shape, b, p, length, setup_kwargs["mode"], gpus)]
+    if setup_kwargs.get("nf4_nested_scales"):
+        lines.append(
+            "--nf4-nested-scales: the weights cannot be shared (vLLM keeps no nested scales), so vLLM's "
+            f"{vllm_weight_bytes(shape, 'qlora') / GIB:.2f} GiB copy stays beside the trainer's while it trains, "
+            "which the training plans above do not count."
+        )
     if "ours" in setups and sp == 1:
         lines += ["", *_capacity_lines(shape, setups["ours"], gpus, host_gib)]
     return "\n".join(lines)

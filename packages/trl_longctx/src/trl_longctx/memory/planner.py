@@ -15,7 +15,8 @@ Phase A, the peak for every path that never holds `[N_p, V]` logits: the end of 
 Bytes alive then, each derived from the ops of transformers 5.17's Llama/Qwen3 layers and PEFT 0.21's `lora.Linear`
 (`layer_recompute_bytes_per_token` itemizes them):
 
-- weights: bf16 base `2 * params` (QLoRA: NF4 linears, 0.516 B/param, plus one dequantized bf16 weight); full
+- weights: bf16 base `2 * params` (QLoRA: NF4 linears, 0.5625 B/param, 0.516 with nested scales, plus one
+  dequantized bf16 weight); full
   fine-tuning adds bf16 grads and AdamW's two moments (8 B/param);
 - LoRA: `r * (in + out)` parameters per adapted linear, fp32 (PEFT upcasts the adapters of bf16 models): parameter
   4 B + AdamW 8 B, and 4 B of gradient for each layer whose backward is done (`layers - 2` with offload, where the
@@ -98,15 +99,22 @@ from .moe_terms import (
     moe_layer_bytes_per_token,
     router_logits_bytes_per_token,
 )
-from .shapes import BF16, FP32, GIB, ModelShape, _check_int, vision_saved_bytes_per_patch
+from .shapes import (
+    BF16,
+    FP32,
+    GIB,
+    NF4_BYTES_PER_PARAM,
+    NF4_NESTED_BYTES_PER_PARAM,
+    ModelShape,
+    _check_int,
+    vision_saved_bytes_per_patch,
+)
 
 MODES = ("lora", "qlora", "full")
 LOGPROB_PATHS = ("fused", "trl", "materialized")
 LOGPROB_BACKENDS = ("triton", "torch")
 # Attentions the recompute working set is modelled for: SDPA's fused kernels; our flex attention with sinks.
 ATTENTIONS = ("sdpa", "longctx_flex")
-# NF4 with double quantization (bitsandbytes): 4 bits per weight plus ~0.127 bits of block scales.
-NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 
 # The step of each path: our trainer's, TRL 1.16's default, ours without offload, TRL before 1.16.
 PATHS: dict[str, dict[str, Any]] = {
@@ -168,6 +176,8 @@ class TrainSetup:
         vision_trained: Whether the vision tower takes gradients (then it keeps `vision_saved_bytes_per_patch`).
         attention: `"sdpa"` or `"longctx_flex"` (`trl_longctx.attention`, with attention sinks); see `ATTENTIONS`.
         lora_dropout: Whether the adapters apply dropout (`lora_dropout > 0`); not with `mode="full"`.
+        nf4_nested_scales: QLoRA: the trainer's 4-bit weights keep bitsandbytes' nested (8-bit) block scales
+            (`bnb_4bit_use_double_quant=True`, TRL's `use_bnb_nested_quant`); weights shared with vLLM never do.
     """
 
     num_generations: int
@@ -187,6 +197,7 @@ class TrainSetup:
     vision_trained: bool = False
     attention: str = "sdpa"
     lora_dropout: bool = False
+    nf4_nested_scales: bool = False
 
     def __post_init__(self):
         for name in ("num_generations", "prompt_length", "completion_length", "lora_rank", "tiled_mlp_chunks"):
@@ -208,6 +219,8 @@ class TrainSetup:
         for name in ("lora_experts", "lora_dropout"):
             if getattr(self, name) and self.mode == "full":
                 raise ValueError(f"{name} must be False with mode='full' (no adapters), got True.")
+        if self.nf4_nested_scales and self.mode != "qlora":
+            raise ValueError(f"nf4_nested_scales must be False with mode={self.mode!r} (no 4-bit weights), got True.")
 
     @classmethod
     def for_path(cls, path: str, num_generations: int, prompt_length: int, completion_length: int, **kw):
@@ -426,7 +439,8 @@ def _static_bytes(shape: ModelShape, setup: TrainSetup, layers_done: int) -> dic
         # one weight at a time to bf16 for the matmul.
         shapes = shape.linear_shapes() if shape.dense_layers else shape.attention_shapes()
         dequantized = BF16 * max(a * b for a, b in shapes)
-        return {"weights": linear * NF4_BYTES_PER_PARAM + other * BF16 + dequantized,
+        nf4 = NF4_NESTED_BYTES_PER_PARAM if setup.nf4_nested_scales else NF4_BYTES_PER_PARAM
+        return {"weights": linear * nf4 + other * BF16 + dequantized,
                 "LoRA params + AdamW states": lora * 3 * BF16,
                 "LoRA grads (layers done)": done * BF16}  # fmt: skip
     # PEFT upcasts the adapters of a bf16 model to fp32: parameter, two AdamW moments and gradient, 4 B each.

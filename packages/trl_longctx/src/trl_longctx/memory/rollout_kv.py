@@ -12,7 +12,7 @@ Checked against the KV caches and weights of vLLM 0.25 engines (Qwen3-32B at uti
 `VLLM_OTHER_GIB` is the largest of it, so the utilization printed is enough for each of them.
 
 QLoRA (`mode="qlora"`): vLLM quantizes the checkpoint's linear layers to 4 bits with bitsandbytes when it loads them
-and keeps one float32 scale per block of 64 weights (it dequantizes nested scales at load), `VLLM_NF4_BYTES_PER_PARAM`;
+and keeps one float32 scale per block of 64 weights (it dequantizes nested scales at load), `shapes.NF4_BYTES_PER_PARAM`;
 embeddings, lm_head and norms stay bf16. Against one vLLM 0.25 engine of Qwen3-8B: 5.96 GiB by the formula, 6.21 GiB
 loaded (what else it allocated while loading, LoRA slots among it, is in the 0.25 GiB); in use with the KV cache
 released, 9.02 GiB, within the formula plus `VLLM_OTHER_GIB`.
@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import math
 
-from .shapes import BF16, GIB, ModelShape
+from .shapes import BF16, GIB, NF4_BYTES_PER_PARAM, ModelShape
 
 KV_BLOCK_TOKENS = 16
 # vLLM memory that is neither weights nor KV cache (profiled activations, sampler, CUDA graphs) with
 # `max_num_batched_tokens=4096` (TRL's and our colocate setting): the largest measured.
 VLLM_OTHER_GIB = 3.0
-# Bytes per weight of a linear layer vLLM holds in 4 bits (bitsandbytes NF4): 4 bits and a float32 scale per 64.
-VLLM_NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
 
 
 def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = BF16) -> int:
@@ -39,11 +37,9 @@ def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int = BF16) -> int:
 
 def vllm_weight_bytes(shape: ModelShape, mode: str = "lora") -> int:
     """Bytes of the one copy of the weights vLLM holds (shared with the trainer under shared weights): bf16, or with
-    `mode="qlora"` its linear layers in 4 bits (`VLLM_NF4_BYTES_PER_PARAM`) and the rest bf16."""
+    `mode="qlora"` its linear layers in 4 bits (`NF4_BYTES_PER_PARAM`: vLLM keeps no nested scales) and the rest bf16."""
     if mode == "qlora":
-        return int(VLLM_NF4_BYTES_PER_PARAM * shape.linear_params()) + BF16 * (
-            shape.total_params() - shape.linear_params()
-        )
+        return int(NF4_BYTES_PER_PARAM * shape.linear_params()) + BF16 * (shape.total_params() - shape.linear_params())
     return BF16 * shape.total_params()
 
 

@@ -13,6 +13,11 @@ from typing import Any, NamedTuple
 GIB = 2**30
 BF16 = 2
 FP32 = 4
+# Bytes per weight of a linear layer in bitsandbytes' 4 bits (NF4/FP4, blocks of 64 weights): 4 bits and a float32
+# scale per block; with double quantization (`bnb_4bit_use_double_quant`) the scales are 8-bit, with a float32 scale
+# per 256 of them (~0.127 bits per weight in all).
+NF4_BYTES_PER_PARAM = 0.5 + FP32 / 64
+NF4_NESTED_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
