@@ -59,11 +59,14 @@ def qwen3_config(preset: str, max_len: int):
 
 
 def model_dir(preset: str, max_len: int, weights: bool) -> str:
-    """A checkpoint folder: config, a word-level tokenizer over the whole vocabulary, random bf16 weights if asked."""
+    """A checkpoint folder: config, a word-level tokenizer over the whole vocabulary, random bf16 weights if asked.
+
+    One folder per `max_len` (the config's `max_position_embeddings`): a folder made for a shorter context would make
+    vLLM refuse a longer `max_model_len` in a later run of the same preset."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    path = WORK / f"{preset}-{'w' if weights else 'config'}"
+    path = WORK / f"{preset}-{max_len}-{'w' if weights else 'config'}"
     if (path / "done").exists():
         return str(path)
     path.mkdir(parents=True, exist_ok=True)

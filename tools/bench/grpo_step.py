@@ -150,27 +150,26 @@ def make_step(provider, model, optimizer, input_ids, keep, offloader, sizes=(Non
     return step
 
 
-def measure(step, repeats: int) -> tuple[list[float], float]:
-    """Seconds per step (first call included as warm-up, not timed; `repeats=0`: the first call timed, pinned
-    buffer allocation included) and the peak allocated GiB."""
+def measure(step, repeats: int) -> tuple[list[float], float, float]:
+    """Seconds per step (the first call is a warm-up, timed apart; `repeats=0`: the first call only, pinned buffer
+    allocation included), the peak allocated GiB, and the first call's seconds."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     seconds = []
     MEMORY_AFTER_STEP.clear()
-    if repeats == 0:
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        return [time.perf_counter() - start], torch.cuda.max_memory_allocated() / GIB
+    start = time.perf_counter()
     step()
     torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    if repeats == 0:
+        return [first], torch.cuda.max_memory_allocated() / GIB, first
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
         MEMORY_AFTER_STEP.append((torch.cuda.memory_allocated() / GIB, _rss_gib()))
-    return seconds, torch.cuda.max_memory_allocated() / GIB
+    return seconds, torch.cuda.max_memory_allocated() / GIB, first
 
 
 # (GPU allocated GiB, host RSS GiB) after each timed step of the last `measure` (growth check over many steps).
@@ -226,8 +225,9 @@ def run(args) -> list[dict]:
                 0, shape.vocab_size, (args.num_generations, args.prompt_length + length), device="cuda"
             )
             step = make_step(provider, model, optimizer, ids, length, offloader if provider == "ours" else None, sizes)
+            pool_before = offloader.allocation_record
             try:
-                seconds, peak = measure(step, args.repeats)
+                seconds, peak, first = measure(step, args.repeats)
             except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else is re-raised
                 if not is_oom(exc):
                     raise
@@ -237,7 +237,10 @@ def run(args) -> list[dict]:
             else:
                 if len(MEMORY_AFTER_STEP) >= 10:  # many steps: the growth check (allocated and RSS after each)
                     row["memory_after_step_GiB"] = list(MEMORY_AFTER_STEP)
+                # Host buffers are allocated (and pinned) in the first call only: what that cost of its time.
+                count, nbytes, pin_s = (a - b for a, b in zip(offloader.allocation_record, pool_before, strict=True))
                 rows.append({**row, "status": "ok", "s": sorted(seconds)[len(seconds) // 2], "s_all": seconds,
+                             "first_s": first, "first_host_buffers": {"count": count, "GiB": nbytes / GIB, "s": pin_s},
                              "GiB": peak, "pinned_host_GiB": offloader.pool_bytes / GIB if provider == "ours" else 0.0})  # fmt: skip
             del step, ids
             free_cuda()
