@@ -83,7 +83,7 @@ class LongContextGRPOConfig(GRPOConfig):
         metadata={
             "help": "Number of sequences run through the decoder at once when computing per-token log-probabilities. "
             "`None` uses the batch size TRL passes (the per-device batch size), on CUDA capped by the memory planner "
-            "(`trl_longctx.memory.auto_chunk_sizes`) to what fits in the free memory."
+            "(`trl_longctx.memory.planner.auto_chunk_sizes`) to what fits in the free memory."
         },
     )
     logit_chunk_multiplier: int | None = field(
