@@ -82,3 +82,15 @@ def test_all_names_its_runs_and_summarizes_rows():
     text = fp8_rollout.summary(rows)
     assert "| grpo-per-channel | 12.50 s/step | 40.0 GiB peak | 0.03 | 0.50 |" in text
     assert "| grpo-trl | refused | why |" in text and "| rollout-bf16 | 9000 / 8000 tok/s (b2 300) |" in text
+
+
+def test_model_folders_are_kept_apart_by_context_length(tmp_path, monkeypatch):
+    """The GRPO rows once reused the folder written for the shorter rollouts (one folder per preset), and vLLM refused
+    their longer `max_model_len` against its `max_position_embeddings`."""
+    import colocate  # tools/bench, on the path since fp8_rollout was loaded
+
+    monkeypatch.setattr(colocate, "WORK", tmp_path)
+    short, long = (colocate.model_dir("qwen3-1.7b", n, weights=False) for n in (1288, 4360))
+    assert short != long
+    for path, n in ((short, 1288), (long, 4360)):
+        assert json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"] == n
