@@ -15,8 +15,8 @@ slower than dequantizing at every layer shape and token count tried but one (its
 separate passes over the input in eager PyTorch, and the backward dequantizes anyway), and its output is further from
 the exact product. ``"scaled_mm"`` stays selectable for its numerics, which follow vLLM's FP8 kernels.
 :func:`resolve_matmul` says what it picked and why, so the caller can log it. The backward gives the gradient of the
-input only (and of the bias, if something trains it): the weight is frozen. It dequantizes the weight again instead of keeping a bf16 copy
-from the forward, so a step never holds more than one layer's dequantized weight at a time.
+input only (and of the bias, if something trains it): the weight is frozen. It dequantizes the weight again instead of
+keeping a bf16 copy from the forward, so a step never holds more than one layer's dequantized weight at a time.
 
 ``Fp8Linear`` subclasses ``torch.nn.Linear`` so that PEFT treats it as one: ``target_modules="all-linear"`` finds
 it and PEFT's default dispatch wraps it in its ``lora.Linear``, whose forward calls this layer's and adds the LoRA

@@ -16,8 +16,7 @@ Bytes alive then, each derived from the ops of transformers 5.17's Llama/Qwen3 l
 (`layer_recompute_bytes_per_token` itemizes them):
 
 - weights: bf16 base `2 * params` (QLoRA: NF4 linears, 0.5625 B/param, 0.516 with nested scales, plus one
-  dequantized bf16 weight); full
-  fine-tuning adds bf16 grads and AdamW's two moments (8 B/param);
+  dequantized bf16 weight); full fine-tuning adds bf16 grads and AdamW's two moments (8 B/param);
 - LoRA: `r * (in + out)` parameters per adapted linear, fp32 (PEFT upcasts the adapters of bf16 models): parameter
   4 B + AdamW 8 B, and 4 B of gradient for each layer whose backward is done (`layers - 2` with offload, where the
   peak is at layer 1; none without, where it is at the top layer). QLoRA: bf16 adapters (TRL casts them), 2 B each;
