@@ -238,9 +238,10 @@ def run(args) -> list[dict]:
                 if len(MEMORY_AFTER_STEP) >= 10:  # many steps: the growth check (allocated and RSS after each)
                     row["memory_after_step_GiB"] = list(MEMORY_AFTER_STEP)
                 # Host buffers are allocated (and pinned) in the first call only: what that cost of its time.
-                count, nbytes, pin_s = (a - b for a, b in zip(offloader.allocation_record, pool_before, strict=True))
+                grown = offloader.allocation_record.since(pool_before)
+                buffers = {"count": grown.count, "GiB": grown.nbytes / GIB, "s": grown.seconds}
                 rows.append({**row, "status": "ok", "s": sorted(seconds)[len(seconds) // 2], "s_all": seconds,
-                             "first_s": first, "first_host_buffers": {"count": count, "GiB": nbytes / GIB, "s": pin_s},
+                             "first_s": first, "first_host_buffers": buffers,
                              "GiB": peak, "pinned_host_GiB": offloader.pool_bytes / GIB if provider == "ours" else 0.0})  # fmt: skip
             del step, ids
             free_cuda()

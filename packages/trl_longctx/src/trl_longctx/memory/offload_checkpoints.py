@@ -30,6 +30,7 @@ import contextlib
 import time
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -54,6 +55,18 @@ def _page_lock(buffer: torch.Tensor) -> None:
     if int(status) != 0:
         raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(status)}")
     weakref.finalize(buffer, cudart.cudaHostUnregister, pointer)
+
+
+class HostAllocations(NamedTuple):
+    """Host buffers a pool allocated: how many, their bytes, and the seconds spent allocating (and pinning) them."""
+
+    count: int
+    nbytes: int
+    seconds: float
+
+    def since(self, before: HostAllocations) -> HostAllocations:
+        """What was allocated between `before` and this record."""
+        return HostAllocations(self.count - before.count, self.nbytes - before.nbytes, self.seconds - before.seconds)
 
 
 class _PinnedPool:
@@ -173,10 +186,10 @@ class CheckpointOffloader:
         return self._pool.allocations
 
     @property
-    def allocation_record(self) -> tuple[int, int, float]:
-        """Host buffers ever allocated: how many, their bytes, and the seconds spent allocating and pinning them (a
-        step that allocates none adds nothing; the difference across a step is what that step spent)."""
-        return self._pool.allocations, self._pool.allocated_bytes, self._pool.allocation_seconds
+    def allocation_record(self) -> HostAllocations:
+        """Host buffers ever allocated, freed ones included (a step that allocates none adds nothing; `since` across a
+        step gives what that step spent)."""
+        return HostAllocations(self._pool.allocations, self._pool.allocated_bytes, self._pool.allocation_seconds)
 
     @property
     def buffers_in_use(self) -> int:
@@ -290,21 +303,22 @@ class CheckpointOffloader:
         return handle
 
 
-def describe_growth(before: tuple[int, int, float], after: tuple[int, int, float]) -> str | None:
+def describe_growth(before: HostAllocations, after: HostAllocations) -> str | None:
     """What an offloader's pool allocated (and pinned, on CUDA) between two `allocation_record`s, as a log line;
     `None` when nothing.
 
     Example:
-        >>> describe_growth((0, 0, 0.0), (35, 35 * 2**30, 12.5))
+        >>> describe_growth(HostAllocations(0, 0, 0.0), HostAllocations(35, 35 * 2**30, 12.5))
         'host buffers of offloaded checkpoints: 35 allocated, 35.00 GiB in 12.5 s (2.80 GiB/s); 35 in all'
     """
-    count, nbytes, seconds = (a - b for a, b in zip(after, before, strict=True))
-    if count == 0:
+    grown = after.since(before)
+    if grown.count == 0:
         return None
-    rate = f" ({nbytes / 2**30 / seconds:.2f} GiB/s)" if seconds > 0 else ""
+    gib = grown.nbytes / 2**30
+    rate = f" ({gib / grown.seconds:.2f} GiB/s)" if grown.seconds > 0 else ""
     return (
-        f"host buffers of offloaded checkpoints: {count} allocated, {nbytes / 2**30:.2f} GiB in {seconds:.1f} s{rate}; "
-        f"{after[0]} in all"
+        f"host buffers of offloaded checkpoints: {grown.count} allocated, {gib:.2f} GiB in {grown.seconds:.1f} s"
+        f"{rate}; {after.count} in all"
     )
 
 
