@@ -94,7 +94,30 @@ def run(model_dir: str, output_dir: str, per_device_batch: int, **overrides) -> 
     }
 
 
+def cli_worker(out: str, model_dir: str, per_device_batch: int) -> None:
+    """One step of `longctx-grpo train` (`cli.main`) on test_cli's recipe with `sequence_parallel_size=2`; record
+    what it leaves of the process group after it returns."""
+    import torch.distributed as dist
+    import yaml
+    from deepspeed.sequence import layer
+    from test_cli import RECIPE
+
+    from trl_longctx.cli import main
+
+    output_dir = Path(out).parent / "cli-run"
+    recipe = Path(out).parent / f"recipe-{os.environ['RANK']}.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "model_name_or_path": model_dir, "output_dir": str(output_dir),
+                                      "max_steps": 1, "per_device_train_batch_size": per_device_batch}))  # fmt: skip
+    main(["train", str(recipe), "--sequence_parallel_size", "2"])
+    if int(os.environ["RANK"]) == 0:  # no collective is left to take: the group is gone
+        torch.save({"initialized": dist.is_initialized(), "ulysses_groups": len(layer._all_to_all_groups),
+                    "summary": (output_dir / "summary.json").is_file()}, out)  # fmt: skip
+
+
 def worker(out: str, model_dir: str, per_device_batch: int, mode: str) -> None:
+    if mode == "cli-sequence-parallel":
+        cli_worker(out, model_dir, per_device_batch)
+        return
     if mode == "sequence-parallel":
         sequence_parallel_worker(out, model_dir, per_device_batch)
         return
@@ -340,6 +363,18 @@ def test_sequence_parallel_two_processes_match_one(sequence_parallel, one_proces
     assert two["world_size"] == 2 and two["wrapper"] == "DistributedDataParallel"
     assert two["attention"] == "sdpa" and two["restored"]
     assert_same_run(two, one_process, initial_weights)
+
+
+@pytest.mark.slow
+def test_cli_leaves_the_process_group_after_a_sequence_parallel_run(tiny_model_dir, tmp_path):
+    """`longctx-grpo train` ends a multi-process run as Accelerate asks (`end_training`): the group destroyed and
+    DeepSpeed's Ulysses registry empty once `main` returns (both were left alive before), so no rank exits holding
+    them. Real rollouts here: completions of at most 4 tokens after longer chat prompts, so rank 0's halves held no
+    scored token (its lm_head got no gradient, and DDP left rank 1 waiting in the all-reduce until the lm_head was
+    kept in every rank's graph)."""
+    pytest.importorskip("deepspeed", reason="sequence parallelism needs the [deepspeed] extra")
+    two = launch(tmp_path, tiny_model_dir, {}, mode="cli-sequence-parallel")
+    assert two == {"initialized": False, "ulysses_groups": 0, "summary": True}
 
 
 @pytest.mark.slow

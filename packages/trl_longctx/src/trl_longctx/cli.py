@@ -238,7 +238,24 @@ def main(argv: list[str] | None = None) -> None:
         plan_main(rest)
         return
     script_args, training_args, model_args = parse_train_args(rest)
-    train(script_args, training_args, model_args)
+    end_run(train(script_args, training_args, model_args))
+
+
+def end_run(trainer) -> None:
+    """Leave the run's process group once every rank is done, as Accelerate asks of a script's end
+    (`Accelerator.end_training`); a no-op in one process.
+
+    A rank that exits with its group alive aborts at interpreter exit now and then ("terminate called without an
+    active exception", SIGABRT) after its work is done and saved; under `sequence_parallel_size > 1` DeepSpeed's
+    registry of Ulysses groups is cleared first (`sequence_parallel.leave_process_group`).
+    """
+    if trainer.sequence_parallel is not None:
+        from .sequence_parallel import leave_process_group
+
+        leave_process_group()
+    else:
+        trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -309,7 +309,11 @@ class UlyssesLogProbs:
         lo, hi = max(row.first - 1, start), min(row.first - 1 + row.scored, start + local)
         values = torch.zeros((local, 2 if compute_entropy else 1), dtype=torch.float32, device=device)
         if lo >= hi:
-            return values + 0 * hidden.sum()  # keeps the slice in the graph, so every rank's backward runs its layers
+            # Keeps the slice and the lm_head in the graph: every rank's backward runs its layers (Ulysses' all-to-all)
+            # and gives the lm_head a gradient, which DDP waits for on every rank (a rank whose slices are all prompt
+            # tokens left the other waiting in its gradient all-reduce).
+            kept = hidden.sum() + weight.sum() + (bias.sum() if bias is not None else 0)
+            return values + 0 * kept
         outputs = selective_logprobs(
             hidden[lo - start : hi - start].to(weight.dtype), weight, tokens[lo + 1 : hi + 1], bias=bias, **options
         )
