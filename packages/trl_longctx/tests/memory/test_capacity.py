@@ -81,6 +81,11 @@ def test_plan_prints_the_capacity(capsys):
         "vLLM side: not modeled (full fine-tuning keeps vLLM's own copy of the weights" in out
         and "one copy of the weights" not in out
     )
+    # That copy is on the GPU while the trainer trains, and the training plan does not count it: the plan says so,
+    # with its size (Qwen3-8B: 8.19e9 parameters in bf16) and the setting that releases it.
+    bf16_copy = 2 * PRESETS["qwen3-8b"].total_params() / 2**30
+    assert 15 < bf16_copy < 16
+    assert f"that copy (in bf16 {bf16_copy:.2f} GiB;" in out and "vllm_enable_sleep_mode=True" in out
 
 
 def test_qlora_rollouts_are_modeled_with_vllms_4bit_weights():

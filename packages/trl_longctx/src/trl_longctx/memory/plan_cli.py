@@ -293,7 +293,12 @@ def _capacity_lines(shape: ModelShape, setup: TrainSetup, gpus: dict[str, float]
 def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: int, mode: str, gpus: dict) -> str:
     """The colocated vLLM side (shared weights, KV standby): the rollout's KV cache and the utilization it needs."""
     if (problem := rollout_capacity_problem(shape, mode)) is not None:
-        return f"vLLM side: not modeled ({problem})."
+        return (
+            f"vLLM side: not modeled ({problem}). While the trainer trains, that copy (in bf16 "
+            f"{vllm_weight_bytes(shape) / GIB:.2f} GiB; less where vLLM keeps a quantized checkpoint's weights) stays "
+            "on the GPU beside what the training plans above count, unless TRL's sleep mode releases it "
+            "(vllm_enable_sleep_mode=True, which reloads it for each rollout)."
+        )
     tokens = rollout_kv_tokens(sequences, prompt, completion)
     need = ", ".join(
         f"{gpu} >= {min_vllm_utilization(shape, sequences, prompt, completion, gib, mode):.2f}"
