@@ -236,12 +236,14 @@ def cmd_all(args) -> None:
               "--prompt-length", str(args.prompt_length), "--max-completion-length", str(args.max_completion_length),
               "--mean-completion-length", str(args.mean_completion_length), "--steps", str(args.steps),
               "--trl-util", str(args.trl_util)]  # fmt: skip
-    rows = [child_row(script, ["run", "--config", name, *shared], args.timeout) for name in args.only or CONFIGS]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"environment": environment(device, ("trl", "vllm", "peft")), "rows": rows, "table": table(rows)}
+    result = {"environment": environment(device, ("trl", "vllm", "peft")), "rows": []}
+    for name in args.only or CONFIGS:
+        result["rows"].append(child_row(script, ["run", "--config", name, *shared], args.timeout))
+        result["table"] = table(result["rows"])
+        if args.out:  # after each configuration: a run stopped part way keeps the rows it finished
+            Path(args.out).write_text(json.dumps(result, indent=1))
     print(result["table"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 def table(rows: list[dict]) -> str:
