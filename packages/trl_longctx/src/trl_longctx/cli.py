@@ -242,19 +242,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def end_run(trainer) -> None:
-    """Leave the run's process group once every rank is done, as Accelerate asks of a script's end
-    (`Accelerator.end_training`); a no-op in one process.
+    """End the run as Accelerate asks of a script (`Accelerator.end_training`): once every rank is done, shut the
+    colocated vLLM engine down and leave the process group; a no-op in one process without vLLM.
 
     A rank that exits with its group alive aborts at interpreter exit now and then ("terminate called without an
-    active exception", SIGABRT) after its work is done and saved; under `sequence_parallel_size > 1` DeepSpeed's
-    registry of Ulysses groups is cleared first (`sequence_parallel.leave_process_group`).
+    active exception", SIGABRT) after its work is done and saved. The engine goes first: its teardown destroys the
+    groups it made and the default one, so left to run at interpreter exit, after `end_training`, it raised on
+    each rank ("Invalid process group specified"). Under `sequence_parallel_size > 1` DeepSpeed's registry of
+    Ulysses groups is cleared too (`sequence_parallel.leave_process_group`).
     """
+    trainer.accelerator.wait_for_everyone()
+    engine = getattr(getattr(trainer, "vllm_generation", None), "llm", None)  # colocate mode only
+    if engine is not None:
+        engine.llm_engine.engine_core.shutdown()
     if trainer.sequence_parallel is not None:
         from .sequence_parallel import leave_process_group
 
         leave_process_group()
-    else:
-        trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
 

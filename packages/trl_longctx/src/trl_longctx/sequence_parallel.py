@@ -350,9 +350,10 @@ def leave_process_group() -> None:
     import deepspeed.comm
     from deepspeed.sequence import layer
 
-    dist.barrier()
     layer._all_to_all_groups.clear()
-    deepspeed.comm.destroy_process_group()
+    if dist.is_initialized():  # a colocated vLLM engine's teardown destroys the default group itself
+        dist.barrier()
+        deepspeed.comm.destroy_process_group()
 
 
 def sequence_parallel_group(size: int) -> dist.ProcessGroup:

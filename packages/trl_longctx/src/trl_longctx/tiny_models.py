@@ -114,12 +114,20 @@ def save_tiny_model(output_dir: str | Path, *, seed: int = 0, **config_overrides
     Returns:
         The folder, usable as `model_name_or_path` by transformers, TRL and vLLM.
     """
+    from safetensors.torch import save_file
+
     output_dir = Path(output_dir)
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=seed, tokenizer=tokenizer, **config_overrides)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
+    # Written file by file, not with `model.save_pretrained`: that writes on rank 0 only once torch.distributed is
+    # initialized, and each process of a multi-process run builds its own copy in a folder of its own.
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records them, with the dtype
+    model.config.dtype = next(model.parameters()).dtype
+    model.config.save_pretrained(output_dir)
+    model.generation_config.save_pretrained(output_dir)
+    save_file(model.state_dict(), str(output_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(output_dir)
     return output_dir
