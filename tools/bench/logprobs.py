@@ -7,6 +7,8 @@ Providers, all on the same inputs (bf16 hidden ``[N, H]``, weight ``[V, H]``, ta
 - ``cce``: Cut Cross-Entropy ``linear_cross_entropy(reduction="none")``, negated.
 - ``liger``: Liger-Kernel ``liger_fused_linear_cross_entropy(reduction="none")``, negated (its GRPO loss gives no
   per-token log-probs; this is its fused linear path that does).
+- ``trl-fused`` / ``trl-fused+ent``: TRL's own fused lm_head (``GRPOTrainer``'s ``fused_lm_head`` path, 1.16+): its
+  ``ChunkedLogProbFunction`` as ``add_fused_lm_head`` calls it, with TRL's vocabulary chunk, entropy off/on.
 
 Modes: ``forward`` (no grad, as for old/reference log-probs) and ``full`` (forward + backward to the hidden states
 with a random upstream gradient; lm_head frozen, as with LoRA). Metrics: ``ms`` (p20/p50/p80 over CUDA-event
@@ -40,21 +42,31 @@ from _common import (  # noqa: E402
 )
 
 HEADS = {"qwen3": (4096, 151936), "llama31": (4096, 128256), "tiny": (64, 1000)}  # tiny: smoke tests
-PROVIDERS = ("ours-triton", "ours-triton+ent", "ours-torch", "materialized", "cce", "liger")
+PROVIDERS = (
+    "ours-triton",
+    "ours-triton+ent",
+    "ours-torch",
+    "materialized",
+    "cce",
+    "liger",
+    "trl-fused",
+    "trl-fused+ent",
+)
 MATMUL_TFLOPS = 785.0  # bf16 8192^3 matmul measured on the lent H200 (../shared/GPU.md)
 
 
-def make_provider(name: str):
-    """``fn(hidden, weight, targets) -> logprobs [N] float32``; raises ImportError when the peer is missing."""
+def make_provider(name: str, both: bool = False):
+    """``fn(hidden, weight, targets) -> logprobs [N] float32``, or with ``both`` (a ``+ent`` provider) ``(logprobs,
+    entropy)``; raises ImportError when the peer is missing."""
+    entropy = name.endswith("+ent")
     if name.startswith("ours"):
         from longctx_kernels import selective_logprobs
 
         backend = "triton" if "triton" in name else "torch"
-        entropy = name.endswith("+ent")
 
         def ours(h, w, t):
             out = selective_logprobs(h, w, t, return_entropy=entropy, backend=backend)
-            return out[0] if entropy else out
+            return out if both or not entropy else out[0]
 
         return ours
     if name == "materialized":
@@ -76,6 +88,20 @@ def make_provider(name: str):
             return -(out[0] if isinstance(out, tuple) else out).float()
 
         return liger
+    if name.startswith("trl-fused"):
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+
+        def trl_fused(h, w, t):
+            # As `add_fused_lm_head`'s forward calls it: no bias, temperature 1, no softcap, logit scale 1.
+            per_token = ChunkedLogProbFunction.apply(
+                h, w, None, t, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs
+            )
+            return per_token[:2] if both and entropy else per_token[0]
+
+        return trl_fused
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -142,7 +168,7 @@ def bench_speed(args, device, record) -> None:
 
 
 def bench_accuracy(args, device, record) -> None:
-    from longctx_kernels import selective_logprobs, selective_logprobs_reference
+    from longctx_kernels import selective_logprobs_reference
 
     n = 512
     for head in args.heads:
@@ -155,14 +181,11 @@ def bench_accuracy(args, device, record) -> None:
         del h64
         for prov in args.providers:
             try:
-                fn = make_provider(prov)
+                fn = make_provider(prov, both=True)
             except ImportError:
                 continue
             hh = h.detach().clone().requires_grad_()
-            if prov.endswith("+ent"):
-                lp, ent = selective_logprobs(hh, w, t, return_entropy=True, backend="triton")
-            else:
-                lp, ent = fn(hh, w, t), None
+            lp, ent = fn(hh, w, t) if prov.endswith("+ent") else (fn(hh, w, t), None)
             (lp * g).sum().backward()
             row = {
                 "provider": prov,
