@@ -67,7 +67,9 @@ def test_a_doctored_trl_is_refused_naming_the_hook_what_changed_and_what_to_revi
         check_trl_contract([doctored("_generate"), doctored("_get_per_token_logps_and_entropies")])
     message = str(error.value)
     assert "Doctored._generate: it no longer calls self._generate_single_turn." in message
-    assert "Check that rollouts still reach _generate_single_turn." in message
+    assert (
+        "Check that rollouts still reach _generate_single_turn and review LongContextGRPOTrainer._generate" in message
+    )
     assert "Doctored._get_per_token_logps_and_entropies: its parameters are ('self', 'model', 'input_ids', " in message
     assert "Install the TRL release trl_longctx supports" in message
 

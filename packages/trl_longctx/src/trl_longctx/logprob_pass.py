@@ -201,6 +201,29 @@ class LogProbPass:
                 chunk = min(chunk, self._caps.logit_chunk_tokens)
         return ChunkSizes(mini_batch, chunk, tiles)
 
+    def host_buffer_sizes(
+        self,
+        config: Any,
+        vocab_size: int,
+        sequences: int,
+        length: int,
+        completion: int,
+        element_bytes: int,
+        optimizer_states_allocated: bool = False,
+    ) -> list[int]:
+        """The host buffers a training pass over `sequences` sequences of `length` tokens (`completion` scored) offloads
+        into, alive at once (`sizes` decides the sequences per decoder pass): one per offloaded decoder layer and
+        decoder pass, `pass sequences x length x hidden size x element_bytes` bytes each (`element_bytes`: of the
+        decoder's hidden states). Empty when nothing is offloaded."""
+        if not self.offload:
+            return []
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers = text.num_hidden_layers - (1 if self.offloader.keep_last_on_device else 0)
+        mini_batch = self.sizes(config, vocab_size, sequences, length, completion, optimizer_states_allocated)
+        step = mini_batch.grpo_mini_batch
+        passes = [min(step, sequences - start) for start in range(0, sequences, step)]
+        return [n * length * text.hidden_size * element_bytes for n in passes for _ in range(layers)]
+
     def _logit_chunk(self, mini_batch: int, completion: int, vocab_size: int, planned: ChunkSizes | None) -> int:
         """Tokens per logit chunk (torch backend), never more than the mini batch's tokens."""
         tokens = mini_batch * completion

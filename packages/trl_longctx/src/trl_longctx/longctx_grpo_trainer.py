@@ -18,7 +18,7 @@ from .fault_callbacks import fault_callbacks
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
 from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
-from .memory.offload_checkpoints import ReleaseBuffersCallback, describe_growth
+from .memory.offload_checkpoints import ReleaseBuffersCallback, describe_growth, describe_reservation
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .quantized_experts import unquantized_experts_notice
@@ -184,6 +184,46 @@ class LongContextGRPOTrainer(GRPOTrainer):
         with atomic_checkpoint(self, trial):
             super()._save_checkpoint(model, trial)
 
+    def _generate(self, prompts):
+        """TRL's rollout. Once it returns, the lengths of the steps that train on it are known: host buffers their
+        offloaded checkpoints lack are allocated and pinned in the background (`reserve_host_buffers`) while TRL
+        scores the completions and computes their old log-probs, instead of inside the first step."""
+        generated = super()._generate(prompts)
+        if self.model.training:
+            prompt_ids, completion_ids = generated[0], generated[1]
+            self.reserve_host_buffers(max(map(len, prompt_ids)), max(map(len, completion_ids), default=0))
+        return generated
+
+    def reserve_host_buffers(self, prompt_length: int, completion_length: int) -> list[int]:
+        """Start pinning, in the background, the host buffers that a training step over `per_device_train_batch_size`
+        sequences of these lengths (TRL pads to them, to `pad_to_multiple_of`) offloads into and the pool lacks.
+
+        Nothing is reserved where the step's sizes are not planned here: without offloaded checkpoints, under
+        `sequence_parallel_size > 1` (each rank offloads its slices), for vision-language models (their vision
+        tower's layers offload too), and where the pass goes to TRL's path (an adapter on the lm_head, a router aux
+        loss we do not compute).
+
+        Returns:
+            The bytes of the buffers a step needs (`LogProbPass.host_buffer_sizes`); empty when nothing is reserved.
+        """
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.sequence_parallel is not None or getattr(unwrapped.config, "vision_config", None) is not None:
+            return []
+        if plain_lm_head_weights(decoder_and_lm_head(unwrapped)[1]) is None or (
+            self.aux_loss_enabled and isinstance(_router_aux_loss_or_reason(unwrapped), str)
+        ):
+            return []
+        multiple = self.args.pad_to_multiple_of or 1
+        prompt, completion = (-(-n // multiple) * multiple for n in (prompt_length, completion_length))
+        sizes = self.logprob_pass.host_buffer_sizes(
+            unwrapped.config, unwrapped.config.get_text_config().vocab_size, self.args.per_device_train_batch_size,
+            prompt + completion, completion, unwrapped.get_input_embeddings().weight.element_size(),
+            optimizer_states_allocated=self.state.global_step > 0,
+        )  # fmt: skip
+        if sizes:
+            self.logprob_pass.offloader.reserve(sizes)
+        return sizes
+
     def _generate_single_turn(self, *args, **kwargs):
         """TRL's rollout, with vLLM's KV cache restored just before and released right after (`rollout_plan`), and
         with shared weights in merged mode the adapter merged into them for its length.
@@ -209,11 +249,15 @@ class LongContextGRPOTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss, refused (or the step skipped, with `skip_nonfinite_steps`) when it is NaN or Inf. Host buffers the
-        offloaded checkpoints allocated for it (the first step's, or a longer sequence's) are logged with their time."""
-        before = self.logprob_pass.offloader.allocation_record
+        offloaded checkpoints allocated for it (the first step's, or a longer sequence's) are logged with their time,
+        and those reserved for it after the rollout with the time the step waited for them."""
+        offloader = self.logprob_pass.offloader
+        before = offloader.allocation_record
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         skip, step = self.args.skip_nonfinite_steps, self.state.global_step + 1
-        if (grown := describe_growth(before, self.logprob_pass.offloader.allocation_record)) is not None:
+        for reservation in offloader.settled_reservations():
+            logger.info("step %d: %s", step, describe_reservation(reservation))
+        if (grown := describe_growth(before, offloader.allocation_record)) is not None:
             logger.info("step %d: %s", step, grown)
         guarded = guard_loss(loss, model, step, skip=skip, accelerator=self.accelerator)
         if skip and self.model.training:

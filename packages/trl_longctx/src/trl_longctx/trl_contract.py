@@ -324,11 +324,13 @@ TRL_HOOKS: tuple[Hook, ...] = (
         calls=("vllm_generation.generate",),
     ),
     Hook(
-        GRPO_TRAINER, "_generate", "reached",
+        GRPO_TRAINER, "_generate", "override",
         ("self", "prompts"),
-        reason="every rollout must go through _generate_single_turn, which we wrap",
+        reason="every rollout must go through _generate_single_turn, which we wrap; what it returns starts with the "
+        "prompt and completion ids, whose lengths size the host buffers reserved after the rollout",
         upstream="trl/trainer/grpo_trainer.py (v1.16.0)",
-        on_change="Check that rollouts still reach _generate_single_turn.",
+        on_change="Check that rollouts still reach _generate_single_turn and review LongContextGRPOTrainer._generate "
+        "(the tuple it reads).",
         source_sha256={"1.16.0": "bea6bc4f3207f3960b3415b266a951128b47b6b7bf198207800ae13267020549"},
         calls=("_generate_single_turn",),
     ),

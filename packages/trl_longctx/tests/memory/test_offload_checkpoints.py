@@ -1,14 +1,16 @@
 """CheckpointOffloader on a tiny Qwen3 (CPU): same loss and gradients as plain checkpointing, buffers reused."""
 
 import contextlib
+import threading
+import time
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from testing_utils import assert_close
 
-from trl_longctx.memory import CheckpointOffloader
-from trl_longctx.memory.offload_checkpoints import describe_growth
+from trl_longctx.memory import CheckpointOffloader, offload_checkpoints
+from trl_longctx.memory.offload_checkpoints import describe_growth, describe_reservation
 from trl_longctx.tiny_models import build_tiny_qwen3
 
 # fp32 end to end: offloading only moves the layer inputs, so the numbers should agree to rounding.
@@ -176,3 +178,83 @@ def test_allocation_record_counts_the_first_step_only():
     line = describe_growth(start, first)
     assert line.startswith(f"host buffers of offloaded checkpoints: {NUM_LAYERS - 1} allocated, 0.00 GiB in ")
     assert line.endswith(f"; {NUM_LAYERS - 1} in all")
+
+
+MIB = 2**20
+
+
+def test_reserved_buffers_are_taken_by_the_next_step():
+    """Buffers reserved ahead (as after a rollout) serve the step's offloads: it allocates none itself."""
+    model = make_model(lora=True)
+    offloader = CheckpointOffloader()
+    offloader.reserve([2 * 11 * 64 * 4] * (NUM_LAYERS - 1))  # 2 sequences x 11 tokens x 64 fp32 values per layer
+    run_step(model, torch.randint(0, 64, (2, 11)), offloader)
+    assert offloader.allocation_record.count == 0 and offloader.offloaded_count == NUM_LAYERS - 1
+    (reserved,) = offloader.settled_reservations()
+    assert (reserved.count, reserved.nbytes, reserved.error) == (NUM_LAYERS - 1, (NUM_LAYERS - 1) * 2 * MIB, None)
+    assert offloader.settled_reservations() == []  # reported once
+    assert describe_reservation(reserved).startswith(
+        f"host buffers of offloaded checkpoints: {NUM_LAYERS - 1} reserved in the background, 0.00 GiB in "
+    )
+    # What the pool holds already is not reserved again.
+    offloader.reserve([2 * 11 * 64 * 4] * (NUM_LAYERS - 1))
+    run_step(model, torch.randint(0, 64, (2, 11)), offloader)
+    assert offloader.settled_reservations() == [] and offloader.allocation_record.count == 0
+
+
+def test_reserve_allocates_only_what_the_free_buffers_cannot_hold():
+    offloader = CheckpointOffloader()
+    offloader.reserve([2 * MIB, 2 * MIB])
+    offloader.release()  # waits for the thread; its buffers are then freed
+    offloader.reserve([2 * MIB, 2 * MIB])
+    offloader._pool.settle()
+    assert offloader._pool.nbytes == 4 * MIB
+    # Largest first, each in the smallest free buffer that holds it: 3 MiB fits none (4 MiB reserved), the two 1 MiB
+    # ones take the two free 2 MiB buffers.
+    assert offloader._pool.missing([MIB, 3 * MIB, MIB]) == [4 * MIB]
+    assert offloader._pool.missing([2 * MIB, 2 * MIB, 1]) == [2 * MIB]
+    assert offloader._pool.missing([MIB]) == []
+
+
+def test_the_step_waits_for_a_reservation_under_way(monkeypatch):
+    allocate = offload_checkpoints._new_buffer
+
+    def slow(size, pin_memory):
+        time.sleep(0.3)
+        return allocate(size, pin_memory)
+
+    monkeypatch.setattr(offload_checkpoints, "_new_buffer", slow)
+    offloader = CheckpointOffloader()
+    start = time.perf_counter()
+    offloader.reserve([MIB])
+    assert time.perf_counter() - start < 0.2  # the thread allocates; the caller goes on
+    run_step(make_model(lora=True), torch.randint(0, 64, (2, 11)), offloader)
+    (reserved,) = offloader.settled_reservations()
+    assert reserved.count == 1 and reserved.seconds >= 0.3 and reserved.waited > 0
+
+
+def test_a_reservation_stopped_by_an_error_leaves_the_rest_to_the_step(monkeypatch):
+    """Pinning that fails on the background thread (e.g. a host-memory limit) is reported when the step takes the
+    buffers; the step allocates what is missing itself, where a lasting error would then be raised."""
+    allocate, made = offload_checkpoints._new_buffer, []
+
+    def fails_on_the_second(size, pin_memory):
+        if threading.current_thread().name == "longctx-host-buffers" and made:
+            raise RuntimeError("cudaHostRegister of 2097152 bytes failed with CUDA error 2")
+        made.append(size)
+        return allocate(size, pin_memory)
+
+    monkeypatch.setattr(offload_checkpoints, "_new_buffer", fails_on_the_second)
+    offloader = CheckpointOffloader()
+    offloader.reserve([2 * 11 * 64 * 4] * (NUM_LAYERS - 1))
+    run_step(make_model(lora=True), torch.randint(0, 64, (2, 11)), offloader)
+    (reserved,) = offloader.settled_reservations()
+    assert (
+        reserved.count == 1
+        and reserved.error == "RuntimeError: cudaHostRegister of 2097152 bytes failed with CUDA error 2"
+    )
+    assert offloader.allocation_record.count == NUM_LAYERS - 2  # the step allocated the rest
+    assert describe_reservation(reserved).endswith(
+        "; stopped early by RuntimeError: cudaHostRegister of 2097152 bytes failed with CUDA error 2 (the step "
+        "allocated the rest itself)"
+    )

@@ -6,6 +6,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from trl_longctx import LongContextGRPOConfig, LongContextGRPOTrainer
+from trl_longctx.memory import offload_checkpoints
 from trl_longctx.tasks import make_copy_letter_dataset
 
 TOLERANCES = {"logps": {"atol": 1e-6, "rtol": 1e-5}, "grads": {"atol": 1e-6, "rtol": 1e-5}}
@@ -39,7 +40,7 @@ def test_needs_gradient_checkpointing(tmp_path):
         config(tmp_path, offload_checkpoints=True, gradient_checkpointing=False)
 
 
-def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path, caplog):
+def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path, caplog, monkeypatch):
     def reward(completions, **kwargs):
         return [(sum(map(ord, c)) % 7) / 7 for c in completions]
 
@@ -51,14 +52,18 @@ def test_trainer_offload_matches_and_releases(tiny_model_dir, tmp_path, caplog):
         peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
     )
     # Trains one step with offloading on (the Trainer turns gradient checkpointing on in `train()`); afterwards nothing
-    # stays pinned.
+    # stays pinned. Buffers at their exact sizes (no 2 MiB rounding), so the reserved ones serve the step only if
+    # they were sized right.
+    monkeypatch.setattr(offload_checkpoints, "_BUFFER_GRANULARITY", 1)
     with caplog.at_level("INFO", logger="trl_longctx.longctx_grpo_trainer"):
         trainer.train()
     assert trainer.logprob_pass.offloader.offloaded_count > 0
-    # The first step's buffers are logged with the time they took (the first step's cost over a warm one).
-    count = trainer.logprob_pass.offloader.pool_allocations
-    assert count > 0
-    assert any(f"step 1: host buffers of offloaded checkpoints: {count} allocated" in m for m in caplog.messages)
+    # The first step's buffers were reserved after the rollout, sized by its lengths: the step allocated none itself,
+    # and the log says what was reserved and how long the step waited for it (the first step's cost over a warm one).
+    layers = trainer.model.config.num_hidden_layers
+    assert trainer.logprob_pass.offloader.pool_allocations == 0
+    reserved = f"step 1: host buffers of offloaded checkpoints: {layers - 1} reserved in the background"
+    assert any(m.startswith(reserved) for m in caplog.messages), caplog.messages
     assert trainer.logprob_pass.offloader.buffers_in_use == 0 and trainer.logprob_pass.offloader.pool_bytes == 0
     model = trainer.model
     model.train()
@@ -119,3 +124,24 @@ def test_planned_sizes_follow_free_memory(tiny_model_dir, tmp_path):
     passes._planned.clear()
     with pytest.warns(UserWarning, match="No chunk sizes fit"):
         assert planned(1, 262144, 262000, free_bytes=2.3 * 2**30) == (1, 1)
+
+
+def test_reserved_host_buffers_follow_the_planned_passes(tiny_model_dir, tmp_path):
+    """After a rollout the trainer reserves one buffer per offloaded layer and decoder pass, sized by TRL's padded
+    lengths (`pad_to_multiple_of`) and the sequences per pass; without offloaded checkpoints, nothing."""
+    trainer = LongContextGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=config(tmp_path, offload_checkpoints=True, grpo_mini_batch=3, pad_to_multiple_of=4),
+        train_dataset=make_copy_letter_dataset(8),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
+    layers, hidden = trainer.model.config.num_hidden_layers, trainer.model.config.hidden_size
+    sizes = trainer.reserve_host_buffers(prompt_length=5, completion_length=3)  # padded: 8 + 4 tokens
+    # 4 sequences per step at 3 per pass: passes of 3 and 1; fp32 hidden states; the last layer stays on the device.
+    assert sizes == [3 * 12 * hidden * 4] * (layers - 1) + [1 * 12 * hidden * 4] * (layers - 1)
+    trainer.logprob_pass.offloader.release()
+    (reserved,) = trainer.logprob_pass.offloader.settled_reservations()
+    assert reserved.count == 2 * (layers - 1) and reserved.error is None
+    trainer.args.offload_checkpoints = False
+    assert trainer.reserve_host_buffers(prompt_length=5, completion_length=3) == []

@@ -21,15 +21,19 @@ pool, so CI checks the bookkeeping and the numerics.
 Pinned buffers are allocated once and reused: a buffer returns to the pool when the autograd graph that holds it is
 freed (after the backward), and a step of the same shapes takes the same buffers again. Pinning runs an order of
 magnitude slower than copying into memory already pinned, so allocating per step would cost more than the copies
-themselves.
+themselves. Where the coming step's sizes are known ahead (after the rollout), `CheckpointOffloader.reserve` allocates
+and pins what the pool lacks on a background thread while the GPU does other work; the step's first offload waits
+for it and takes those buffers.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -69,6 +73,65 @@ class HostAllocations(NamedTuple):
         return HostAllocations(self.count - before.count, self.nbytes - before.nbytes, self.seconds - before.seconds)
 
 
+class HostReservation(NamedTuple):
+    """Host buffers allocated (and pinned) on a background thread ahead of a step (`CheckpointOffloader.reserve`).
+
+    Attributes:
+        count, nbytes: The buffers the thread allocated, and their bytes.
+        seconds: The thread's time.
+        waited: The seconds the step waited for the thread to finish (0 when it was done before).
+        error: What stopped the thread early (`"Type: message"`), `None` if nothing: the step then allocates the
+            buffers it still needs itself, where the same error is raised.
+    """
+
+    count: int
+    nbytes: int
+    seconds: float
+    waited: float
+    error: str | None
+
+
+def _rounded(nbytes: int) -> int:
+    """`nbytes` rounded up to the pool's granularity."""
+    return -(-nbytes // _BUFFER_GRANULARITY) * _BUFFER_GRANULARITY
+
+
+def _new_buffer(size: int, pin_memory: bool) -> torch.Tensor:
+    buffer = torch.empty(size, dtype=torch.uint8)
+    if pin_memory:
+        _page_lock(buffer)
+    return buffer
+
+
+class _Reservation:
+    """Buffers of given sizes allocated (and pinned) on a thread of its own; `join` waits and reports. Pinning
+    (`cudaHostRegister`) runs without Python's lock, so the thread does not hold up the process meanwhile."""
+
+    def __init__(self, sizes: list[int], pin_memory: bool):
+        self.buffers: list[torch.Tensor] = []
+        self._error: BaseException | None = None
+        self._seconds = 0.0
+        self._thread = threading.Thread(target=self._allocate, args=(sizes, pin_memory), daemon=True,
+                                        name="longctx-host-buffers")  # fmt: skip
+        self._thread.start()
+
+    def _allocate(self, sizes: list[int], pin_memory: bool) -> None:
+        start = time.perf_counter()
+        try:
+            for size in sizes:
+                self.buffers.append(_new_buffer(size, pin_memory))
+        except Exception as error:  # noqa: BLE001 - reported by `join`; the step allocates the rest itself
+            self._error = error
+        self._seconds = time.perf_counter() - start
+
+    def join(self) -> HostReservation:
+        start = time.perf_counter()
+        self._thread.join()
+        error = None if self._error is None else f"{type(self._error).__name__}: {self._error}"
+        nbytes = sum(b.numel() for b in self.buffers)
+        return HostReservation(len(self.buffers), nbytes, self._seconds, time.perf_counter() - start, error)
+
+
 class _PinnedPool:
     """Host buffers (pinned when CUDA is used) reused across layers and steps; one job: hand out and take back bytes."""
 
@@ -77,10 +140,40 @@ class _PinnedPool:
         self.free: list[torch.Tensor] = []
         self.in_use = 0
         self.allocations = 0
-        self.allocated_bytes = 0  # ever allocated, freed buffers included
-        self.allocation_seconds = 0.0  # spent allocating (and pinning) new buffers
+        self.allocated_bytes = 0  # ever allocated by `acquire`, freed buffers included
+        self.allocation_seconds = 0.0  # spent allocating (and pinning) new buffers in `acquire`
+        self.settled: list[HostReservation] = []  # reservations handed to the pool, not yet reported
+        self._reservation: _Reservation | None = None
+
+    def missing(self, sizes: Sequence[int]) -> list[int]:
+        """Of buffers of `sizes` bytes wanted at once, the (rounded) sizes the free buffers cannot hold, each free
+        buffer holding one: the largest wanted first, each in the smallest free buffer that holds it."""
+        free = sorted(b.numel() for b in self.free)
+        missing = []
+        for size in sorted(sizes, reverse=True):
+            fit = bisect.bisect_left(free, size)
+            if fit < len(free):
+                free.pop(fit)
+            else:
+                missing.append(_rounded(size))
+        return missing
+
+    def reserve(self, sizes: Sequence[int]) -> None:
+        """Start allocating, on a background thread, what the pool lacks for buffers of `sizes` bytes at once."""
+        self.settle()
+        if missing := self.missing(sizes):
+            self._reservation = _Reservation(missing, self.pin_memory)
+
+    def settle(self) -> None:
+        """Wait for a reservation under way, if any, and add its buffers to the free ones."""
+        if self._reservation is None:
+            return
+        reservation, self._reservation = self._reservation, None
+        self.settled.append(reservation.join())
+        self.free.extend(reservation.buffers)
 
     def acquire(self, nbytes: int) -> torch.Tensor:
+        self.settle()
         fitting = [b for b in self.free if b.numel() >= nbytes]
         if fitting:
             buffer = min(fitting, key=torch.Tensor.numel)
@@ -89,11 +182,9 @@ class _PinnedPool:
             # Smaller free buffers were outgrown by a longer sequence; dropping them bounds the pool at
             # (inputs alive at once) x (largest input), instead of keeping one set per length ever seen.
             self.free = [b for b in self.free if b.numel() >= nbytes]
-            size = -(-nbytes // _BUFFER_GRANULARITY) * _BUFFER_GRANULARITY
+            size = _rounded(nbytes)
             start = time.perf_counter()
-            buffer = torch.empty(size, dtype=torch.uint8)
-            if self.pin_memory:
-                _page_lock(buffer)
+            buffer = _new_buffer(size, self.pin_memory)
             self.allocation_seconds += time.perf_counter() - start
             self.allocations += 1
             self.allocated_bytes += size
@@ -109,6 +200,7 @@ class _PinnedPool:
         return sum(b.numel() for b in self.free)
 
     def clear(self) -> None:
+        self.settle()
         self.free.clear()
 
 
@@ -187,9 +279,24 @@ class CheckpointOffloader:
 
     @property
     def allocation_record(self) -> HostAllocations:
-        """Host buffers ever allocated, freed ones included (a step that allocates none adds nothing; `since` across a
-        step gives what that step spent)."""
+        """Host buffers ever allocated where an offload needed one, freed ones included (a step that allocates none adds
+        nothing; `since` across a step gives what that step spent). Reserved buffers are not counted here: see
+        `settled_reservations`."""
         return HostAllocations(self._pool.allocations, self._pool.allocated_bytes, self._pool.allocation_seconds)
+
+    def reserve(self, sizes: Sequence[int]) -> None:
+        """Allocate (and pin, on CUDA) on a background thread what the pool lacks to hold offloaded inputs of `sizes`
+        bytes alive at once, e.g. a coming step's; the first offload after it waits for the thread and takes them.
+
+        Sizes too small do no harm (the step allocates what it lacks, as without a reservation); sizes too large hold
+        host memory the steps may not use.
+        """
+        self._pool.reserve(sizes)
+
+    def settled_reservations(self) -> list[HostReservation]:
+        """The reservations handed to the pool since the last call (the step that waited for each may log it)."""
+        settled, self._pool.settled = self._pool.settled, []
+        return settled
 
     @property
     def buffers_in_use(self) -> int:
@@ -320,6 +427,22 @@ def describe_growth(before: HostAllocations, after: HostAllocations) -> str | No
         f"host buffers of offloaded checkpoints: {grown.count} allocated, {gib:.2f} GiB in {grown.seconds:.1f} s"
         f"{rate}; {after.count} in all"
     )
+
+
+def describe_reservation(reservation: HostReservation) -> str:
+    """A reservation (`CheckpointOffloader.reserve`) as a log line.
+
+    Example:
+        >>> describe_reservation(HostReservation(35, 35 * 2**30, 12.5, 0.0, None))
+        'host buffers of offloaded checkpoints: 35 reserved in the background, 35.00 GiB in 12.5 s; the step waited 0.0 s'
+    """
+    line = (
+        f"host buffers of offloaded checkpoints: {reservation.count} reserved in the background, "
+        f"{reservation.nbytes / 2**30:.2f} GiB in {reservation.seconds:.1f} s; the step waited {reservation.waited:.1f} s"
+    )
+    if reservation.error is not None:
+        line += f"; stopped early by {reservation.error} (the step allocated the rest itself)"
+    return line
 
 
 class ReleaseBuffersCallback(TrainerCallback):
