@@ -207,7 +207,9 @@ class LongContextGRPOTrainer(GRPOTrainer):
             The bytes of the buffers a step needs (`LogProbPass.host_buffer_sizes`); empty when nothing is reserved.
         """
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.sequence_parallel is not None or getattr(unwrapped.config, "vision_config", None) is not None:
+        if not self.logprob_pass.offload or self.sequence_parallel is not None:
+            return []
+        if getattr(unwrapped.config, "vision_config", None) is not None:
             return []
         if plain_lm_head_weights(decoder_and_lm_head(unwrapped)[1]) is None or (
             self.aux_loss_enabled and isinstance(_router_aux_loss_or_reason(unwrapped), str)
