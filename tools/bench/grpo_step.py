@@ -209,10 +209,21 @@ def run(args) -> list[dict]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     offloader = CheckpointOffloader()
     rows, done_oom = [], set()
+    warm_up_s = None
+    if args.warm_up and "ours" in args.providers:
+        # What the trainer does once it is built (`warm_up_kernels`): the kernels compiled before the first step.
+        from longctx_kernels.warmup import warm_up_in_background
+        from trl_longctx.model_heads import decoder_and_lm_head, plain_lm_head_weights
+
+        weight, bias = plain_lm_head_weights(decoder_and_lm_head(model)[1])
+        handle = warm_up_in_background(weight, bias)
+        handle.wait()
+        warm_up_s = handle.seconds
+        print(f"Triton warm-up: {handle.calls} calls in {warm_up_s:.1f} s", flush=True)
     for length in args.lengths:
         for provider in args.providers:
             row = {"provider": provider, "model": args.model, "L": length, "B": args.num_generations,
-                   "prompt_length": args.prompt_length, "mode": args.mode}  # fmt: skip
+                   "prompt_length": args.prompt_length, "mode": args.mode, "warm_up_s": warm_up_s}  # fmt: skip
             sizes = ours_sizes(shape, args, length, optimizer) if provider == "ours" else (None, 1)
             if provider == "ours":
                 row["mini_batch"], row["mlp_tiles"] = sizes
@@ -273,6 +284,11 @@ def main(argv=None) -> None:
         type=int,
         default=1,
         help="Timed steps per point after one warm-up step; 0: one step, timed (no warm-up).",
+    )
+    parser.add_argument(
+        "--warm-up",
+        action="store_true",
+        help="ours: compile the Triton kernels before the first step (`longctx_kernels.warmup`), as the trainer does.",
     )
     parser.add_argument("--out", help="JSON output path (rewritten after every point).")
     args = parser.parse_args(argv)

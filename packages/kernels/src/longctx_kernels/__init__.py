@@ -6,6 +6,7 @@ Two backends with one API: ``torch`` (chunked, any device, CPU included) and ``t
 from longctx_kernels.chunking import default_chunk_size
 from longctx_kernels.functional import resolve_backend, selective_logprobs
 from longctx_kernels.reference import selective_logprobs_reference
+from longctx_kernels.warmup import warm_up, warm_up_in_background
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,6 @@ __all__ = [
     "resolve_backend",
     "selective_logprobs",
     "selective_logprobs_reference",
+    "warm_up",
+    "warm_up_in_background",
 ]

@@ -271,6 +271,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _flag("flex_attention", none=_AUTO),
     _flag("skip_nonfinite_steps"),
     _flag("retry_on_oom"),
+    _flag("warm_up_kernels"),
     _flag("use_cpu"),
     _flag("bf16", none=_AUTO),
     _flag("fp16"),

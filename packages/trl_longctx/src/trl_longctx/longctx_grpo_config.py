@@ -48,7 +48,7 @@ __all__ = [
 FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("the log-prob pass", ("grpo_mini_batch", "logit_chunk_multiplier", "logprob_backend", "training_layout")),
     ("memory", ("offload_checkpoints", "tiled_mlp_chunks", "flex_attention", "sequence_parallel_size")),
-    ("compilation of the training path", ("compile_decoder_layers",)),
+    ("compilation of the training path", ("compile_decoder_layers", "warm_up_kernels")),
     ("generation with vLLM", ("use_vllm_when_available",)),
     (
         'colocated vLLM execution (only used when `vllm_mode` is `"colocate"`)',
@@ -186,6 +186,17 @@ class LongContextGRPOConfig(GRPOConfig):
             "layer; tiled MLPs run eager inside it. Forwards with a KV cache (transformers' `generate`) stay eager. "
             "`None`: not compiled.",
             "choices": list(COMPILE_DECODER_SETTINGS),
+        },
+    )
+    warm_up_kernels: bool = field(
+        default=True,
+        metadata={
+            "help": "Compile the Triton kernels of the fused log-probs for the model's lm_head on a background thread "
+            "once the trainer is built, while the first rollout runs (`longctx_kernels.warmup`), so that the first "
+            "training step does not compile them (seconds per kernel where Triton's cache is empty); the first "
+            "log-prob pass waits for what is left of it, and the log says how long each took. Only where the Triton "
+            "backend runs (CUDA) on a plain lm_head weight; elsewhere the log says why not. `False`: the first step "
+            "compiles them."
         },
     )
 

@@ -16,6 +16,7 @@ from .compile_regions import compile_decoder_layers
 from .distributed import ForwardRedirection, ReleaseLmHeadCallback, full_tensor
 from .fault_callbacks import fault_callbacks
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
+from .kernel_warm_up import start_kernel_warm_up
 from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import ReleaseBuffersCallback, describe_growth, describe_reservation
@@ -99,6 +100,10 @@ class LongContextGRPOTrainer(GRPOTrainer):
             from vllm_standby import release_kv_cache
 
             release_kv_cache(self.vllm_generation.llm)
+        # After every CUDA graph capture (vLLM's engine is built): the kernels compile while the first rollout runs.
+        self._kernel_warm_up = start_kernel_warm_up(
+            args.warm_up_kernels, self.logprob_pass.backend, self.accelerator.unwrap_model(self.model)
+        )
 
     def _attach_shared_engine(self, engine) -> None:
         """Use `engine` (built before TRL's `__init__`, sharing the trainer's weights) for rollouts, as TRL's colocate
@@ -362,6 +367,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
             )  # fmt: skip
         decoder, lm_head = decoder_and_lm_head(unwrapped)
         head = plain_lm_head_weights(lm_head)
+        if self._kernel_warm_up is not None:
+            self._kernel_warm_up.wait()  # the first pass only; then a no-op
         if self.sequence_parallel is not None:  # no aux loss, images or lm_head adapter (refused when built)
             logps, entropies = self.sequence_parallel(
                 unwrapped, decoder, tuple(full_tensor(t) for t in head), input_ids, attention_mask, logits_to_keep,
