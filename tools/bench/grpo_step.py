@@ -40,14 +40,15 @@ PROVIDERS = ("trl", "ours", "ours-no-offload")
 
 
 def quantize_decoder_linears(model) -> int:
-    """Replace every linear layer of the decoder layers by a bitsandbytes NF4 `Linear4bit` (double quantization, bf16
-    compute), quantizing the random bf16 weights in place on the GPU, as `BitsAndBytesConfig(load_in_4bit=True,
-    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)` loads a checkpoint. Embeddings, norms and the
-    lm_head stay bf16. Returns the number of layers quantized."""
+    """Replace every linear layer of the decoder layers (a vision-language model's language decoder) by a bitsandbytes
+    NF4 `Linear4bit` (double quantization, bf16 compute), quantizing the random bf16 weights in place on the GPU, as
+    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)` loads a
+    checkpoint. Embeddings, norms, the lm_head, a vision tower and fused MoE expert weights (not `nn.Linear`) stay
+    bf16. Returns the number of layers quantized."""
     import bitsandbytes as bnb
 
     count = 0
-    for layer in model.model.layers:
+    for layer in model.get_decoder().layers:
         for parent in list(layer.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is not torch.nn.Linear:

@@ -5,7 +5,9 @@ Model: gpt-oss-20b or Qwen3-30B-A3B (`--model`), the architecture of its publish
 layers alternating 128-token sliding-window and full attention with sinks, 32 experts of 2,880, top 4, YaRN to
 131,072 positions; Qwen3-30B-A3B: 48 layers of 128 experts of 768, top 8, with Qwen's YaRN factor 4 beyond 40,960
 tokens), random bf16 weights built on the device. PEFT LoRA r=`--lora-rank` on every linear layer (the attention),
-and with `--lora-experts` on both fused expert weights of every MoE layer (`target_parameters`, as the recipes).
+and with `--lora-experts` on both fused expert weights of every MoE layer (`target_parameters`, as the recipes);
+`--mode qlora` puts the attention's linear layers in bitsandbytes NF4, as `load_in_4bit` does (it cannot quantize the
+fused expert weights, which stay bf16).
 Gradient checkpointing (non-reentrant), bf16 autocast. Batch: `--num-generations` sequences of `--prompt-length + L`
 random tokens, the last L scored. One step = the per-token log-probs and the router aux loss, TRL's GRPO loss with
 `num_iterations=1` (ratio 1, random advantages) plus `router_aux_loss_coef` x the aux loss, backward, AdamW (at
@@ -48,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GIB, environment, free_cuda, is_oom, markdown_table  # noqa: E402
+from grpo_step import quantize_decoder_linears  # noqa: E402
 
 PROVIDERS = ("trl", "ours")
 MODELS = ("gpt-oss-20b", "qwen3-30b-a3b")
@@ -99,9 +102,13 @@ def moe_config(model: str, context: int, tiny: bool = False):
     return config
 
 
-def build_model(config, lora_rank: int, lora_experts: bool, device: torch.device, dtype: torch.dtype):
-    """Random `config` model on `device` with TRL's fused lm_head added (as `GRPOTrainer.__init__` does), PEFT LoRA,
-    gradient checkpointing; returns `(model, attention it was loaded with)`."""
+def build_model(
+    config, lora_rank: int, lora_experts: bool, device: torch.device, dtype: torch.dtype, mode: str = "lora"
+):
+    """Random `config` model on `device` with TRL's fused lm_head added (as `GRPOTrainer.__init__` does), `qlora`: the
+    attention's linear layers in NF4 (bitsandbytes cannot quantize fused expert weights, which stay bf16, as
+    `load_in_4bit` leaves them), PEFT LoRA (bf16), gradient checkpointing; returns `(model, attention it was loaded
+    with)`."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
@@ -111,9 +118,15 @@ def build_model(config, lora_rank: int, lora_experts: bool, device: torch.device
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
+    if mode == "qlora":
+        quantize_decoder_linears(model)
     lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules="all-linear",
                       target_parameters=EXPERT_PARAMETERS if lora_experts else None)  # fmt: skip
     model = get_peft_model(model, lora)
+    if mode == "qlora":
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
     model.enable_input_require_grads()
     model.train()
     return model, config._attn_implementation
@@ -142,7 +155,8 @@ class Providers:
         self.aux = router_aux_loss(model)
         decoder, lm_head = decoder_and_lm_head(model)
         self.decoder, self.head = decoder, plain_lm_head_weights(lm_head)
-        self.logprob_pass = LogProbPass(args, device, mode="lora", lora_rank=lora_rank,
+        mode = "qlora" if getattr(model.get_base_model(), "is_loaded_in_4bit", False) else "lora"
+        self.logprob_pass = LogProbPass(args, device, mode=mode, lora_rank=lora_rank,
                                         attention=self.choice.implementation, lora_experts=lora_experts)  # fmt: skip
         self.coef = model.get_base_model().config.router_aux_loss_coef
 
@@ -200,7 +214,8 @@ def predicted_gib(shape, provider: str, args, length: int, attention: str, sizes
     if shape is None:
         return None
     setup = TrainSetup.for_path(provider, args.num_generations, args.prompt_length, length, lora_rank=args.lora_rank,
-                                lora_experts=args.lora_experts, attention=attention if attention in ATTENTIONS else "sdpa",
+                                mode=args.mode, lora_experts=args.lora_experts,
+                                attention=attention if attention in ATTENTIONS else "sdpa",
                                 grpo_mini_batch=sizes[0], tiled_mlp_chunks=sizes[1])  # fmt: skip
     return plan_memory(shape, setup).allocated / GIB
 
@@ -214,7 +229,7 @@ def run(args) -> list[dict]:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / total), device)
     config = moe_config(args.model, args.prompt_length + max(args.lengths), args.tiny)
-    model, loaded = build_model(config, args.lora_rank, args.lora_experts, device, dtype)
+    model, loaded = build_model(config, args.lora_rank, args.lora_experts, device, dtype, args.mode)
     # lr 0: the optimizer step runs (and is timed) but leaves the weights as they were, so that every provider's
     # step sees the same model and their log-probs and aux losses can be compared.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -228,7 +243,7 @@ def run(args) -> list[dict]:
             for provider in args.providers:
                 attention = providers.attention(provider)
                 row = {"provider": provider, "model": args.model, "L": length, "B": args.num_generations,
-                       "prompt_length": args.prompt_length, "lora_experts": args.lora_experts,
+                       "prompt_length": args.prompt_length, "mode": args.mode, "lora_experts": args.lora_experts,
                        "attention": attention, "memory_gib": args.memory_gib}  # fmt: skip
                 if provider in done_oom:
                     rows.append({**row, "status": "skipped (OOM at a shorter L)"})
@@ -296,6 +311,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--lora-experts", action="store_true", help="LoRA on both fused expert weights too.")
+    parser.add_argument(
+        "--mode",
+        choices=("lora", "qlora"),
+        default="lora",
+        help="qlora: the attention's linear layers in NF4; the fused experts stay bf16.",
+    )
     parser.add_argument("--repeats", type=int, default=0, help="Timed steps after the first (which is timed apart).")
     parser.add_argument("--memory-gib", type=float, help="Cap the process's device memory at this many GiB.")
     parser.add_argument("--device", default="cuda")
@@ -304,8 +325,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("moe_step.py: --device cuda needs CUDA; --tiny --device cpu runs on the CPU.")
-    if args.memory_gib is not None and not args.device.startswith("cuda"):
-        raise SystemExit(f"moe_step.py: --memory-gib caps CUDA memory; got --device {args.device}.")
+    if (args.memory_gib is not None or args.mode == "qlora") and not args.device.startswith("cuda"):
+        raise SystemExit(f"moe_step.py: --memory-gib and --mode qlora need CUDA; got --device {args.device}.")
     args.lengths = sorted(args.lengths)
     args.env = environment(torch.device(args.device), ("transformers", "peft", "trl"))
     rows = run(args)

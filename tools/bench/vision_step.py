@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GIB, environment, free_cuda, is_oom, markdown_table  # noqa: E402
+from grpo_step import quantize_decoder_linears  # noqa: E402
 
 PROVIDERS = ("trl", "ours")
 PRESET = "qwen3-vl-8b"
@@ -92,7 +93,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
     if args.mode == "qlora":
-        quantize_language_linears(model)
+        quantize_decoder_linears(model)
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
                                              target_modules="all-linear"))  # fmt: skip
     if args.mode == "qlora":
@@ -102,30 +103,6 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     model.enable_input_require_grads()
     model.train()
     return model
-
-
-def quantize_language_linears(model) -> int:
-    """Every `nn.Linear` of the language decoder's layers as a bitsandbytes NF4 `Linear4bit` (double quantization,
-    bf16 compute), quantized in place on the GPU, as `load_in_4bit` loads a checkpoint; returns how many."""
-    import bitsandbytes as bnb
-
-    count = 0
-    for layer in model.get_decoder().layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is not torch.nn.Linear:
-                    continue
-                quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                              compute_dtype=torch.bfloat16, compress_statistics=True,
-                                              quant_type="nf4", device="meta")  # fmt: skip
-                quantized.weight = bnb.nn.Params4bit(
-                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
-                ).to(child.weight.device)
-                setattr(parent, name, quantized)
-                count += 1
-    torch.cuda.empty_cache()
-    model.is_loaded_in_4bit = True
-    return count
 
 
 def image_batch(config, args, completion: int, device: torch.device, dtype: torch.dtype, seed: int):
