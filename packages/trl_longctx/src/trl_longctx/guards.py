@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .memory.shapes import text_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -171,9 +173,9 @@ def context_length_limit(config) -> int | None:
     `rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}`, i.e. 131,072.
     `None` when the config gives no length.
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    text = text_config(config)
+    limit = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     factor = rope.get("factor") if isinstance(rope, dict) else None
     rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     if not limit or not factor or rope_type in _ROPE_TYPES_UNSCALED:
@@ -196,9 +198,9 @@ def check_prompt_lengths(prompts: list, prompt_ids: list, max_completion_length:
     length = len(prompt_ids[longest])
     if length + max_completion_length > limit:
         preview = str(prompts[longest])[:60]
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         what = f"max_position_embeddings={limit}"
-        if limit != text_config.max_position_embeddings:
+        if limit != text.max_position_embeddings:
             what = f"context of {limit} tokens (max_position_embeddings with its RoPE scaling)"
         raise ValueError(
             f"A prompt of {length} tokens plus max_completion_length={max_completion_length} exceeds the model's "

@@ -37,7 +37,7 @@ from longctx_kernels import default_chunk_size, resolve_backend, selective_logpr
 
 from .memory.offload_checkpoints import CheckpointOffloader
 from .memory.planner import ATTENTIONS, ChunkSizes, mlp_tile_counts
-from .memory.shapes import VisionLoad
+from .memory.shapes import VisionLoad, text_config
 from .memory.tiled_mlp import tile_mlps
 from .model_heads import LogitTransform
 from .moe_aux import RouterAuxLoss, RouterAuxLossMean
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 _NO_TRANSFORM = LogitTransform()
 _NO_IMAGES = VisionLoad()
 
-__all__ = ["ChunkSizes", "LogProbPass", "lowered_sizes", "run_log_prob_pass"]
+__all__ = ["ChunkSizes", "LogProbPass", "lowered_sizes", "mini_batch_bounds", "run_log_prob_pass"]
 
 
 def cuda_free_bytes() -> float:
@@ -217,11 +217,10 @@ class LogProbPass:
         decoder's hidden states). Empty when nothing is offloaded."""
         if not self.offload:
             return []
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         layers = text.num_hidden_layers - (1 if self.offloader.keep_last_on_device else 0)
         mini_batch = self.sizes(config, vocab_size, sequences, length, completion, optimizer_states_allocated)
-        step = mini_batch.grpo_mini_batch
-        passes = [min(step, sequences - start) for start in range(0, sequences, step)]
+        passes = [end - start for start, end in mini_batch_bounds(sequences, mini_batch.grpo_mini_batch)]
         return [n * length * text.hidden_size * element_bytes for n in passes for _ in range(layers)]
 
     def _logit_chunk(self, mini_batch: int, completion: int, vocab_size: int, planned: ChunkSizes | None) -> int:
@@ -351,6 +350,16 @@ class LogProbPass:
         return None
 
 
+def mini_batch_bounds(sequences: int, mini_batch: int) -> list[tuple[int, int]]:
+    """`(start, end)` of each decoder pass over `sequences` sequences, `mini_batch` at a time (the last one shorter).
+
+    Example:
+        >>> mini_batch_bounds(5, 2)
+        [(0, 2), (2, 4), (4, 5)]
+    """
+    return [(start, min(start + mini_batch, sequences)) for start in range(0, sequences, mini_batch)]
+
+
 def run_log_prob_pass(
     model: torch.nn.Module,
     decoder: torch.nn.Module,
@@ -387,8 +396,7 @@ def run_log_prob_pass(
     router_logits = {"output_router_logits": True} if aux is not None else {}
     if layout is not None and (aux is not None or images is not None):
         raise ValueError(f"The {layout.layout} layout takes no router aux loss and no images (layout_problem).")
-    for start in range(0, input_ids.size(0), sizes.grpo_mini_batch):
-        end = min(start + sizes.grpo_mini_batch, input_ids.size(0))
+    for start, end in mini_batch_bounds(input_ids.size(0), sizes.grpo_mini_batch):
         packed = layout.mini_batch(input_ids, start, end) if layout is not None else None
         if packed is not None and packed.tokens == 0:  # no completion token among these rows: nothing to score
             all_logps.append(input_ids.new_zeros((end - start, logits_to_keep), dtype=torch.float32))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .memory.shapes import text_config
+
 
 @dataclass(frozen=True)
 class LogitTransform:
@@ -23,12 +25,12 @@ def logit_transform_from_config(config) -> LogitTransform:
     Covers Gemma 2/3 (`final_logit_softcapping`), Cohere (`logit_scale`), Granite (`logits_scaling`, a divisor) and
     Falcon-H1 (`lm_head_multiplier`). Models without any of these get the identity transform.
     """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(text_config, "logit_scale", None)
+    text = text_config(config)
+    scale = getattr(text, "logit_scale", None)
     if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    divisor = getattr(text_config, "logits_scaling", None)
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+        scale = getattr(text, "lm_head_multiplier", None)
+    divisor = getattr(text, "logits_scaling", None)
+    softcap = getattr(text, "final_logit_softcapping", None)
     return LogitTransform(
         logit_scale=None if scale in (None, 1, 1.0) else float(scale),
         logit_divisor=None if divisor in (None, 1, 1.0) else float(divisor),

@@ -32,6 +32,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from .memory.shapes import text_config
+
 ENGINES = ("transformers", "vllm-server", "vllm-colocate")
 #: `RolloutPlan.kv_standby`: released and restored by this trainer around each rollout; through TRL's own
 #: `sleep()`/`wake_up()` calls, which vllm_standby's sleep backend makes KV-only; or not at all.
@@ -466,7 +468,7 @@ def _refuse_moe_weight_sync_on_cpu(args: Any, model: Any, runtime: VLLMRuntime) 
 
 def _config_experts(config: Any) -> int:
     """Experts per MoE layer of a transformers config object (0: dense, or no config)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return int(getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None) or 0)
 
 

@@ -25,6 +25,12 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+def text_config(config: Any) -> Any:
+    """The text decoder's config of a transformers config (a vision-language model's `text_config`), or `config` itself
+    where it has no `get_text_config` (a plain namespace)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 @dataclass(frozen=True)
 class VisionShape:
     """Architecture numbers of a vision-language model's vision tower (its `vision_config`).
@@ -268,7 +274,7 @@ class ModelShape:
         vision = None
         if not isinstance(config, Mapping):
             vision = getattr(config, "vision_config", None)
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            text = text_config(config)
             config = text.to_dict() if hasattr(text, "to_dict") else vars(text)
         else:
             vision = config.get("vision_config")
