@@ -256,7 +256,7 @@ def run(args) -> list[dict]:
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds, values = [], None
                 try:
-                    for _ in range(1 + args.repeats):
+                    for _ in range(1 + (args.repeats if length <= args.repeat_up_to else 0)):
                         _sync(device)
                         start = time.perf_counter()
                         values = step()
@@ -318,6 +318,12 @@ def main(argv=None) -> list[dict]:
         help="qlora: the attention's linear layers in NF4; the fused experts stay bf16.",
     )
     parser.add_argument("--repeats", type=int, default=0, help="Timed steps after the first (which is timed apart).")
+    parser.add_argument(
+        "--repeat-up-to",
+        type=int,
+        default=1 << 30,
+        help="Only lengths up to this one get --repeats; longer ones run their first step only.",
+    )
     parser.add_argument("--memory-gib", type=float, help="Cap the process's device memory at this many GiB.")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="A two-layer version of --model (CPU test).")

@@ -232,7 +232,7 @@ def run(args) -> list[dict]:
                     torch.cuda.reset_peak_memory_stats(device)
                 seconds, mean_logp = [], None
                 try:
-                    for _ in range(1 + args.repeats):
+                    for _ in range(1 + (args.repeats if length <= args.repeat_up_to else 0)):
                         _sync(device)
                         start = time.perf_counter()
                         mean_logp = step()
@@ -279,6 +279,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--mode", choices=("lora", "qlora"), default="lora")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=0, help="Timed steps after the first (which is timed apart).")
+    parser.add_argument(
+        "--repeat-up-to",
+        type=int,
+        default=1 << 30,
+        help="Only lengths up to this one get --repeats; longer ones run their first step only.",
+    )
     parser.add_argument("--memory-gib", type=float, help="Cap the process's device memory at this many GiB.")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="A two-layer Qwen3-VL (CPU test).")
