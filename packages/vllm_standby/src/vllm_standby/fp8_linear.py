@@ -5,18 +5,20 @@ never a higher-precision copy. Its forward runs one of two matmuls, chosen once 
 
 - ``"dequantize"``: the weight is dequantized to the input's dtype for the length of the call
   (``weight.float() * scale``, rounded once) and multiplied as usual: weights in FP8, arithmetic in bf16 (W8A16).
-- ``"scaled_mm"``: ``torch._scaled_mm`` multiplies FP8 by FP8. The input is quantized per token with a dynamic scale,
-  as vLLM's CUTLASS kernels quantize activations for per-tensor and per-channel weights (W8A8), so the trainer's
-  log-probs follow the sampler's numerics more closely. CUDA needs compute capability >= 8.9 (Ada, Hopper);
-  torch's CPU implementation runs it too (for tests, not speed). Per-block scales have no path here.
+- ``"scaled_mm"``: ``torch._scaled_mm`` multiplies FP8 by FP8, forward and backward (W8A8). The input is quantized
+  per token with a dynamic scale, as vLLM's CUTLASS kernels quantize activations for per-tensor and per-channel
+  weights, so the trainer's log-probs follow the sampler's numerics more closely; the input gradient is the output
+  gradient, times a per-channel weight scale, quantized per row the same way, times the FP8 weight (the row-wise FP8
+  training recipe). Both quantizations run in one Triton kernel each on CUDA (:mod:`vllm_standby.fp8_quant`). CUDA
+  needs compute capability >= 8.9 (Ada, Hopper); torch's CPU implementation runs it too (for tests, not speed).
+  Per-block scales have no path here.
 
-``"auto"`` picks ``"dequantize"``: for the trainer's forward and input gradient on Hopper, ``"scaled_mm"`` was measured
-slower than dequantizing at every layer shape and token count tried but one (its per-token activation quantization is
-separate passes over the input in eager PyTorch, and the backward dequantizes anyway), and its output is further from
-the exact product. ``"scaled_mm"`` stays selectable for its numerics, which follow vLLM's FP8 kernels.
+``"auto"`` picks ``"dequantize"``, whose arithmetic is bf16's: ``"scaled_mm"`` rounds activations and gradients to
+FP8 (about 2^-4 relative per element), which puts its output and gradients further from the exact product.
 :func:`resolve_matmul` says what it picked and why, so the caller can log it. The backward gives the gradient of the
-input only (and of the bias, if something trains it): the weight is frozen. It dequantizes the weight again instead of
-keeping a bf16 copy from the forward, so a step never holds more than one layer's dequantized weight at a time.
+input only (and of the bias, if something trains it): the weight is frozen. The dequantizing backward dequantizes the
+weight again instead of keeping a bf16 copy from the forward, so a step never holds more than one layer's
+dequantized weight (or, with ``"scaled_mm"``, its transposed FP8 copy) at a time.
 
 ``Fp8Linear`` subclasses ``torch.nn.Linear`` so that PEFT treats it as one: ``target_modules="all-linear"`` finds
 it and PEFT's default dispatch wraps it in its ``lora.Linear``, whose forward calls this layer's and adds the LoRA
@@ -31,22 +33,18 @@ from typing import Any
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-#: Largest finite ``float8_e4m3fn`` value.
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
-# vLLM's dynamic per-token activation scales are at least this (`_fp8_channel_scale`, `scaled_fp8_quant`): an
-# all-zero row gets a finite scale.
-_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+from vllm_standby.fp8_quant import FP8_DTYPE, quantize_rows, quantizer
+
 #: Values of ``matmul``.
 MATMULS = ("auto", "scaled_mm", "dequantize")
 #: Why ``"auto"`` dequantizes (module docstring).
 AUTO_REASON = (
-    "dequantized to the input's dtype per matmul (torch._scaled_mm on per-token FP8 activations is slower for the "
-    "trainer's forward and input gradient; matmul='scaled_mm' selects it)"
+    "dequantized to the input's dtype per matmul, bf16 arithmetic (matmul='scaled_mm' multiplies per-row FP8 "
+    "activations and gradients by the FP8 weight instead)"
 )
 #: How the scales of a weight are laid out.
 SCALE_KINDS = ("per-tensor", "per-channel", "per-block")
-# Float32 temporaries of dequantization and activation quantization are made this many elements at a time (64 MiB):
+# Float32 temporaries of dequantization are made this many elements at a time (64 MiB):
 # a whole-tensor float32 copy of a long sequence's activations would be 4 bytes x tokens x hidden (2 GiB at 128K
 # tokens x 4,096).
 _CHUNK_ELEMENTS = 16 * 2**20
@@ -179,18 +177,7 @@ def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, s
     problem = scaled_mm_problem(weight, kind)
     if problem is not None:
         raise ValueError(f"matmul='scaled_mm' cannot run this layer: {problem}. Allowed here: 'dequantize', 'auto'.")
-    return "scaled_mm", "matmul='scaled_mm'"
-
-
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` ``[M, K]`` as FP8 with one dynamic scale per row (float32 ``[M, 1]``), as vLLM quantizes activations:
-    ``x / (amax / 448)`` divided in float32, a chunk of rows at a time."""
-    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True)  # no |x| copy
-    scale = (amax.to(torch.float32) / FP8_MAX).clamp_min(_MIN_SCALE)
-    codes = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
-    for rows in _row_chunks(*x.shape):
-        codes[rows] = (x[rows].to(torch.float32) / scale[rows]).clamp_(-FP8_MAX, FP8_MAX)
-    return codes, scale
+    return "scaled_mm", f"matmul='scaled_mm'; rows quantized {quantizer(weight.device)[1]}"
 
 
 def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -202,10 +189,35 @@ def scaled_mm_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ou
         scale: Per-tensor (one element) or per-channel (``[N, 1]``) float32.
         out_dtype: dtype of the ``[M, N]`` result.
     """
-    x_fp8, x_scale = _quantize_rows(x)
+    x_fp8, x_scale = quantize_rows(x)
     n = weight.shape[0]
     weight_scale = scale.to(torch.float32).reshape(1, -1).expand(1, n).contiguous()
     return torch._scaled_mm(x_fp8, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
+
+
+def scaled_mm_fp8_input_grad(
+    grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``grad @ (weight * scale)`` through ``torch._scaled_mm``: the input gradient of :func:`scaled_mm_fp8`'s layer,
+    FP8 by FP8 as its forward.
+
+    A per-channel scale multiplies the columns of ``grad`` (``grad * scale.T``) before ``grad`` is quantized per row;
+    a per-tensor scale goes to ``_scaled_mm``'s weight scale. The weight is read transposed: ``_scaled_mm`` wants its
+    second operand column-major, so a transposed FP8 copy of this one layer's weight exists for the call.
+
+    Args:
+        grad: ``[M, N]`` gradient of the layer's output.
+        weight: ``[N, K]`` FP8.
+        scale: Per-tensor (one element) or per-channel (``[N, 1]``) float32.
+        out_dtype: dtype of the ``[M, K]`` result.
+    """
+    per_channel = scale.numel() > 1
+    codes, row_scale = quantize_rows(grad, scale.reshape(-1) if per_channel else None)
+    k = weight.shape[1]
+    weight_scale = (torch.ones(1, device=weight.device) if per_channel else scale.reshape(1)).to(torch.float32)
+    column_major = weight.t().contiguous().t()  # [N, K], stride (1, N)
+    return torch._scaled_mm(codes, column_major, scale_a=row_scale,
+                            scale_b=weight_scale.expand(1, k).contiguous(), out_dtype=out_dtype)  # fmt: skip
 
 
 class Fp8MatmulFunction(torch.autograd.Function):
@@ -224,6 +236,7 @@ class Fp8MatmulFunction(torch.autograd.Function):
             out = out + bias.to(out.dtype)
         ctx.save_for_backward(weight, scale)
         ctx.block_size, ctx.row_offset, ctx.x_dtype = block_size, row_offset, x.dtype
+        ctx.matmul, ctx.compute_dtype = matmul, compute_dtype
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -235,8 +248,12 @@ class Fp8MatmulFunction(torch.autograd.Function):
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
             # The quantization of the input in the scaled_mm path counts as the identity here (straight through).
-            dequantized = dequantize_fp8(weight, scale, grad_out.dtype, ctx.block_size, ctx.row_offset)
-            grad_x = (grad_2d @ dequantized).reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
+            if ctx.matmul == "scaled_mm":
+                with torch.autocast(device_type=grad_out.device.type, enabled=False):
+                    grad_x = scaled_mm_fp8_input_grad(grad_2d, weight, scale, ctx.compute_dtype)
+            else:
+                grad_x = grad_2d @ dequantize_fp8(weight, scale, grad_out.dtype, ctx.block_size, ctx.row_offset)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_2d.sum(dim=0)
         return grad_x, None, None, grad_bias, None, None, None, None
