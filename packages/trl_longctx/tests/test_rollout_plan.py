@@ -287,16 +287,21 @@ CPU_FP8 = VLLMRuntime("0.32.0", "cpu", "cpu-worker", bitsandbytes=False, fp8=FP8
 
 
 @pytest.mark.parametrize(("kind", "matmul"), [("per-channel", "dequantize"), ("per-tensor", "dequantize"),
-                                              ("per-block", "dequantize")])  # fmt: skip
+                                              ("per-block", "dequantize"), ("per-channel", "scaled_mm"),
+                                              ("per-tensor", "scaled_mm")])  # fmt: skip
 def test_fp8_shares_fp8_weights_and_names_the_importance_sampling(tmp_path, kind, matmul):
     """On Hopper with LoRA: FP8 views of vLLM's weights, the adapter as a LoRA request (never merged into FP8), the
-    trainer's matmul per scale layout, and TRL's importance-sampling settings in the log line."""
-    args = trl_colocate(tmp_path, vllm_fp8_weights=kind, vllm_importance_sampling_clip_min=0.5)
+    trainer's matmul as `vllm_fp8_matmul` asks, and TRL's importance-sampling settings in the log line."""
+    args = trl_colocate(tmp_path, vllm_fp8_weights=kind, vllm_fp8_matmul=matmul, vllm_importance_sampling_clip_min=0.5)
     result = plan(args, runtime=HOPPER)
     assert (result.shared_weights, result.fp8, result.fp8_matmul) == (True, kind, matmul)
     assert result.adapter_transport == "lora-request" and result.kv_standby == "trainer" and result.notices == ()
     line = result.describe()
-    assert f"FP8 weights ({kind} scales; the trainer's base matmuls: " in line
+    matmul_text = {
+        "dequantize": "dequantized to bf16 per matmul; vllm_fp8_matmul='scaled_mm' multiplies FP8 by FP8",
+        "scaled_mm": "FP8 by FP8 through torch._scaled_mm (vllm_fp8_matmul='scaled_mm')",
+    }[matmul]
+    assert f"FP8 weights ({kind} scales; the trainer's base matmuls: {matmul_text})" in line
     assert "shared with the trainer (one copy), the adapter as an in-memory LoRA request" in line
     assert (
         "TRL corrects each step by importance sampling (vllm_importance_sampling_correction=True, "
@@ -380,3 +385,20 @@ def test_fp8_off_where_it_could_run_is_named(tmp_path):
 def test_fp8_settings_the_config_alone_refuses(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         trl_colocate(tmp_path, **overrides)
+
+
+def test_fp8_matmul_choices_are_vllm_standbys():
+    """`vllm_fp8_matmul`'s choices are `Fp8Linear`'s resolved matmuls (the config keeps them as text)."""
+    from vllm_standby.fp8_linear import MATMULS
+
+    from trl_longctx.longctx_grpo_config import VLLM_FP8_MATMULS
+
+    assert set(VLLM_FP8_MATMULS) == set(MATMULS) - {"auto"}
+
+
+def test_fp8_matmul_scaled_mm_needs_row_scales(tmp_path):
+    with pytest.raises(ValueError, match=r"vllm_fp8_matmul='scaled_mm' needs vllm_fp8_weights='per-channel' or "
+                                         r"'per-tensor' .*got vllm_fp8_weights='per-block'"):  # fmt: skip
+        trl_colocate(tmp_path, vllm_fp8_weights="per-block", vllm_fp8_matmul="scaled_mm")
+    with pytest.raises(ValueError, match=r"got vllm_fp8_weights=None; or set vllm_fp8_matmul='dequantize'"):
+        trl_colocate(tmp_path, vllm_fp8_matmul="scaled_mm")

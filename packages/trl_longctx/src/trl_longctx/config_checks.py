@@ -182,6 +182,9 @@ VLLM_KV_CACHE_SIZINGS = ("rollout", "utilization")
 # `vllm_fp8_weights`: the scale layouts of vLLM's online FP8 quantization (`vllm_standby.shared_fp8.VLLM_QUANTIZATION`;
 # kept here as text so that the config imports neither vllm_standby's torch code nor vLLM).
 VLLM_FP8_WEIGHTS = ("per-channel", "per-tensor", "per-block")
+# `vllm_fp8_matmul`: the trainer's matmul on FP8 weights (`vllm_standby.fp8_linear.MATMULS` without "auto", which
+# resolves to "dequantize"; kept here as text for the same reason; a test checks it against vllm_standby).
+VLLM_FP8_MATMULS = ("dequantize", "scaled_mm")
 # Names of `trl_longctx.compile_regions.COMPILE_SETTINGS` (kept here so the config imports no torch.compile code);
 # a test checks that the two lists agree. Not compiled is `None`, the one spelling of it.
 COMPILE_DECODER_SETTINGS = (
@@ -284,6 +287,7 @@ CONFIG_RULES: tuple[FieldRule, ...] = (
     _choice("training_layout", TRAINING_LAYOUTS, example="unpadded"),
     _choice("vllm_kv_cache_sizing", VLLM_KV_CACHE_SIZINGS, example="max"),
     _choice("vllm_fp8_weights", VLLM_FP8_WEIGHTS, none="the checkpoint's dtype, no FP8", example="fp8"),
+    _choice("vllm_fp8_matmul", VLLM_FP8_MATMULS, example="fp8"),
     # "off" and "eager" were also accepted for not compiled, before None became its one spelling.
     _choice(
         "compile_decoder_layers",
@@ -516,6 +520,17 @@ def _fp8_weights_settings(config) -> str | None:
     return None
 
 
+def _fp8_matmul_needs_row_scales(config) -> str | None:
+    # torch._scaled_mm takes one scale per row of each operand: per-tensor or per-channel weight scales, not blocks.
+    if config.vllm_fp8_matmul != "scaled_mm" or config.vllm_fp8_weights in ("per-channel", "per-tensor"):
+        return None
+    return (
+        f"vllm_fp8_matmul='scaled_mm' needs vllm_fp8_weights='per-channel' or 'per-tensor' (torch._scaled_mm takes a "
+        f"scale per weight row or one per weight), got vllm_fp8_weights={config.vllm_fp8_weights!r}; or set "
+        "vllm_fp8_matmul='dequantize'."
+    )
+
+
 def _packed_layout_needs_flex_on_cuda(config) -> str | None:
     # On CUDA the packed rows' masks are flex attention BlockMasks; any other attention takes them dense.
     if config.training_layout != "padded" and config.flex_attention is False and config.device.type == "cuda":
@@ -583,6 +598,11 @@ COMBINATIONS: tuple[Combination, ...] = (
         "vllm_fp8_weights only with vllm_shared_weights None or True, vllm_merge_adapter None or False, and "
         "vllm_importance_sampling_correction=True",
         _fp8_weights_settings,
+    ),
+    Combination(
+        ("vllm_fp8_matmul", "vllm_fp8_weights"),
+        "vllm_fp8_matmul='scaled_mm' only with vllm_fp8_weights 'per-channel' or 'per-tensor'",
+        _fp8_matmul_needs_row_scales,
     ),
     Combination(
         ("offload_checkpoints", "gradient_checkpointing"),

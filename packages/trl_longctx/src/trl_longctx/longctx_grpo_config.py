@@ -20,6 +20,7 @@ from .config_checks import (
     LOGPROB_BACKENDS,
     LOSS_TYPES,
     TRAINING_LAYOUTS,
+    VLLM_FP8_MATMULS,
     VLLM_FP8_WEIGHTS,
     VLLM_KV_CACHE_SIZINGS,
     check_combinations,
@@ -34,6 +35,7 @@ __all__ = [
     "LOGPROB_BACKENDS",
     "LOSS_TYPES",
     "TRAINING_LAYOUTS",
+    "VLLM_FP8_MATMULS",
     "VLLM_FP8_WEIGHTS",
     "VLLM_KV_CACHE_SIZINGS",
     "LongContextGRPOConfig",
@@ -56,6 +58,7 @@ FIELD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "vllm_kv_standby",
             "vllm_shared_weights",
             "vllm_fp8_weights",
+            "vllm_fp8_matmul",
             "vllm_merge_adapter",
             "vllm_kv_cache_sizing",
             "vllm_prefix_caching",
@@ -244,13 +247,24 @@ class LongContextGRPOConfig(GRPOConfig):
             "base layers are views of those FP8 weights and their scales (`vllm_standby.Fp8Linear`: one copy, half "
             "the bytes of bf16); the adapter stays in 16/32 bits and reaches vLLM as an in-memory LoRA request. "
             '`"per-channel"`: a scale per output row; `"per-tensor"`: one per fused layer; `"per-block"`: one per '
-            "128 x 128 block. Whatever the layout, the trainer dequantizes each weight to bf16 for its matmul (an FP8 "
-            "matmul on per-token FP8 activations, as vLLM runs, is slower there). Needs a CUDA build of vLLM "
+            "128 x 128 block. The trainer's matmul on them is `vllm_fp8_matmul`'s. Needs a CUDA build of vLLM "
             "with online FP8 quantization and a GPU of compute capability >= 8.9 (Ada, Hopper or newer); refused "
             "elsewhere, saying what to use instead. FP8 sampling and bf16 training differ in their log-probs more "
             "than bf16 does: needs `vllm_importance_sampling_correction=True` (TRL's default), which corrects each "
             "step for it and logs the gap as `sampling/sampling_logp_difference`. `None`: the checkpoint's dtype.",
             "choices": list(VLLM_FP8_WEIGHTS),
+        },
+    )
+    vllm_fp8_matmul: str = field(
+        default="dequantize",
+        metadata={
+            "help": "The trainer's matmul on the FP8 base weights of `vllm_fp8_weights` (`vllm_standby.Fp8Linear`). "
+            '`"dequantize"`: each weight dequantized to bf16 for its matmul, bf16 arithmetic (W8A16). '
+            '`"scaled_mm"`: FP8 by FP8 through `torch._scaled_mm`, forward and input gradient (W8A8): activations '
+            "quantized per token as vLLM's FP8 kernels quantize them, output gradients per row (times the weight's "
+            "scales), each by one Triton kernel; closer to the sampler's numerics, further from the exact product "
+            "(about 2^-4 relative per element); per-channel or per-tensor scales only.",
+            "choices": list(VLLM_FP8_MATMULS),
         },
     )
     vllm_merge_adapter: bool | None = field(

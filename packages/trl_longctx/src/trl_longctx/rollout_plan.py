@@ -140,8 +140,8 @@ class RolloutPlan:
         quantized: vLLM quantizes the checkpoint to 4-bit NF4 and the trainer's layers are views of it (QLoRA).
         fp8: The FP8 scale layout (`vllm_fp8_weights`) when vLLM quantizes the checkpoint to FP8 and the trainer's
             layers are views of it, else `None`.
-        fp8_matmul: The trainer's matmul on FP8 weights (`vllm_standby.fp8_linear`): `"dequantize"` for every scale
-            layout (`FP8_MATMUL`); `None` without FP8.
+        fp8_matmul: The trainer's matmul on FP8 weights (`vllm_fp8_matmul`: `"dequantize"` or `"scaled_mm"`, see
+            `vllm_standby.fp8_linear`); `None` without FP8.
         importance_sampling: With FP8, TRL's importance-sampling correction as this run configures it (one line for
             the log), else `None`.
         kv_cache_sizing: `"rollout"` or `"utilization"` for the shared engine, `None` otherwise.
@@ -182,8 +182,9 @@ class RolloutPlan:
         if self.shared_weights:
             weights = "4-bit NF4 weights" if self.quantized else "weights"
             if self.fp8 is not None:
-                matmul = {"scaled_mm": "torch._scaled_mm on per-token FP8 activations",
-                          "dequantize": "dequantized to bf16 per matmul"}[self.fp8_matmul]  # fmt: skip
+                matmul = {"scaled_mm": "FP8 by FP8 through torch._scaled_mm (vllm_fp8_matmul='scaled_mm')",
+                          "dequantize": "dequantized to bf16 per matmul; vllm_fp8_matmul='scaled_mm' multiplies FP8 by "
+                                        "FP8"}[self.fp8_matmul]  # fmt: skip
                 weights = f"FP8 weights ({self.fp8} scales; the trainer's base matmuls: {matmul})"
             transport = {"merged": "the adapter merged into them for each rollout", "lora-request": "the adapter as "
                          "an in-memory LoRA request"}[self.adapter_transport]  # fmt: skip
@@ -316,7 +317,7 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
             )
         return RolloutPlan(
             engine="vllm-colocate", shared_weights=True, kv_standby=kv_standby, adapter_transport=transport,
-            quantized=quantized, fp8=fp8, fp8_matmul=FP8_MATMUL if fp8 else None,
+            quantized=quantized, fp8=fp8, fp8_matmul=getattr(args, "vllm_fp8_matmul", "dequantize") if fp8 else None,
             importance_sampling=importance_sampling_line(args) if fp8 else None, kv_cache_sizing=sizing,
             needs_vllm_standby=True, runtime=runtime, notices=tuple(notices), honoured=tuple(honoured),
         )  # fmt: skip
@@ -481,11 +482,6 @@ def _num_experts(model: str) -> int:
     return int(text.get("num_experts") or text.get("num_local_experts") or 0)
 
 
-#: The trainer's matmul on FP8 shared weights, whatever the scale layout (`vllm_standby.fp8_linear`): each weight
-#: dequantized to bf16 for its matmul. `torch._scaled_mm` on per-token FP8 activations (as vLLM multiplies per-tensor
-#: and per-channel weights) is slower for the trainer's forward and input gradient
-#: (`vllm_standby.fp8_linear.AUTO_REASON`); block scales have no such path at all.
-FP8_MATMUL = "dequantize"
 # What to use instead of FP8 where it cannot run.
 _FP8_INSTEAD = "bf16 shared weights (vllm_fp8_weights=None)"
 _FP8_INSTEAD_GPU = (
