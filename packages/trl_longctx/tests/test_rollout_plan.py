@@ -389,9 +389,8 @@ def test_fp8_settings_the_config_alone_refuses(tmp_path, overrides, message):
 
 def test_fp8_matmul_choices_are_vllm_standbys():
     """`vllm_fp8_matmul`'s choices are `Fp8Linear`'s resolved matmuls (the config keeps them as text)."""
-    from vllm_standby.fp8_linear import MATMULS
-
     from trl_longctx.longctx_grpo_config import VLLM_FP8_MATMULS
+    from vllm_standby.fp8_linear import MATMULS
 
     assert set(VLLM_FP8_MATMULS) == set(MATMULS) - {"auto"}
 
