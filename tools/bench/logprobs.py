@@ -225,13 +225,17 @@ def bench_sweep(args, device, record) -> None:
             st = torch.empty(4, rows, vc // tile.block_v, device=device)
             stats = (st[0], st[1], None, zt, zt)
 
-            def run(plan=plan, stats=stats):
-                op._logits_tiles(plan, tf, h, w, None, t, q, rows, 0, vc, stats=stats)
+            # With the probabilities stored (a pass with gradient) and without (a no-grad pass: old log-probs).
+            for out in (q, None):
 
-            ms = time_ms(run, device, warmup=2, max_iters=20, target_s=0.3)
-            res = op.compiled_resources().get("logits_tile_kernel", {})
-            record({"sweep": "logits_tile_kernel", "tma": use_tma, "config": list(tile.__dict__.values()),
-                    "ms": ms["p50"], "tflops": flops / ms["p50"] / 1e9, **res})  # fmt: skip
+                def run(plan=plan, stats=stats, out=out):
+                    op._logits_tiles(plan, tf, h, w, None, t, out, rows, 0, vc, stats=stats)
+
+                ms = time_ms(run, device, warmup=2, max_iters=20, target_s=0.3)
+                res = op.compiled_resources().get("logits_tile_kernel", {})
+                record({"sweep": "logits_tile_kernel", "tma": use_tma, "store_q": out is not None,
+                        "config": list(tile.__dict__.values()), "ms": ms["p50"], "tflops": flops / ms["p50"] / 1e9,
+                        **res})  # fmt: skip
         scale = torch.rand(rows, vc // op.LOGITS_CONFIGS[torch.bfloat16].block_v, device=device)
         for gemm, scaled in [(g, True) for g in gemms] + [(gemms[0], False)]:
             plan = op._Plan(op.LOGITS_CONFIGS[torch.bfloat16], gemm, rows, vc, "tf32")
