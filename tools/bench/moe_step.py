@@ -239,6 +239,10 @@ def run(args) -> list[dict]:
         providers = Providers(model, loaded, trainer_args(output_dir, device), device, args.lora_rank,
                               args.lora_experts)  # fmt: skip
         print(providers.choice.describe(), flush=True)
+        if args.memory_gib is not None:
+            # The planner reads the device's free memory, which the cap does not lower: it plans for the cap instead.
+            cap = args.memory_gib * GIB
+            providers.logprob_pass.free_bytes = lambda: cap - torch.cuda.memory_allocated(device)
         for length in args.lengths:
             for provider in args.providers:
                 attention = providers.attention(provider)

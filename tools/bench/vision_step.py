@@ -217,6 +217,10 @@ def run(args) -> list[dict]:
         trainer_args = LongContextGRPOConfig(output_dir=output_dir, report_to="none", bf16=device.type == "cuda",
                                              use_cpu=device.type == "cpu")  # fmt: skip
         providers = Providers(model, trainer_args, args.lora_rank, device, args.mode)
+        if args.memory_gib is not None:
+            # The planner reads the device's free memory, which the cap does not lower: it plans for the cap instead.
+            cap = args.memory_gib * GIB
+            providers.logprob_pass.free_bytes = lambda: cap - torch.cuda.memory_allocated(device)
         for length in args.lengths:
             batch = image_batch(config, args, length, device, dtype, seed=length)
             patches = batch[2]["pixel_values"].size(0) // args.num_generations
