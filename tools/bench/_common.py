@@ -91,6 +91,42 @@ def peak_gib_above_current(fn: Callable[[], Any], device: torch.device) -> float
     return (torch.cuda.max_memory_allocated(device) - base) / GIB
 
 
+def timed_steps(step: Callable[[], Any], device: torch.device, count: int) -> tuple[dict[str, Any], Any]:
+    """`count` calls of a training `step`, each timed on its own (synchronized on CUDA), the peak memory counted from
+    the first: the row fields `s` (median of the calls after the first, or the first when it is the only one),
+    `first_s`, `s_all`, `GiB` (peak allocated; `None` off CUDA), and the last call's result. Raises what `step`
+    raises (an OOM included: `is_oom` tells)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, result = [], None
+    for _ in range(count):
+        _sync(device)
+        start = time.perf_counter()
+        result = step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    timed = seconds[1:] or seconds
+    peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return {"s": sorted(timed)[len(timed) // 2], "first_s": seconds[0], "s_all": seconds, "GiB": peak}, result
+
+
+def last_pass_sizes(logprob_pass) -> tuple[int | None, int]:
+    """`(sequences per decoder pass, MLP tiles)` of a `trl_longctx.logprob_pass.LogProbPass`'s last pass, or
+    `(None, 1)` when it ran none."""
+    if not logprob_pass.used:
+        return None, 1
+    used = logprob_pass.used[-1]
+    return used.grpo_mini_batch, used.tiled_mlp_chunks
+
+
+def cap_device_memory(device: torch.device, gib: float) -> float:
+    """Cap this process's allocations on `device` at `gib` GiB (`torch.cuda.set_per_process_memory_fraction`), to
+    stand for a smaller card; returns the cap in bytes."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), device)
+    return gib * GIB
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

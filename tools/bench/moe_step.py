@@ -43,13 +43,21 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, environment, free_cuda, is_oom, markdown_table  # noqa: E402
+from _common import (  # noqa: E402
+    GIB,
+    cap_device_memory,
+    environment,
+    free_cuda,
+    is_oom,
+    last_pass_sizes,
+    markdown_table,
+    timed_steps,
+)
 from grpo_step import quantize_decoder_linears  # noqa: E402
 
 PROVIDERS = ("trl", "ours")
@@ -202,11 +210,6 @@ def make_step(providers: Providers, provider: str, optimizer, input_ids, keep: i
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def predicted_gib(shape, provider: str, args, length: int, attention: str, sizes) -> float | None:
     from trl_longctx.memory import plan_memory
     from trl_longctx.memory.planner import ATTENTIONS, TrainSetup
@@ -225,9 +228,7 @@ def run(args) -> list[dict]:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.memory_gib is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / total), device)
+    cap = cap_device_memory(device, args.memory_gib) if args.memory_gib is not None else None
     config = moe_config(args.model, args.prompt_length + max(args.lengths), args.tiny)
     model, loaded = build_model(config, args.lora_rank, args.lora_experts, device, dtype, args.mode)
     # lr 0: the optimizer step runs (and is timed) but leaves the weights as they were, so that every provider's
@@ -239,9 +240,8 @@ def run(args) -> list[dict]:
         providers = Providers(model, loaded, trainer_args(output_dir, device), device, args.lora_rank,
                               args.lora_experts)  # fmt: skip
         print(providers.choice.describe(), flush=True)
-        if args.memory_gib is not None:
+        if cap is not None:
             # The planner reads the device's free memory, which the cap does not lower: it plans for the cap instead.
-            cap = args.memory_gib * GIB
             providers.logprob_pass.free_bytes = lambda: cap - torch.cuda.memory_allocated(device)
         for length in args.lengths:
             for provider in args.providers:
@@ -256,16 +256,9 @@ def run(args) -> list[dict]:
                 ids = torch.randint(0, config.vocab_size, (args.num_generations, args.prompt_length + length),
                                     device=device)  # fmt: skip
                 step = make_step(providers, provider, optimizer, ids, length)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                seconds, values = [], None
                 try:
-                    for _ in range(1 + (args.repeats if length <= args.repeat_up_to else 0)):
-                        _sync(device)
-                        start = time.perf_counter()
-                        values = step()
-                        _sync(device)
-                        seconds.append(time.perf_counter() - start)
+                    count = 1 + (args.repeats if length <= args.repeat_up_to else 0)
+                    timing, (mean_logp, aux_loss) = timed_steps(step, device, count)
                 except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else is re-raised
                     if not is_oom(exc):
                         raise
@@ -273,19 +266,12 @@ def run(args) -> list[dict]:
                     done_oom.add(provider)
                     rows.append({**row, "status": "OOM"})
                 else:
-                    sizes = (None, 1)
-                    if provider == "ours" and providers.logprob_pass.used:
-                        used = providers.logprob_pass.used[-1]
-                        sizes = (used.grpo_mini_batch, used.tiled_mlp_chunks)
+                    sizes = last_pass_sizes(providers.logprob_pass) if provider == "ours" else (None, 1)
+                    if provider == "ours":
                         row["mini_batch"], row["mlp_tiles"] = sizes
-                    timed = seconds[1:] or seconds
-                    row.update({
-                        "status": "ok", "s": sorted(timed)[len(timed) // 2], "first_s": seconds[0], "s_all": seconds,
-                        "GiB": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-                        "predicted_GiB": predicted_gib(shape, provider, args, length, attention, sizes),
-                        "mean_logp": values[0], "aux_loss": values[1],
-                    })  # fmt: skip
-                    rows.append(row)
+                    predicted = predicted_gib(shape, provider, args, length, attention, sizes)
+                    rows.append({**row, "status": "ok", **timing, "predicted_GiB": predicted, "mean_logp": mean_logp,
+                                 "aux_loss": aux_loss})  # fmt: skip
                 del step, ids
                 if device.type == "cuda":
                     free_cuda()

@@ -39,13 +39,21 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import GIB, environment, free_cuda, is_oom, markdown_table  # noqa: E402
+from _common import (  # noqa: E402
+    GIB,
+    cap_device_memory,
+    environment,
+    free_cuda,
+    is_oom,
+    last_pass_sizes,
+    markdown_table,
+    timed_steps,
+)
 from grpo_step import quantize_decoder_linears  # noqa: E402
 
 PROVIDERS = ("trl", "ours")
@@ -196,19 +204,12 @@ def predicted_gib(provider: str, args, length: int, patches: int, sizes) -> floa
     return plan_memory(PRESETS[PRESET], setup).allocated / GIB
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(args) -> list[dict]:
     from trl_longctx import LongContextGRPOConfig
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.memory_gib is not None:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * GIB / total), device)
+    cap = cap_device_memory(device, args.memory_gib) if args.memory_gib is not None else None
     model = build_model(args, device, dtype)
     config = model.get_base_model().config
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -217,9 +218,8 @@ def run(args) -> list[dict]:
         trainer_args = LongContextGRPOConfig(output_dir=output_dir, report_to="none", bf16=device.type == "cuda",
                                              use_cpu=device.type == "cpu")  # fmt: skip
         providers = Providers(model, trainer_args, args.lora_rank, device, args.mode)
-        if args.memory_gib is not None:
+        if cap is not None:
             # The planner reads the device's free memory, which the cap does not lower: it plans for the cap instead.
-            cap = args.memory_gib * GIB
             providers.logprob_pass.free_bytes = lambda: cap - torch.cuda.memory_allocated(device)
         for length in args.lengths:
             batch = image_batch(config, args, length, device, dtype, seed=length)
@@ -232,16 +232,9 @@ def run(args) -> list[dict]:
                     rows.append({**row, "status": "skipped (OOM at a shorter L)"})
                     continue
                 step = make_step(providers, provider, optimizer, batch, length)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                seconds, mean_logp = [], None
                 try:
-                    for _ in range(1 + (args.repeats if length <= args.repeat_up_to else 0)):
-                        _sync(device)
-                        start = time.perf_counter()
-                        mean_logp = step()
-                        _sync(device)
-                        seconds.append(time.perf_counter() - start)
+                    count = 1 + (args.repeats if length <= args.repeat_up_to else 0)
+                    timing, mean_logp = timed_steps(step, device, count)
                 except Exception as exc:  # noqa: BLE001 - OOM is a result; anything else is re-raised
                     if not is_oom(exc):
                         raise
@@ -249,18 +242,11 @@ def run(args) -> list[dict]:
                     done_oom.add(provider)
                     rows.append({**row, "status": "OOM"})
                 else:
-                    sizes = (None, 1)
-                    if provider == "ours" and providers.logprob_pass.used:
-                        used = providers.logprob_pass.used[-1]
-                        sizes = (used.grpo_mini_batch, used.tiled_mlp_chunks)
+                    sizes = last_pass_sizes(providers.logprob_pass) if provider == "ours" else (None, 1)
+                    if provider == "ours":
                         row["mini_batch"], row["mlp_tiles"] = sizes
-                    timed = seconds[1:] or seconds
-                    row.update({
-                        "status": "ok", "s": sorted(timed)[len(timed) // 2], "first_s": seconds[0], "s_all": seconds,
-                        "GiB": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
-                        "predicted_GiB": predicted_gib(provider, args, length, patches, sizes), "mean_logp": mean_logp,
-                    })  # fmt: skip
-                    rows.append(row)
+                    predicted = predicted_gib(provider, args, length, patches, sizes)
+                    rows.append({**row, "status": "ok", **timing, "predicted_GiB": predicted, "mean_logp": mean_logp})
                 del step
                 if device.type == "cuda":
                     free_cuda()
