@@ -27,6 +27,8 @@ def test_public_api():
         "resolve_backend",
         "selective_logprobs",
         "selective_logprobs_reference",
+        "warm_up",
+        "warm_up_in_background",
     }
     for name in longctx_kernels.__all__:
         assert hasattr(longctx_kernels, name)
