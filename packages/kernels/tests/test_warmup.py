@@ -74,7 +74,7 @@ def test_after_the_warm_up_a_run_compiles_nothing(dtype, trainable_head):
     weight = torch.randn(40000, 512, device="cuda", dtype=dtype).requires_grad_(trainable_head)
     handle = warm_up_in_background(weight)
     handle.wait()
-    assert handle.calls == 8
+    assert handle.calls == 12
     before = _compiled_variants()
     for tokens in (1500, 2048, 4101, 65, 1024):
         for grad in (False, True):

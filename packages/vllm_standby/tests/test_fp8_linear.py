@@ -11,7 +11,7 @@ Tolerances (`../../../shared/STYLE.md` section 3), each against a float64 refere
 | `scaled_mm` input gradient vs `q(g * scale.T) @ codes` (per-tensor: times the scale), `q` the same per-row rounding | fp32 | atol 1e-5, rtol 1e-3 |
 | dequantized input gradient (straight through) | fp32 | atol 1e-5, rtol 1e-3 |
 | PEFT LoRA on `Fp8Linear` vs PEFT LoRA on an `nn.Linear` holding the dequantized weight: output, input and LoRA grads | fp32 | atol 1e-5, rtol 1e-4 (grads rtol 1e-3) |
-| CUDA (`gpu`, capability >= 8.9): `scaled_mm` output and input gradient vs the float64 W8A8 products | bf16 | max error <= 2**-7 x max (one bf16 rounding) |
+| CUDA (`gpu`, capability >= 8.9): `scaled_mm` output and input gradient vs the float64 W8A8 products | bf16 | max error <= 2**-5 x max: one bf16 rounding plus FP8 tensor cores' accumulation, whose limited precision (a known Hopper trait) gave up to 1.4% at K = 512 |
 
 The CPU `scaled_mm` rows run torch's CPU implementation of `torch._scaled_mm`; the GPU path is the same call, checked
 by the `gpu` test and timed by `tools/bench/fp8_rollout.py matmul`.
@@ -26,6 +26,7 @@ from fp8_layouts import FP8, FP8_MAX, dequantized64, quantize
 from vllm_standby.fp8_linear import (
     AUTO_REASON,
     Fp8Linear,
+    _cpu_rowwise_scaled_mm,
     capability_problem,
     dequantize_fp8,
     fp8_linear,
@@ -35,6 +36,10 @@ from vllm_standby.fp8_linear import (
     set_matmul,
 )
 
+# torch's CPU `_scaled_mm` takes a scale per row from 2.13 (CI's CPU build); older CPU builds refuse the W8A8 rows.
+needs_cpu_scaled_mm = pytest.mark.skipif(
+    not _cpu_rowwise_scaled_mm(), reason=f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only"
+)
 FP32_FORWARD = {"atol": 1e-5, "rtol": 1e-4}
 FP32_GRAD = {"atol": 1e-5, "rtol": 1e-3}
 KINDS = ["per-tensor", "per-channel", "per-block"]
@@ -112,6 +117,7 @@ def _w8a8_input_grad64(grad_out, codes, scale, kind):
     return ((q * q_scale) @ w).reshape(*grad_out.shape[:-1], codes.shape[1])
 
 
+@needs_cpu_scaled_mm
 @pytest.mark.parametrize("kind", ["per-tensor", "per-channel"])
 def test_scaled_mm_forward_and_input_grad_are_w8a8(kind):
     """`scaled_mm` multiplies per-token FP8 activations by the FP8 weight, and per-row FP8 output gradients (times
@@ -146,6 +152,7 @@ def test_dequantize_blocks_with_a_row_offset():
     assert_close_report(got, w64[rows], "block shard dequantized", atol=0, rtol=2**-23)
 
 
+@needs_cpu_scaled_mm
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_float32_temporaries_change_nothing(kind, monkeypatch):
     """Dequantization and activation quantization work a few rows at a time (bounded float32 temporaries): the same
@@ -242,6 +249,7 @@ def test_peft_adapters_take_the_compute_dtype_not_fp8():
     assert lora(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@needs_cpu_scaled_mm
 def test_scaled_mm_path_lora_grads_equal_the_dequantized_path():
     """With a loss linear in the output, the LoRA gradients of the `scaled_mm` layers equal the dequantized layers'
     exactly (they see the same output gradient and input); the forward values and the input gradient differ by the
@@ -264,6 +272,7 @@ def test_scaled_mm_path_lora_grads_equal_the_dequantized_path():
     assert 0 < (x_grad_mm - x_grad_dq).norm() <= 2**-4 * x_grad_dq.norm()
 
 
+@needs_cpu_scaled_mm
 def test_matmul_resolution_names_what_runs_and_why():
     codes, scale = quantize(torch.randn(32, 64), "per-channel")
     for kind in ("per-channel", "per-block"):  # "auto" dequantizes: the faster of the two for the trainer
@@ -300,7 +309,7 @@ def test_bad_weights_and_scales_are_refused():
 @pytest.mark.parametrize("kind", ["per-tensor", "per-channel"])
 def test_scaled_mm_on_cuda(kind):
     """On a GPU of compute capability >= 8.9, `"scaled_mm"` runs `torch._scaled_mm` forward and backward: its bf16
-    output and input gradient are the W8A8 products rounded once (max error <= 2**-7 x max |value|)."""
+    output and input gradient are the W8A8 products (max error <= 2**-5 x max |value|, see the table)."""
     from vllm_standby.fp8_linear import capability_problem
 
     if capability_problem(torch.cuda.get_device_capability()) is not None:
@@ -315,11 +324,12 @@ def test_scaled_mm_on_cuda(kind):
     out.backward(grad_out)
     q, q_scale = _quantized_rows64(x.detach().float().reshape(-1, 512).cpu())
     expected = ((q * q_scale) @ w64.T).reshape(3, 40, 256)
-    assert (out.double().cpu() - expected).abs().max() <= 2**-7 * expected.abs().max()
+    assert (out.double().cpu() - expected).abs().max() <= 2**-5 * expected.abs().max()
     expected_grad = _w8a8_input_grad64(grad_out.cpu(), codes, scale, kind)
-    assert (x.grad.double().cpu() - expected_grad).abs().max() <= 2**-7 * expected_grad.abs().max()
+    assert (x.grad.double().cpu() - expected_grad).abs().max() <= 2**-5 * expected_grad.abs().max()
 
 
+@needs_cpu_scaled_mm
 def test_an_enclosing_autocast_changes_nothing():
     """The trainer's log-prob pass runs under autocast: the FP8 layer's result is the same inside it."""
     codes, scale = quantize(torch.randn(32, 64), "per-channel")

@@ -29,6 +29,7 @@ floating-point parameter (a copy: the sharing with vLLM ends); nothing in the tr
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -150,7 +151,23 @@ def scaled_mm_problem(weight: torch.Tensor, kind: str) -> str | None:
         return None
     if device.type != "cpu":
         return f"no torch._scaled_mm FP8 path on {device.type}"
+    if not _cpu_rowwise_scaled_mm():
+        return (
+            f"torch {torch.__version__}'s CPU torch._scaled_mm takes per-tensor scales only, and this layer's "
+            "activations take one scale per row (torch 2.13's CPU build takes them)"
+        )
     return None
+
+
+@functools.cache
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``torch._scaled_mm`` takes a scale per row of each operand (tried once, on 16 x 16)."""
+    a = torch.ones(16, 16).to(FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def resolve_matmul(matmul: str, weight: torch.Tensor, kind: str) -> tuple[str, str]:
