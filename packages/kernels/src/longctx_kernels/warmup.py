@@ -4,8 +4,8 @@ A process's first ``selective_logprobs`` calls on CUDA compile every kernel vari
 per variant where Triton's on-disk cache is empty (a new machine). Which variants run depends on the lm_head (hidden
 size, vocabulary, dtype, bias, soft-cap), on whether the gradient is stored and the entropy computed, and on each
 call's token count, but only through its divisibility by 16 (Triton specializes integer arguments by it) once a
-call has more than 64 tokens (fewer take smaller tiles), and, with a trainable lm_head, by 64. ``warm_up`` makes one call of each variant on a few
-tokens of random hidden states against the real lm_head, so that every later call of more than 64 tokens finds its
+call has more than 128 tokens (fewer take smaller tiles), and, with a trainable lm_head, by 64. ``warm_up`` makes one call of each variant on a few
+tokens of random hidden states against the real lm_head, so that every later call of more than 128 tokens finds its
 kernels compiled, in memory and in Triton's on-disk cache.
 
 Triton compiles mostly outside the GIL, so ``warm_up_in_background`` can run it on a thread while the process does
@@ -25,7 +25,7 @@ from longctx_kernels.functional import resolve_backend, selective_logprobs
 
 __all__ = ["BackgroundWarmUp", "WARM_UP_TOKENS", "warm_up", "warm_up_in_background"]
 
-# Token counts of the warm-up calls: above 64 (the tiles of longer calls), of the three kinds that select kernel
+# Token counts of the warm-up calls: above 128 (the tiles of longer calls), of the three kinds that select kernel
 # variants: a multiple of 64 (with a trainable lm_head the weight-gradient gemm reduces over the tokens, whose count
 # decides its EVEN_K), a multiple of 16 but not of 64, and neither.
 WARM_UP_TOKENS = (192, 144, 145)
