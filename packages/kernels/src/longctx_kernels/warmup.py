@@ -3,10 +3,10 @@
 A process's first ``selective_logprobs`` calls on CUDA compile every kernel variant they launch: seconds of CPU work
 per variant where Triton's on-disk cache is empty (a new machine). Which variants run depends on the lm_head (hidden
 size, vocabulary, dtype, bias, soft-cap), on whether the gradient is stored and the entropy computed, and on each
-call's token count, but only through its divisibility by 16 (Triton specializes integer arguments by it) once a
-call has more than 128 tokens (fewer take smaller tiles), and, with a trainable lm_head, by 64. ``warm_up`` makes one call of each variant on a few
-tokens of random hidden states against the real lm_head, so that every later call of more than 128 tokens finds its
-kernels compiled, in memory and in Triton's on-disk cache.
+call's token count, but once a call has more than 128 tokens (fewer take smaller tiles) only through its
+divisibility by 16 (Triton specializes integer arguments by it) and, with a trainable lm_head, by 64. ``warm_up``
+makes one call of each variant on a few tokens of random hidden states against the real lm_head, so that every later
+call of more than 128 tokens finds its kernels compiled, in memory and in Triton's on-disk cache.
 
 Triton compiles mostly outside the GIL, so ``warm_up_in_background`` can run it on a thread while the process does
 other work (a rollout), with its launches on a CUDA stream of its own; ``BackgroundWarmUp.wait`` joins it before the
