@@ -27,6 +27,12 @@ def warm_up_refusal(enabled: bool, backend: str, model: nn.Module) -> str | None
         backend: The backend the log-prob pass runs (`LogProbPass.backend`).
         model: The unwrapped model.
     """
+    head = _head_or_refusal(enabled, backend, model)
+    return head if isinstance(head, str) else None
+
+
+def _head_or_refusal(enabled: bool, backend: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    """`model`'s lm_head `(weight, bias)` to warm the kernels up for, or why not (`warm_up_refusal`)."""
     if not enabled:
         return "warm_up_kernels=False"
     if backend != "triton":
@@ -43,7 +49,7 @@ def warm_up_refusal(enabled: bool, backend: str, model: nn.Module) -> str | None
             f"the lm_head weight is not a whole CUDA tensor here ({type(weight).__name__} of shape "
             f"{tuple(weight.shape)} on {weight.device}; ZeRO-3 and FSDP shard it and gather it only inside the passes)"
         )
-    return None
+    return head
 
 
 class KernelWarmUp:
@@ -84,13 +90,14 @@ def start_kernel_warm_up(enabled: bool, backend: str, model: nn.Module) -> Kerne
     Returns:
         The `KernelWarmUp` to wait on before the first pass; `None` when not started.
     """
-    if (why := warm_up_refusal(enabled, backend, model)) is not None:
+    head = _head_or_refusal(enabled, backend, model)
+    if isinstance(head, str):
         if enabled:
-            logger.info("Triton kernels are not warmed up before the first step: %s.", why)
+            logger.info("Triton kernels are not warmed up before the first step: %s.", head)
         return None
     from longctx_kernels.warmup import warm_up_in_background
 
-    weight, bias = plain_lm_head_weights(decoder_and_lm_head(model)[1])
+    weight, bias = head
     transform = logit_transform_from_config(model.config)
     handle = warm_up_in_background(
         weight, bias, logit_scale=transform.logit_scale, logit_divisor=transform.logit_divisor,
