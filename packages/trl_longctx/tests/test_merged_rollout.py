@@ -64,3 +64,30 @@ def test_config_rejects_non_bool(tmp_path):
 
     with pytest.raises(ValueError, match="vllm_merge_adapter must be True, False or None"):
         LongContextGRPOConfig(output_dir=str(tmp_path), use_cpu=True, vllm_merge_adapter="yes")
+
+
+def test_expert_adapters_merge_into_the_fused_expert_weights(tmp_path):
+    """LoRA on an MoE model's fused experts (PEFT `target_parameters`, nested `ParamWrapper`s): merged into
+    `gate_up_proj` / `down_proj` themselves, the merged forward equals the adapted one, and both are restored."""
+    from peft import LoraConfig, get_peft_model
+    from test_moe_aux_loss import tiny_moe
+
+    from trl_longctx.tiny_models import build_char_tokenizer
+
+    model = tiny_moe("qwen3_moe", build_char_tokenizer()).eval()
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    model = get_peft_model(model, config)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    before = _base(model)
+    with AdapterMerger(model).merged(), torch.no_grad(), model.disable_adapter():
+        merged = model(input_ids=ids).logits
+        changed = {
+            n.rpartition(".")[2] for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+        }
+    torch.testing.assert_close(merged, expected, **TOLERANCES[torch.float32])
+    assert changed == {"gate_up_proj", "down_proj", "weight"}, changed  # the experts' and q_proj's
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], w) for n, w in before.items())

@@ -234,27 +234,45 @@ def test_vision_language_checkpoints_do_not_share_weights(tmp_path):
     assert plan(args, model=str(text_only), runtime=CUDA_API).shared_weights
 
 
-def moe_checkpoint(tmp_path, experts_key="num_experts"):
+def moe_checkpoint(tmp_path, experts_key="num_experts", model_type="qwen3_moe"):
     """A folder whose config.json describes a Mixture-of-Experts model (Qwen3-MoE's or gpt-oss's key)."""
     import json
 
     model = tmp_path / "moe"
     model.mkdir(exist_ok=True)
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", experts_key: 8}))
+    (model / "config.json").write_text(json.dumps({"model_type": model_type, experts_key: 8}))
     return str(model)
 
 
-@pytest.mark.parametrize("experts_key", ["num_experts", "num_local_experts"])
-def test_moe_checkpoint_keeps_trls_engine_and_says_why(tmp_path, experts_key):
-    """A Mixture-of-Experts checkpoint (its config.json read before anything loads): vLLM holds its experts fused, so
-    they cannot be shared; TRL's engine syncs them. Asking for shared weights is refused."""
-    model = moe_checkpoint(tmp_path, experts_key)
+@pytest.mark.parametrize(
+    ("experts_key", "model_type"), [("num_experts", "qwen3_moe"), ("num_local_experts", "gpt_oss")]
+)
+def test_moe_checkpoint_of_a_mapped_architecture_shares_its_experts_on_cuda(tmp_path, experts_key, model_type):
+    """Qwen3-MoE and gpt-oss: vLLM's Triton MoE kernels keep the checkpoint's layout of the fused experts, which
+    `vllm_standby.shared_experts` maps to transformers' (checked when the engine is built): shared, merged."""
+    model = moe_checkpoint(tmp_path, experts_key, model_type)
+    result = plan(trl_colocate(tmp_path), model=model, runtime=CUDA_API)
+    assert result.shared_weights and result.adapter_transport == "merged"
+    assert not [m for m in notices(result) if "shared weights off" in m]
+
+
+def test_moe_checkpoint_it_cannot_view_keeps_trls_engine_and_says_why(tmp_path):
+    """An unmapped MoE architecture, or 4-bit / FP8 experts (laid out by vLLM's quantized MoE kernels): TRL's engine
+    syncs the weights, with a notice naming why; asking for shared weights is refused."""
+    model = moe_checkpoint(tmp_path, model_type="mixtral")
     result = plan(trl_colocate(tmp_path), model=model, runtime=CUDA_API)
     assert not result.shared_weights and result.adapter_transport == "weight-sync"
     (shared,) = [m for m in notices(result) if "shared weights off" in m]
-    assert "the model has 8 experts per MoE layer, which vLLM holds fused" in shared
-    with pytest.raises(ValueError, match=r"^vllm_shared_weights=True: the model has 8 experts"):
+    assert "mapped to transformers' for model_type ['gpt_oss', 'qwen3_moe'] only, not 'mixtral'" in shared
+    with pytest.raises(ValueError, match=r"^vllm_shared_weights=True: the model has 8 experts .* not 'mixtral'"):
         plan(trl_colocate(tmp_path, vllm_shared_weights=True), model=model, runtime=CUDA_API)
+    (tmp_path / "qwen").mkdir()
+    qwen = moe_checkpoint(tmp_path / "qwen")
+    four_bit = plan(trl_colocate(tmp_path), model=qwen, quantization=NF4, runtime=CUDA_API)
+    assert not four_bit.shared_weights
+    assert any("vLLM quantizes (4-bit) in a fused layout" in m for m in notices(four_bit))
+    with pytest.raises(ValueError, match=r"vllm_fp8_weights='per-channel' needs shared weights .* quantizes \(FP8\)"):
+        plan(trl_colocate(tmp_path, vllm_fp8_weights="per-channel"), model=qwen, runtime=HOPPER)
 
 
 @pytest.mark.parametrize("peft", [LORA, None], ids=["lora", "full-finetuning"])

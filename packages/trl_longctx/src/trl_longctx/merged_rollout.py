@@ -6,7 +6,9 @@ of sequences a GRPO rollout decodes. TRL avoids that with merged weights in a se
 `AdapterMerger` merges the adapter into the shared tensors in place before the rollout (vLLM then decodes plain
 weights, as TRL's copy does) and copies the base weights back afterwards from a host copy taken once: the base is
 frozen, so the copy never goes stale, and restoring by copy (not by subtracting the delta again) is exact in bf16.
-Cost: host memory for the adapted base weights (pinned on CUDA), one host-to-device copy of them per rollout.
+Cost: host memory for the adapted base weights (pinned on CUDA), one host-to-device copy of them per rollout. An
+adapter on a Mixture-of-Experts model's fused expert weights (PEFT `target_parameters`) adapts whole expert stacks:
+their host copy is the size of all the experts.
 On by default with CUDA (`vllm_merge_adapter=None`), where the merged rollout makes the whole GRPO step faster than
 the LoRA request does.
 """
@@ -35,6 +37,13 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
                 raise ValueError(f"vllm_merge_adapter=True does not support DoRA ({name}); allowed: LoRA adapters.")
             layers.append((name, module, adapter))
     return layers
+
+
+def _adapted_weight(module: nn.Module) -> torch.Tensor:
+    """The base tensor a LoRA layer adapts: the `weight` of its base layer, or for PEFT's `ParamWrapper` (LoRA on a
+    parameter, e.g. an MoE layer's fused `gate_up_proj`) that parameter of the module it wraps."""
+    parameter = getattr(module, "parameter_name", None)
+    return getattr(module.get_base_layer(), parameter) if parameter else module.get_base_layer().weight
 
 
 class AdapterMerger:
@@ -67,7 +76,7 @@ class AdapterMerger:
     def merged(self) -> Iterator[None]:
         """Within the block, every adapted base weight holds `W + scale * B @ A` (computed in fp32)."""
         layers = _lora_layers(self.model)
-        weights = [(name, module.get_base_layer().weight) for name, module, _ in layers]
+        weights = [(name, _adapted_weight(module)) for name, module, _ in layers]
         try:
             for (name, weight), (_, module, adapter) in zip(weights, layers, strict=True):
                 self._snapshot(name, weight)

@@ -377,10 +377,10 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
         return ("the shared engine's views of vLLM's tensors are built and verified for causal language models only, "
                 "and this checkpoint is a vision-language model (its config has a vision_config)",
                 "none for vision-language models yet (TRL's own engine serves them)")  # fmt: skip
-    if experts := _num_experts(model):
-        return (f"the model has {experts} experts per MoE layer, which vLLM holds fused (w13_weight, w2_weight; its "
-                "CPU build also repacks them for its kernel), so the trainer's expert weights cannot be views of "
-                "them", "a dense model; this one keeps TRL's engine, which syncs the weights")  # fmt: skip
+    fp8 = getattr(args, "vllm_fp8_weights", None)
+    quantized = "4-bit" if quantization_config is not None else "FP8" if fp8 is not None else None
+    if (experts := _num_experts(model)) and (problem := _shared_experts_problem(model, experts, runtime, quantized)):
+        return problem
     if args.vllm_tensor_parallel_size != 1:
         return (f"vllm_tensor_parallel_size={args.vllm_tensor_parallel_size}; views of vLLM's weights need them in "
                 "this process, unsharded", "vllm_tensor_parallel_size=1")  # fmt: skip
@@ -403,6 +403,31 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     if not runtime.bitsandbytes:
         return (f"{runtime.describe()} has no bitsandbytes quantization (4-bit shared weights)",
                 "install a vLLM with bitsandbytes quantization (a CUDA build) and the bitsandbytes package")  # fmt: skip
+    return None
+
+
+def _shared_experts_problem(
+    model: str, experts: int, runtime: VLLMRuntime, quantized: str | None
+) -> tuple[str, str] | None:
+    """Why the fused experts of the MoE checkpoint `model` cannot be views of vLLM's, as `(reason, remedy)`, or `None`
+    (`vllm_standby.shared_experts`: mapped architectures, bf16 experts, kernels that keep the checkpoint's layout)."""
+    from vllm_standby.shared_experts import EXPERT_LAYOUTS
+
+    keep = "this run keeps TRL's engine, which syncs the weights"
+    if runtime.platform != "cuda":
+        return (f"the model has {experts} experts per MoE layer, and {runtime.describe()} re-lays them out for its MoE "
+                "kernel when it loads the checkpoint, so the trainer's expert weights cannot be views of them",
+                f"a CUDA vLLM, whose Triton MoE kernels keep the checkpoint's layout; {keep}")  # fmt: skip
+    config = _checkpoint_config(model) or {}
+    model_type = (config.get("text_config") or config).get("model_type")
+    if model_type not in EXPERT_LAYOUTS:
+        return (f"the model has {experts} experts per MoE layer, and vLLM's fused layout of them is mapped to "
+                f"transformers' for model_type {sorted(EXPERT_LAYOUTS)} only, not {model_type!r}",
+                f"one of those architectures; {keep}")  # fmt: skip
+    if quantized is not None:
+        return (f"the model has {experts} experts per MoE layer, which vLLM quantizes ({quantized}) in a fused layout "
+                "of its MoE kernel's, which the trainer cannot view",
+                f"bf16 LoRA (quantization_config=None, vllm_fp8_weights=None); {keep}")  # fmt: skip
     return None
 
 

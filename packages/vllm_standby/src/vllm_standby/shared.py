@@ -9,6 +9,14 @@ import torch
 from vllm_standby import _worker
 from vllm_standby.fp8_linear import Fp8Linear
 from vllm_standby.shared_4bit import Packed4bitShard, is_packed_4bit, linear_4bit_view, split_packed_4bit
+from vllm_standby.shared_experts import (
+    EXPERT_LAYOUTS,
+    ExpertLayout,
+    expert_layout,
+    expert_views,
+    hf_module_name,
+    is_expert_module,
+)
 from vllm_standby.shared_fp8 import Fp8Shard, check_not_repacked, is_fp8_layer, split_fp8_layer
 
 
@@ -25,42 +33,48 @@ def _vllm_model(llm: Any) -> torch.nn.Module:
     return models[0]
 
 
-def _hf_parts(module_name: str, packed: dict) -> tuple[str, str, list[str] | None]:
+def _hf_parts(module_name: str, packed: dict, layout: ExpertLayout | None) -> tuple[str, str, list[str] | None]:
     """`(hf_module_name, prefix, parts)` of a vLLM module: its checkpoint name, the name up to its last part, and the
     checkpoint modules it packs (`["q_proj", "k_proj", "v_proj"]` for `qkv_proj`; `None` when unpacked)."""
     # With enable_lora, vLLM wraps layers: `qkv_proj.base_layer.weight` holds the base weight.
-    hf_module_name = module_name.removesuffix(".base_layer")
-    packed_name = hf_module_name.rpartition(".")[2]
-    return hf_module_name, hf_module_name[: -len(packed_name)], packed.get(packed_name)
+    hf_name = hf_module_name(module_name, layout)
+    packed_name = hf_name.rpartition(".")[2]
+    return hf_name, hf_name[: -len(packed_name)], packed.get(packed_name)
 
 
 def _split_packed(
-    vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Module
+    vllm_params: dict[str, torch.Tensor], vllm_model: torch.nn.Module, model_type: str
 ) -> dict[str, torch.Tensor | Packed4bitShard | Fp8Shard]:
     """Name -> tensor in the checkpoint's naming: packed weights (qkv_proj, gate_up_proj) cut into row views; a
     bitsandbytes 4-bit weight becomes its shards (packed codes + quantization state, see `shared_4bit`), an FP8
-    weight its shards (FP8 rows + their scales, see `shared_fp8`)."""
+    weight its shards (FP8 rows + their scales, see `shared_fp8`); fused MoE experts their transformers parameters
+    (see `shared_experts`)."""
     packed = getattr(vllm_model, "packed_modules_mapping", {}) or {}
     modules = dict(vllm_model.named_modules())
+    layout = EXPERT_LAYOUTS.get(model_type)
     views: dict[str, torch.Tensor | Packed4bitShard | Fp8Shard] = {}
-    fp8_modules = set()
+    fp8_modules, expert_modules = set(), set()
     for module_name, module in modules.items():
+        if is_expert_module(module):
+            views.update(expert_views(module, module_name, expert_layout(model_type)))
+            expert_modules.add(module_name)
+            continue
         check_not_repacked(module, module_name)
         if not is_fp8_layer(module):
             continue
         fp8_modules.add(module_name)
-        hf_module_name, prefix, parts = _hf_parts(module_name, packed)
-        parts = parts or [hf_module_name.rpartition(".")[2]]
+        hf_name, prefix, parts = _hf_parts(module_name, packed, layout)
+        parts = parts or [hf_name.rpartition(".")[2]]
         shards = split_fp8_layer(module, module_name)
         if len(shards) != len(parts):
             raise RuntimeError(f"cannot split FP8 {module_name} into {parts}: {len(shards)} shards")
         views.update({f"{prefix}{part}.weight": shard for part, shard in zip(parts, shards, strict=True)})
     for name, param in vllm_params.items():
         module_name, _, leaf = name.rpartition(".")
-        if module_name in fp8_modules and leaf != "bias":
-            continue  # the FP8 weight and its scales: in the shards above
-        hf_module_name, prefix, parts = _hf_parts(module_name, packed)
-        packed_name = hf_module_name.rpartition(".")[2]
+        if module_name in fp8_modules and leaf != "bias" or module_name in expert_modules:
+            continue  # the FP8 weight and its scales, the experts: viewed above
+        hf_name, prefix, parts = _hf_parts(module_name, packed, layout)
+        packed_name = hf_name.rpartition(".")[2]
         if is_packed_4bit(param):
             shards = split_packed_4bit(param)
             parts = parts or [packed_name]
@@ -71,7 +85,7 @@ def _split_packed(
         # detach(): plain tensors sharing storage (vLLM parameters are subclasses that Parameter() refuses to wrap).
         tensor = param.detach()
         if not parts:
-            views[f"{hf_module_name}.{leaf}"] = tensor
+            views[f"{hf_name}.{leaf}"] = tensor
             continue
         sizes = list(modules[module_name].output_partition_sizes)
         if len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
@@ -100,6 +114,9 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
     An engine built with ``quantization="bitsandbytes"`` (4-bit, vLLM 0.25-0.28) gives bitsandbytes ``Linear4bit``
     layers whose packed weights are views of vLLM's shards, each with its own quantization state (QLoRA, one copy);
     the model is then marked ``is_loaded_in_4bit`` so that PEFT puts its 4-bit LoRA layers on them.
+    A Mixture-of-Experts model's fused experts are views of vLLM's (``w13_weight``, ``w2_weight``) where vLLM keeps
+    the checkpoint's layout (:mod:`vllm_standby.shared_experts`: its Triton MoE kernels, architectures of
+    ``EXPERT_LAYOUTS``).
     An engine that quantized the checkpoint to FP8 (``quantization="fp8_per_channel"``, ``"fp8_per_tensor"`` or
     ``"fp8_per_block"``, see :mod:`vllm_standby.shared_fp8`) gives :class:`vllm_standby.fp8_linear.Fp8Linear` layers
     (``nn.Linear`` subclasses, which PEFT's LoRA wraps) whose FP8 weights and scales are views of vLLM's.
@@ -117,8 +134,9 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
         The transformers model in eval mode, on vLLM's device and dtype.
 
     Raises:
-        RuntimeError: the engine runs in another process, several workers, a weight has no vLLM counterpart, or a
-            quantized layer's layout is unknown (e.g. FP8 repacked for the Marlin kernel).
+        RuntimeError: the engine runs in another process, several workers, a weight has no vLLM counterpart, a
+            quantized layer's layout is unknown (e.g. FP8 repacked for the Marlin kernel), or MoE experts are laid
+            out for a kernel the trainer cannot view (``shared_experts.VIEWABLE_BACKENDS``).
         ValueError: ``fp8_matmul="scaled_mm"`` where it cannot run.
 
     Example:
@@ -131,7 +149,7 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
     vllm_model = _vllm_model(llm)
     config = llm.llm_engine.model_config.hf_config
     dtype = llm.llm_engine.model_config.dtype
-    views = _split_packed(dict(vllm_model.named_parameters(remove_duplicate=False)), vllm_model)
+    views = _split_packed(dict(vllm_model.named_parameters(remove_duplicate=False)), vllm_model, config.model_type)
     device = next(vllm_model.parameters()).device
     model_cls = model_cls or transformers.AutoModelForCausalLM
     with torch.device("meta"):
