@@ -58,7 +58,7 @@ def test_a_given_mini_batch_caps_the_search():
 @pytest.mark.parametrize(
     ("preset", "mode", "note"),
     [
-        ("qwen3-30b-a3b", "lora", "Mixture-of-Experts models keep TRL's engine"),
+        ("qwen3-30b-a3b", "qlora", "4-bit Mixture-of-Experts models keep TRL's engine"),
         ("qwen3-8b", "full", "full fine-tuning keeps vLLM's own copy"),
     ],
 )

@@ -214,13 +214,18 @@ def test_moe_presets_show_their_terms(capsys):
     assert "router logits" not in out and "adapted expert weights" not in out
 
 
-def test_moe_plans_say_the_vllm_side_is_not_modelled(capsys):
-    """MoE checkpoints keep TRL's engine (no shared weights): the plan does not claim one copy of the weights."""
-    plan_main(["--model", "qwen3-30b-a3b", "--gpu", "H200 141GB", "--completion-length", "8192", "--paths", "ours",
-          "--host-memory-gib", "100"])  # fmt: skip
+def test_moe_plans_share_bf16_experts_and_keep_trls_engine_for_4bit(capsys):
+    """bf16 MoE checkpoints share their experts with vLLM (one copy, the rollout modeled); 4-bit ones keep TRL's
+    engine: the plan does not claim one copy of the weights."""
+    flags = ["--model", "qwen3-30b-a3b", "--gpu", "H200 141GB", "--completion-length", "8192", "--paths", "ours",
+             "--host-memory-gib", "100"]  # fmt: skip
+    plan_main(flags)
+    out = capsys.readouterr().out
+    assert "not modeled" not in out and "one copy of the weights" in out
+    plan_main([*flags, "--mode", "qlora"])
     out = capsys.readouterr().out
     assert (
-        "vLLM side: not modeled (Mixture-of-Experts models keep TRL's engine" in out
+        "vLLM side: not modeled (4-bit Mixture-of-Experts models keep TRL's engine" in out
         and "one copy of the weights" not in out
     )
 

@@ -61,9 +61,10 @@ class StepCapacity:
 def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
     """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA or QLoRA on a dense
     model)."""
-    # The rollout plan keeps TRL's engine for these checkpoints (vLLM fuses the experts; vision towers are not shared).
-    if shape.num_experts:
-        return "Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
+    # The rollout plan keeps TRL's engine for these checkpoints (vLLM quantizes fused experts in its own layout; vision
+    # towers are not shared). bf16 experts are shared (sliding-window layers' KV is counted at full length).
+    if shape.num_experts and mode == "qlora":
+        return "4-bit Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
     if shape.vision is not None:
         return "vision-language models keep TRL's engine, a second copy of the weights"
     if mode == "full":  # shared weights need LoRA: full fine-tuning would train vLLM's weights in place
