@@ -1,7 +1,8 @@
 """Shared MoE experts: transformers' fused expert parameters as views of vLLM's `w13_weight` / `w2_weight`.
 
-CPU (CI): the names and refusals, and a real vLLM CPU engine on a tiny Qwen3-MoE checkpoint, whose CPU MoE kernel
-prepacks the experts: refused, naming the backend. GPU: real engines on tiny Qwen3-MoE and gpt-oss checkpoints
+CPU (CI): the names and refusals; a real vLLM CPU engine on a tiny Qwen3-MoE checkpoint, whose CPU MoE kernel
+prepacks the experts: refused, naming the backend; and, past that gate, every transformers parameter of tiny Qwen3-MoE
+and gpt-oss engines mapped to a vLLM tensor of its shape. GPU: real engines on tiny Qwen3-MoE and gpt-oss checkpoints
 (vLLM's Triton MoE kernels), each in a child process: every expert parameter is a view at vLLM's address, vLLM's
 teacher-forced log-probs equal the shared transformers model's within bf16 rounding, and an in-place write to a
 shared expert changes vLLM's output.
@@ -32,7 +33,8 @@ TINY_MOE = {
         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64, "num_local_experts": 8,
         "num_experts_per_tok": 2, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
         "max_position_embeddings": 256, "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 2.0, "beta_fast": 32.0,
+                            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128},
     },
 }  # fmt: skip
 
@@ -110,6 +112,37 @@ def _cpu_engine_refused(model_dir: str) -> None:
 def test_cpu_engine_prepacks_its_experts_and_is_refused(tmp_path):
     pytest.importorskip("vllm")
     run_in_child(_cpu_engine_refused, save_tiny_moe(tmp_path, "qwen3_moe"))
+
+
+def _cpu_engine_names_and_shapes(model_dir: str, model_type: str) -> None:
+    """Past the layout gate (each expert module's backend marked Triton), every transformers parameter gets a view of
+    its vLLM tensor with its shape: the renames and transposes of `EXPERT_LAYOUTS` against vLLM's real modules. The
+    CPU kernel's prepacked content is not compared (the GPU test does that)."""
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    import vllm_standby
+
+    llm = _engine(model_dir)
+    vm = llm.apply_model(lambda model: model)[0]
+    experts = [m for m in vm.modules() if "w13_weight" in m._parameters]
+    assert len(experts) == TINY_MOE[model_type]["num_hidden_layers"]
+    for module in experts:
+        module.quant_method.unquantized_backend = UnquantizedMoeBackend.TRITON
+    hf = vllm_standby.shared_hf_model(llm)
+    assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}[model_type]
+    layer = hf.model.layers[1].mlp.experts
+    vllm_layer = experts[1]
+    assert layer.gate_up_proj.data_ptr() == vllm_layer.w13_weight.data_ptr()
+    assert layer.down_proj.data_ptr() == vllm_layer.w2_weight.data_ptr()
+    assert not any(t.is_meta for t in (*hf.parameters(), *hf.buffers()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU build's MoE modules")
+@pytest.mark.parametrize("model_type", sorted(EXPERT_LAYOUTS))
+def test_cpu_engine_modules_map_by_name_and_shape(tmp_path, model_type):
+    pytest.importorskip("vllm")
+    run_in_child(_cpu_engine_names_and_shapes, save_tiny_moe(tmp_path, model_type), model_type)
 
 
 def _vllm_token_logprobs(llm, sequences) -> torch.Tensor:
