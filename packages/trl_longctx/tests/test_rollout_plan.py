@@ -256,6 +256,18 @@ def test_moe_checkpoint_of_a_mapped_architecture_shares_its_experts_on_cuda(tmp_
     assert not [m for m in notices(result) if "shared weights off" in m]
 
 
+def test_adapter_on_experts_is_merged_not_handed_to_vllm_as_a_request(tmp_path):
+    """LoRA on fused experts (`target_parameters`) reaches vLLM merged into the shared weights; an in-memory LoRA
+    request of it (`vllm_merge_adapter=False`) is refused, naming what is allowed."""
+    experts = LoraConfig(r=8, target_modules="all-linear", target_parameters=["mlp.experts.gate_up_proj"])
+    model = moe_checkpoint(tmp_path)
+    assert plan(trl_colocate(tmp_path), model=model, peft=experts, runtime=CUDA_API).adapter_transport == "merged"
+    with pytest.raises(
+        ValueError, match=r"^vllm_merge_adapter=False .* adapts parameters \(\['mlp.experts.gate_up_proj'\]"
+    ):
+        plan(trl_colocate(tmp_path, vllm_merge_adapter=False), model=model, peft=experts, runtime=CUDA_API)
+
+
 def test_moe_checkpoint_it_cannot_view_keeps_trls_engine_and_says_why(tmp_path):
     """An unmapped MoE architecture, or 4-bit / FP8 experts (laid out by vLLM's quantized MoE kernels): TRL's engine
     syncs the weights, with a notice naming why; asking for shared weights is refused."""

@@ -301,6 +301,14 @@ def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_f
         kv_standby = _decide_shared_standby(args, runtime, notices)
         merged = merge_adapter_default(args, quantized or fp8 is not None, runtime.platform)
         transport = "merged" if merged else "lora-request"
+        if not merged and (targets := getattr(peft_config, "target_parameters", None)):
+            raise ValueError(
+                f"vllm_merge_adapter={args.vllm_merge_adapter!r} hands the adapter to vLLM as an in-memory LoRA "
+                "request here, which is built for adapters on linear layers only, and this peft_config adapts "
+                f"parameters ({list(targets)}, e.g. fused MoE experts). Allowed here: vllm_merge_adapter=True (merged "
+                "into the shared weights for each rollout), or vllm_shared_weights=False (TRL's engine syncs the "
+                "merged weights)."
+            )
         sizing = args.vllm_kv_cache_sizing
         if sizing == "rollout" and not args.vllm_max_model_length:
             sizing = "utilization"
