@@ -274,7 +274,9 @@ class LongContextGRPOConfig(GRPOConfig):
             "and copy the base weights back afterwards from a host copy (exact), so vLLM decodes plain weights "
             "instead of running LoRA kernels; `False` hands vLLM the adapter as an in-memory LoRA request. `None`: "
             "`True` on CUDA, where vLLM's LoRA kernels decode slower than plain weights; `False` on vLLM's CPU build "
-            "and with 4-bit (QLoRA) shared weights, which an adapter cannot be merged into (`True` is refused there)."
+            "and with 4-bit (QLoRA) shared weights, which an adapter cannot be merged into (`True` is refused there). "
+            "An adapter on parameters (`target_parameters`, e.g. fused MoE experts) is merged only (a LoRA request of "
+            "it is refused)."
         },
     )
     vllm_kv_cache_sizing: str = field(
