@@ -98,7 +98,7 @@ def test_fused_layers_map_to_checkpoint_names(kind):
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
-    views = _split_packed(dict(model.named_parameters()), model)
+    views = _split_packed(dict(model.named_parameters()), model, "qwen3")
     prefix = "layers.0."
     expected = {f"{prefix}self_attn.{n}.weight": w for n, w in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))}
     expected |= {f"{prefix}mlp.{n}.weight": 96 for n in ("gate_proj", "up_proj")}
