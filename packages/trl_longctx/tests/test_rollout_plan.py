@@ -283,6 +283,12 @@ def test_moe_checkpoint_it_cannot_view_keeps_trls_engine_and_says_why(tmp_path):
     four_bit = plan(trl_colocate(tmp_path), model=qwen, quantization=NF4, runtime=CUDA_API)
     assert not four_bit.shared_weights
     assert any("vLLM quantizes (4-bit) in a fused layout" in m for m in notices(four_bit))
+    blackwell = VLLMRuntime("0.34.0", "cuda", "vllm-api", bitsandbytes=True, capability=(10, 0))
+    on_blackwell = plan(trl_colocate(tmp_path), model=qwen, runtime=blackwell)
+    assert not on_blackwell.shared_weights
+    assert any(
+        "compute capability 10.0) vLLM runs them on FlashInfer's MoE kernels" in m for m in notices(on_blackwell)
+    )
     with pytest.raises(ValueError, match=r"vllm_fp8_weights='per-channel' needs shared weights .* quantizes \(FP8\)"):
         plan(trl_colocate(tmp_path, vllm_fp8_weights="per-channel"), model=qwen, runtime=HOPPER)
 

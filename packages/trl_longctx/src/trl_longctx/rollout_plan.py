@@ -426,6 +426,13 @@ def _shared_experts_problem(
         return (f"the model has {experts} experts per MoE layer, and {runtime.describe()} re-lays them out for its MoE "
                 "kernel when it loads the checkpoint, so the trainer's expert weights cannot be views of them",
                 f"a CUDA vLLM, whose Triton MoE kernels keep the checkpoint's layout; {keep}")  # fmt: skip
+    if runtime.capability is not None and runtime.capability[0] >= 10:
+        # vLLM's unquantized MoE oracle tries FlashInfer's TRT-LLM and CUTLASS kernels before Triton on every CUDA GPU
+        # but Hopper; from compute capability 10 they serve bf16 experts, re-laid out (vllm_standby.shared_experts).
+        major, minor = runtime.capability
+        return (f"the model has {experts} experts per MoE layer, and on this GPU (compute capability {major}.{minor}) "
+                "vLLM runs them on FlashInfer's MoE kernels, which re-lay them out after loading, so the trainer's "
+                "expert weights cannot be views of them", f"a Hopper or Ampere GPU; {keep}")  # fmt: skip
     config = _checkpoint_config(model) or {}
     model_type = (config.get("text_config") or config).get("model_type")
     if model_type not in EXPERT_LAYOUTS:
