@@ -175,3 +175,26 @@ def run_in_child(target, *args, timeout: float = 600) -> None:
     if child.is_alive():
         child.kill()
     assert child.exitcode == 0, errors.get() if not errors.empty() else f"child exit code {child.exitcode}"
+
+
+def vllm_token_logprobs(llm, sequences, lora_request=None) -> torch.Tensor:
+    """vLLM's log-probs of each sequence's tokens after the first (teacher forced, `prompt_logprobs`), concatenated."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    outs = llm.generate(
+        [{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False, lora_request=lora_request
+    )
+    values = [o.prompt_logprobs[i][t].logprob for o, s in zip(outs, sequences) for i, t in enumerate(s) if i > 0]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@torch.no_grad()
+def hf_token_logprobs(model, sequences) -> torch.Tensor:
+    """transformers' log-probs of the same tokens as `vllm_token_logprobs`, concatenated (float64)."""
+    values = []
+    for s in sequences:
+        ids = torch.tensor([s], device="cuda")
+        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+        values.append(logps.gather(1, ids[0, 1:, None])[:, 0].cpu())
+    return torch.cat(values)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_in_child
+from conftest import hf_token_logprobs, run_in_child, vllm_token_logprobs
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -157,10 +157,10 @@ def _real_engine_check(model_dir: str) -> None:
     # float32 adapter matmuls in PEFT), and agree without it.
     request = vllm_standby.lora_request(lora)
     sequences = [p + o for p, o in zip(PROMPTS, greedy_vllm(llm, lora_request=request), strict=True)]
-    vllm_base, vllm_lora = _vllm_token_logprobs(llm, sequences), _vllm_token_logprobs(llm, sequences, request)
-    hf_lora = _hf_token_logprobs(lora, sequences)
+    vllm_base, vllm_lora = vllm_token_logprobs(llm, sequences), vllm_token_logprobs(llm, sequences, request)
+    hf_lora = hf_token_logprobs(lora, sequences)
     with lora.disable_adapter():
-        hf_base = _hf_token_logprobs(lora, sequences)
+        hf_base = hf_token_logprobs(lora, sequences)
     effect = (hf_lora - hf_base).norm()
     assert effect > 1.0, f"the random adapter barely moved the log-probs ({effect:.3f})"
     error = ((vllm_lora - vllm_base) - (hf_lora - hf_base)).norm()
@@ -172,29 +172,6 @@ def _real_engine_check(model_dir: str) -> None:
     llm.standby()
     llm.resume()
     assert greedy_vllm(llm) == before
-
-
-def _vllm_token_logprobs(llm, sequences, lora_request=None) -> torch.Tensor:
-    """vLLM's log-probs of each sequence's tokens after the first (teacher forced, `prompt_logprobs`), concatenated."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-    outs = llm.generate(
-        [{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False, lora_request=lora_request
-    )
-    values = [o.prompt_logprobs[i][t].logprob for o, s in zip(outs, sequences) for i, t in enumerate(s) if i > 0]
-    return torch.tensor(values, dtype=torch.float64)
-
-
-@torch.no_grad()
-def _hf_token_logprobs(model, sequences) -> torch.Tensor:
-    """transformers' log-probs of the same tokens as `_vllm_token_logprobs`, concatenated (float64)."""
-    values = []
-    for s in sequences:
-        ids = torch.tensor([s], device="cuda")
-        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
-        values.append(logps.gather(1, ids[0, 1:, None])[:, 0].cpu())
-    return torch.cat(values)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VLLM_DTYPE, _save_char_tokenizer, run_in_child
+from conftest import VLLM_DTYPE, _save_char_tokenizer, hf_token_logprobs, run_in_child, vllm_token_logprobs
 
 from vllm_standby.shared_experts import EXPERT_LAYOUTS, expert_layout, hf_module_name
 
@@ -145,25 +145,6 @@ def test_cpu_engine_modules_map_by_name_and_shape(tmp_path, model_type):
     run_in_child(_cpu_engine_names_and_shapes, save_tiny_moe(tmp_path, model_type), model_type)
 
 
-def _vllm_token_logprobs(llm, sequences) -> torch.Tensor:
-    from vllm import SamplingParams
-
-    outs = llm.generate([{"prompt_token_ids": s} for s in sequences], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                        use_tqdm=False)  # fmt: skip
-    values = [o.prompt_logprobs[i][t].logprob for o, s in zip(outs, sequences) for i, t in enumerate(s) if i > 0]
-    return torch.tensor(values, dtype=torch.float64)
-
-
-@torch.no_grad()
-def _hf_token_logprobs(model, sequences) -> torch.Tensor:
-    values = []
-    for s in sequences:
-        ids = torch.tensor([s], device="cuda")
-        logps = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
-        values.append(logps.gather(1, ids[0, 1:, None])[:, 0].cpu())
-    return torch.cat(values)
-
-
 def _real_engine_shares_experts(model_dir: str, model_type: str) -> None:
     import vllm_standby
 
@@ -178,16 +159,16 @@ def _real_engine_shares_experts(model_dir: str, model_type: str) -> None:
         assert experts.down_proj.data_ptr() == module.w2_weight.data_ptr(), name
     storages = {p.untyped_storage().data_ptr() for p in vm.parameters()}
     assert all(p.untyped_storage().data_ptr() in storages for p in hf.parameters()), "a weight is not in vLLM's"
-    gap = (_vllm_token_logprobs(llm, PROMPTS) - _hf_token_logprobs(hf, PROMPTS)).abs().max().item()
+    gap = (vllm_token_logprobs(llm, PROMPTS) - hf_token_logprobs(hf, PROMPTS)).abs().max().item()
     print(f"{model_type}: vLLM vs shared transformers, max log-prob gap {gap:.4f}")
     assert gap < BF16_LOGP_ATOL, f"{model_type}: vLLM and the shared model disagree by {gap:.3f}"
-    before = _vllm_token_logprobs(llm, PROMPTS)
+    before = vllm_token_logprobs(llm, PROMPTS)
     experts = hf.model.layers[0].mlp.experts
     with torch.no_grad():
         experts.down_proj.mul_(-4.0)
     llm.reset_prefix_cache()
-    moved = (_vllm_token_logprobs(llm, PROMPTS) - before).abs().max().item()
-    gap = (_vllm_token_logprobs(llm, PROMPTS) - _hf_token_logprobs(hf, PROMPTS)).abs().max().item()
+    moved = (vllm_token_logprobs(llm, PROMPTS) - before).abs().max().item()
+    gap = (vllm_token_logprobs(llm, PROMPTS) - hf_token_logprobs(hf, PROMPTS)).abs().max().item()
     assert moved > 10 * BF16_LOGP_ATOL and gap < BF16_LOGP_ATOL, f"in-place write: moved {moved:.3f}, gap {gap:.3f}"
 
 
