@@ -122,8 +122,9 @@ def last_pass_sizes(logprob_pass) -> tuple[int | None, int]:
 def cap_device_memory(device: torch.device, gib: float) -> float:
     """Cap this process's allocations on `device` at `gib` GiB (`torch.cuda.set_per_process_memory_fraction`), to
     stand for a smaller card; returns the cap in bytes."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the call needs an index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), index)
     return gib * GIB
 
 
