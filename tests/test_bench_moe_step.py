@@ -47,3 +47,12 @@ def test_both_paths_train_and_agree(tmp_path, model):
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match=r"--model must be one of \['gpt-oss-20b', 'qwen3-30b-a3b'\], got 'mixtral'"):
         moe_step.moe_config("mixtral", 1024)
+
+
+def test_gpt_oss_positions_cover_the_context():
+    """gpt-oss's published YaRN (factor 32 over 4,096 positions) up to 131,072 tokens; beyond, the factor grows so
+    that `max_position_embeddings` covers the context (the H200 QLoRA rows go past gpt-oss's own range)."""
+    published = moe_step.moe_config("gpt-oss-20b", 131072)
+    assert published.max_position_embeddings == 131072 and published.rope_parameters["factor"] == 32.0
+    longer = moe_step.moe_config("gpt-oss-20b", 300_000)
+    assert longer.rope_parameters["factor"] == 74.0 and longer.max_position_embeddings == 74 * 4096 >= 300_000

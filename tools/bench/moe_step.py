@@ -3,8 +3,8 @@ completion each fits and the seconds per step at the lengths both fit (issue 17)
 
 Model: gpt-oss-20b or Qwen3-30B-A3B (`--model`), the architecture of its published config.json (gpt-oss-20b: 24
 layers alternating 128-token sliding-window and full attention with sinks, 32 experts of 2,880, top 4, YaRN to
-131,072 positions; Qwen3-30B-A3B: 48 layers of 128 experts of 768, top 8, with Qwen's YaRN factor 4 beyond 40,960
-tokens), random bf16 weights built on the device. PEFT LoRA r=`--lora-rank` on every linear layer (the attention),
+131,072 positions, its factor raised beyond that to cover the longest `--lengths`; Qwen3-30B-A3B: 48 layers of 128
+experts of 768, top 8, with Qwen's YaRN factor 4 beyond 40,960 tokens), random bf16 weights built on the device. PEFT LoRA r=`--lora-rank` on every linear layer (the attention),
 and with `--lora-experts` on both fused expert weights of every MoE layer (`target_parameters`, as the recipes);
 `--mode qlora` puts the attention's linear layers in bitsandbytes NF4, as `load_in_4bit` does (it cannot quantize the
 fused expert weights, which stay bf16).
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -91,10 +92,13 @@ def moe_config(model: str, context: int, tiny: bool = False):
                        "num_experts": s.num_experts}  # fmt: skip
     layers = size["num_hidden_layers"]
     if model == "gpt-oss-20b":
+        # Beyond its 131,072 positions (YaRN factor 32 over 4,096), the YaRN factor grows to cover `context`, as
+        # long-context runs of gpt-oss extend it.
+        factor = max(32, math.ceil(context / 4096))
         config = transformers.GptOssConfig(
-            **size, **experts, sliding_window=128, max_position_embeddings=131072, tie_word_embeddings=False,
+            **size, **experts, sliding_window=128, max_position_embeddings=factor * 4096, tie_word_embeddings=False,
             layer_types=["sliding_attention", "full_attention"] * (layers // 2),
-            rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            rope_parameters={"rope_type": "yarn", "factor": float(factor), "beta_fast": 32.0, "beta_slow": 1.0,
                              "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
         )  # fmt: skip
         config._attn_implementation = "eager"
