@@ -4,8 +4,9 @@ completion each fits and the seconds per step at the lengths both fit (issue 17)
 Model: gpt-oss-20b or Qwen3-30B-A3B (`--model`), the architecture of its published config.json (gpt-oss-20b: 24
 layers alternating 128-token sliding-window and full attention with sinks, 32 experts of 2,880, top 4, YaRN to
 131,072 positions, its factor raised beyond that to cover the longest `--lengths`; Qwen3-30B-A3B: 48 layers of 128
-experts of 768, top 8, with Qwen's YaRN factor 4 beyond 40,960 tokens), random bf16 weights built on the device. PEFT LoRA r=`--lora-rank` on every linear layer (the attention),
-and with `--lora-experts` on both fused expert weights of every MoE layer (`target_parameters`, as the recipes);
+experts of 768, top 8, with Qwen's YaRN factor 4 beyond 40,960 tokens), random bf16 weights built on the device.
+PEFT LoRA r=`--lora-rank` on every linear layer (the attention), and with `--lora-experts` on both fused expert
+weights of every MoE layer (`target_parameters`, as the recipes);
 `--mode qlora` puts the attention's linear layers in bitsandbytes NF4, as `load_in_4bit` does (it cannot quantize the
 fused expert weights, which stay bf16).
 Gradient checkpointing (non-reentrant), bf16 autocast. Batch: `--num-generations` sequences of `--prompt-length + L`
