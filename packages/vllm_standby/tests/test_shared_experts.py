@@ -1,8 +1,9 @@
 """Shared MoE experts: transformers' fused expert parameters as views of vLLM's `w13_weight` / `w2_weight`.
 
 CPU (CI): the names and refusals; a real vLLM CPU engine on a tiny Qwen3-MoE checkpoint, whose CPU MoE kernel
-prepacks the experts: refused, naming the backend; and, past that gate, every transformers parameter of tiny Qwen3-MoE
-and gpt-oss engines mapped to a vLLM tensor of its shape. GPU: real engines on tiny Qwen3-MoE and gpt-oss checkpoints
+prepacks the experts: refused, naming the backend; past that gate, the prepacked experts fail the content check against
+the checkpoint, and with the checkpoint's layout written back every transformers parameter of tiny Qwen3-MoE and
+gpt-oss engines is a view of its vLLM tensor, equal to transformers' own load of the checkpoint. GPU: real engines on tiny Qwen3-MoE and gpt-oss checkpoints
 (vLLM's Triton MoE kernels), each in a child process: every expert parameter is a view at vLLM's address, vLLM's
 teacher-forced log-probs equal the shared transformers model's within bf16 rounding, and an in-place write to a
 shared expert changes vLLM's output.
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import VLLM_DTYPE, _save_char_tokenizer, hf_token_logprobs, run_in_child, vllm_token_logprobs
 
-from vllm_standby.shared_experts import EXPERT_LAYOUTS, expert_layout, hf_module_name
+from vllm_standby.shared_experts import EXPERT_LAYOUTS, expert_layout, hf_module_name, verify_first_expert
 
 # bf16 on both sides (vLLM's fused Triton MoE vs transformers' per-expert matmuls, different summation orders):
 # teacher-forced log-probs of the same tokens, max absolute difference.
@@ -69,6 +70,24 @@ def test_vllm_module_names_map_to_transformers():
         expert_layout("mixtral")
 
 
+def test_the_content_check_says_what_it_could_not_compare(tmp_path):
+    views = {"m.experts.gate_up_proj": torch.zeros(2, 8, 4), "m.experts.down_proj": torch.zeros(2, 4, 4)}
+    assert (
+        verify_first_expert(views, "m.experts", str(tmp_path))
+        == f"no safetensors checkpoint of {str(tmp_path)!r} found here"
+    )
+    from safetensors.torch import save_file
+
+    save_file({"other": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    assert verify_first_expert(views, "m.experts", str(tmp_path)).startswith("the checkpoint has neither")
+    save_file({"m.experts.gate_up_proj": torch.zeros(2, 8, 4), "m.experts.down_proj": torch.ones(2, 4, 4)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^m\.experts\.down_proj: expert 0 as viewed"):
+        verify_first_expert(views, "m.experts", str(tmp_path))
+    views["m.experts.down_proj"] += 1
+    assert verify_first_expert(views, "m.experts", str(tmp_path)) is None
+
+
 @pytest.mark.parametrize("model_type", sorted(EXPERT_LAYOUTS))
 def test_layouts_match_transformers_expert_shapes(model_type):
     """What each layout declares (transposed or not, biases) against the parameters of transformers' experts: vLLM
@@ -114,10 +133,25 @@ def test_cpu_engine_prepacks_its_experts_and_is_refused(tmp_path):
     run_in_child(_cpu_engine_refused, save_tiny_moe(tmp_path, "qwen3_moe"))
 
 
-def _cpu_engine_names_and_shapes(model_dir: str, model_type: str) -> None:
-    """Past the layout gate (each expert module's backend marked Triton), every transformers parameter gets a view of
-    its vLLM tensor with its shape: the renames and transposes of `EXPERT_LAYOUTS` against vLLM's real modules. The
-    CPU kernel's prepacked content is not compared (the GPU test does that)."""
+def _vllm_layout_from_checkpoint(model_dir: str, layer: int, model_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(w13, w2)` of MoE layer `layer` as vLLM's loader lays the checkpoint out (written here from vLLM's loaders, not
+    from `EXPERT_LAYOUTS`): Qwen3-MoE stacks each expert's gate then up rows, gpt-oss transposes its fused tensors."""
+    from safetensors.torch import load_file
+
+    state = load_file(f"{model_dir}/model.safetensors")
+    prefix = f"model.layers.{layer}.mlp.experts"
+    if model_type == "gpt_oss":
+        return state[f"{prefix}.gate_up_proj"].transpose(1, 2), state[f"{prefix}.down_proj"].transpose(1, 2)
+    count = TINY_MOE[model_type]["num_experts"]
+    w13 = torch.stack([torch.cat([state[f"{prefix}.{e}.gate_proj.weight"], state[f"{prefix}.{e}.up_proj.weight"]])
+                       for e in range(count)])  # fmt: skip
+    return w13, torch.stack([state[f"{prefix}.{e}.down_proj.weight"] for e in range(count)])
+
+
+def _cpu_engine_names_shapes_and_content(model_dir: str, model_type: str) -> None:
+    """Past the backend gate (each expert module's backend marked Triton): the CPU kernel's prepacked experts fail the
+    content check against the checkpoint; with the checkpoint's layout written back into vLLM's tensors (as a backend
+    that keeps it holds them), every transformers parameter is a view of its vLLM tensor with its shape and values."""
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
 
     import vllm_standby
@@ -128,21 +162,40 @@ def _cpu_engine_names_and_shapes(model_dir: str, model_type: str) -> None:
     assert len(experts) == TINY_MOE[model_type]["num_hidden_layers"]
     for module in experts:
         module.quant_method.unquantized_backend = UnquantizedMoeBackend.TRITON
+    with pytest.raises(
+        RuntimeError, match=r"experts\.gate_up_proj: expert 0 as viewed .* differs from the checkpoint"
+    ):
+        vllm_standby.shared_hf_model(llm)
+    with torch.no_grad():
+        for index, module in enumerate(experts):
+            w13, w2 = _vllm_layout_from_checkpoint(model_dir, index, model_type)
+            module.w13_weight.copy_(w13)
+            module.w2_weight.copy_(w2)
     hf = vllm_standby.shared_hf_model(llm)
     assert type(hf).__name__ == {"qwen3_moe": "Qwen3MoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}[model_type]
-    layer = hf.model.layers[1].mlp.experts
-    vllm_layer = experts[1]
-    assert layer.gate_up_proj.data_ptr() == vllm_layer.w13_weight.data_ptr()
-    assert layer.down_proj.data_ptr() == vllm_layer.w2_weight.data_ptr()
+    for index, module in enumerate(experts):
+        layer = hf.model.layers[index].mlp.experts
+        assert layer.gate_up_proj.data_ptr() == module.w13_weight.data_ptr()
+        assert layer.down_proj.data_ptr() == module.w2_weight.data_ptr()
     assert not any(t.is_meta for t in (*hf.parameters(), *hf.buffers()))
+    reference = transformers_model(model_dir)
+    for name, param in reference.named_parameters():
+        if ".experts." in name:
+            assert torch.equal(hf.get_parameter(name), param.to(hf.get_parameter(name).dtype)), name
+
+
+def transformers_model(model_dir: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU build's MoE modules")
 @pytest.mark.parametrize("model_type", sorted(EXPERT_LAYOUTS))
-def test_cpu_engine_modules_map_by_name_and_shape(tmp_path, model_type):
+def test_cpu_engine_modules_map_by_name_shape_and_content(tmp_path, model_type):
     pytest.importorskip("vllm")
-    run_in_child(_cpu_engine_names_and_shapes, save_tiny_moe(tmp_path, model_type), model_type)
+    run_in_child(_cpu_engine_names_shapes_and_content, save_tiny_moe(tmp_path, model_type), model_type)
 
 
 def _real_engine_shares_experts(model_dir: str, model_type: str) -> None:

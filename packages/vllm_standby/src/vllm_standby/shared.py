@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -16,8 +17,11 @@ from vllm_standby.shared_experts import (
     expert_views,
     hf_module_name,
     is_expert_module,
+    verify_first_expert,
 )
 from vllm_standby.shared_fp8 import Fp8Shard, check_not_repacked, is_fp8_layer, split_fp8_layer
+
+logger = logging.getLogger(__name__)
 
 
 def _vllm_model(llm: Any) -> torch.nn.Module:
@@ -150,6 +154,12 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
     config = llm.llm_engine.model_config.hf_config
     dtype = llm.llm_engine.model_config.dtype
     views = _split_packed(dict(vllm_model.named_parameters(remove_duplicate=False)), vllm_model, config.model_type)
+    experts = sorted(name.removesuffix(".gate_up_proj") for name in views if name.endswith("experts.gate_up_proj"))
+    if experts:
+        unverified = verify_first_expert(views, experts[0], llm.llm_engine.model_config.model)
+        if unverified is not None:
+            logger.warning("Shared MoE experts: the first expert's layout was not compared with the checkpoint: %s.",
+                           unverified)  # fmt: skip
     device = next(vllm_model.parameters()).device
     model_cls = model_cls or transformers.AutoModelForCausalLM
     with torch.device("meta"):

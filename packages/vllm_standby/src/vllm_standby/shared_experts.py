@@ -13,12 +13,16 @@ After loading, vLLM may re-lay the experts out for its MoE kernel (``process_wei
 on Hopper and Ampere GPUs) keep the checkpoint layout; FlashInfer's CUTLASS kernels swap gate and up, its TRT-LLM
 kernels and ROCm's AITER shuffle into blocks, and the CPU build prepacks for its grouped GEMM. Only
 :data:`VIEWABLE_BACKENDS` are viewed; any other is refused, naming the backend. Quantized experts (FP8, MXFP4,
-bitsandbytes) are refused too: their layouts are the kernels' own.
+bitsandbytes) are refused too: their layouts are the kernels' own. Shapes cannot tell gate rows from up rows, so
+:func:`verify_first_expert` also compares the first MoE layer's first expert, as viewed, with the checkpoint's tensors
+on disk: a re-layout that the backend check missed fails there instead of training scrambled experts.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -134,3 +138,71 @@ def expert_views(module: torch.nn.Module, name: str, layout: ExpertLayout) -> di
         views[f"{prefix}.gate_up_proj_bias"] = module.w13_bias.detach()
         views[f"{prefix}.down_proj_bias"] = module.w2_bias.detach()
     return views
+
+
+def _checkpoint_files(model: str) -> list[Path]:
+    """The safetensors files of the checkpoint `model` (a folder, or a Hub id in the local Hugging Face cache); empty
+    when none can be found here."""
+    folder = Path(model)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("model.safetensors.index.json", "model.safetensors"):
+            cached = try_to_load_from_cache(model, name)
+            if isinstance(cached, str):
+                folder = Path(cached).parent
+                break
+        else:
+            return []
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _checkpoint_tensors(files: list[Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors `names` (those present) read from `files`, one at a time."""
+    from safetensors import safe_open
+
+    found = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            present = set(handle.keys())
+            found.update({name: handle.get_tensor(name) for name in names if name in present})
+    return found
+
+
+def verify_first_expert(views: dict[str, torch.Tensor], prefix: str, model: str) -> str | None:
+    """Compare expert 0 of the MoE layer `prefix` (e.g. ``model.layers.0.mlp.experts``), as viewed, with the
+    checkpoint `model`'s tensors: fused (``{prefix}.gate_up_proj``, in transformers' layout) or one tensor per expert
+    (``{prefix}.0.gate_proj.weight``, ``up_proj``, ``down_proj``, as transformers saves Qwen3-MoE).
+
+    Returns:
+        `None` when they are equal (after casting the checkpoint's values to the views' dtype, as vLLM loads them), or
+        why nothing could be compared (no safetensors file of `model` here, or none of the names in it).
+
+    Raises:
+        RuntimeError: They differ: vLLM holds these experts in a layout the views do not read.
+    """
+    files = _checkpoint_files(model)
+    if not files:
+        return f"no safetensors checkpoint of {model!r} found here"
+    gate_up, down = views[f"{prefix}.gate_up_proj"][0], views[f"{prefix}.down_proj"][0]
+    fused = [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
+    split = [f"{prefix}.0.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")]
+    tensors = _checkpoint_tensors(files, fused + split)
+    if set(fused) <= tensors.keys():
+        expected = (tensors[fused[0]][0], tensors[fused[1]][0])
+    elif set(split) <= tensors.keys():
+        expected = (torch.cat([tensors[split[0]], tensors[split[1]]]), tensors[split[2]])
+    else:
+        return f"the checkpoint has neither {fused} nor {split}"
+    for name, view, value in zip(("gate_up_proj", "down_proj"), (gate_up, down), expected, strict=True):
+        value = value.to(view.dtype)
+        if value.shape != view.shape or not torch.equal(value, view.to(value.device)):
+            raise RuntimeError(
+                f"{prefix}.{name}: expert 0 as viewed in vLLM's tensors differs from the checkpoint's (vLLM holds the "
+                "experts in another layout than its MoE backend says), so the trainer would train scrambled experts. "
+                "Keep a second copy (vllm_shared_weights=False in trl_longctx)."
+            )
+    return None
