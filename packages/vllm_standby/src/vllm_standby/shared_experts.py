@@ -160,15 +160,15 @@ def _checkpoint_files(model: str) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-def _checkpoint_tensors(files: list[Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors `names` (those present) read from `files`, one at a time."""
+def _read_tensors(files: list[Path], names: list[str], *, first_row: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors `names` present in `files`; with `first_row`, only their first row along dim 0 is read."""
     from safetensors import safe_open
 
     found = {}
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            present = set(handle.keys())
-            found.update({name: handle.get_tensor(name) for name in names if name in present})
+            for name in set(names) & set(handle.keys()):
+                found[name] = handle.get_slice(name)[0:1][0] if first_row else handle.get_tensor(name)
     return found
 
 
@@ -190,10 +190,10 @@ def verify_first_expert(views: dict[str, torch.Tensor], prefix: str, model: str)
     gate_up, down = views[f"{prefix}.gate_up_proj"][0], views[f"{prefix}.down_proj"][0]
     fused = [f"{prefix}.gate_up_proj", f"{prefix}.down_proj"]
     split = [f"{prefix}.0.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")]
-    tensors = _checkpoint_tensors(files, fused + split)
-    if set(fused) <= tensors.keys():
-        expected = (tensors[fused[0]][0], tensors[fused[1]][0])
-    elif set(split) <= tensors.keys():
+    rows = _read_tensors(files, fused, first_row=True)  # a fused tensor's first row is expert 0
+    if len(rows) == len(fused):
+        expected = (rows[fused[0]], rows[fused[1]])
+    elif len(tensors := _read_tensors(files, split)) == len(split):
         expected = (torch.cat([tensors[split[0]], tensors[split[1]]]), tensors[split[2]])
     else:
         return f"the checkpoint has neither {fused} nor {split}"
