@@ -178,16 +178,12 @@ def _cpu_engine_names_shapes_and_content(model_dir: str, model_type: str) -> Non
         assert layer.gate_up_proj.data_ptr() == module.w13_weight.data_ptr()
         assert layer.down_proj.data_ptr() == module.w2_weight.data_ptr()
     assert not any(t.is_meta for t in (*hf.parameters(), *hf.buffers()))
-    reference = transformers_model(model_dir)
+    import transformers
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for name, param in reference.named_parameters():
         if ".experts." in name:
             assert torch.equal(hf.get_parameter(name), param.to(hf.get_parameter(name).dtype)), name
-
-
-def transformers_model(model_dir: str):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
 
 @pytest.mark.slow

@@ -129,9 +129,9 @@ def expert_views(module: torch.nn.Module, name: str, layout: ExpertLayout) -> di
         )
     prefix = hf_module_name(name, layout)
 
-    def view(tensor: torch.Tensor) -> torch.Tensor:
+    def view(tensor: torch.Tensor) -> torch.Tensor:  # w13 / w2: [experts, out, in]
         tensor = tensor.detach()
-        return tensor.transpose(1, 2) if layout.transposed and tensor.dim() == 3 else tensor
+        return tensor.transpose(1, 2) if layout.transposed else tensor
 
     views = {f"{prefix}.gate_up_proj": view(module.w13_weight), f"{prefix}.down_proj": view(module.w2_weight)}
     if layout.biases:
