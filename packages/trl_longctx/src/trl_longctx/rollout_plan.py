@@ -71,6 +71,8 @@ class VLLMRuntime:
         fp8: The FP8 scale layouts this vLLM can quantize a checkpoint to while loading it
             (`vllm_standby.shared_fp8.fp8_in_vllm()`: `"per-channel"`, `"per-tensor"`, `"per-block"`).
         capability: The CUDA GPU's compute capability `(major, minor)`; `None` without a CUDA GPU.
+        vision_problem: Why this vLLM cannot serve vision-language models here (its processors for them need
+            torchvision, and torchvision does not import), or `None` when it can.
     """
 
     version: str
@@ -79,6 +81,7 @@ class VLLMRuntime:
     bitsandbytes: bool
     fp8: tuple[str, ...] = ()
     capability: tuple[int, int] | None = None
+    vision_problem: str | None = None
 
     @classmethod
     def detect(cls) -> VLLMRuntime | None:
@@ -101,11 +104,27 @@ class VLLMRuntime:
 
             capability = tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
         return cls(
-            vllm.__version__, platform, kv_standby_mechanism(), bitsandbytes_in_vllm(), fp8_in_vllm(), capability
+            vllm.__version__,
+            platform,
+            kv_standby_mechanism(),
+            bitsandbytes_in_vllm(),
+            fp8_in_vllm(),
+            capability,
+            _torchvision_problem(),
         )
 
     def describe(self) -> str:
         return f"vLLM {self.version} ({self.platform})"
+
+
+def _torchvision_problem() -> str | None:
+    """Why torchvision does not import here (`"ImportError: ..."`), or `None` when it does. A torchvision built for
+    another torch fails with a `RuntimeError` (an operator it registers does not exist), not only an `ImportError`."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as error:  # any failure to import means vLLM cannot process images
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -285,6 +304,13 @@ def _refuse_without_colocate(args: Any, why: str) -> None:
 
 
 def _colocated_plan(args, model, peft_config, quantization_config, has_rollout_func, runtime) -> RolloutPlan:
+    if (architecture := vision_architecture(model)) and runtime.vision_problem is not None:
+        raise ValueError(
+            f"use_vllm=True with a vision-language model ({architecture}): {runtime.describe()} processes its images "
+            f"with torchvision, which does not import here ({runtime.vision_problem}). Allowed here: install the "
+            "torchvision built for this torch, or use_vllm=False (and use_vllm_when_available=False): transformers' "
+            "generate."
+        )
     notices: list[Notice] = []
     honoured: list[str] = []
     quantized = quantization_config is not None
@@ -381,12 +407,10 @@ def _shared_weights_problem(args, model, peft_config, quantization_config, runti
     if not isinstance(model, str):
         return ("the model is an instance; the shared engine loads the checkpoint itself",
                 "pass the model as a path or id (model='...')")  # fmt: skip
-    if _is_vision_language(model):
-        return ("the shared engine's views of vLLM's tensors are built and verified for causal language models only, "
-                "and this checkpoint is a vision-language model (its config has a vision_config)",
-                "none for vision-language models yet (TRL's own engine serves them)")  # fmt: skip
     fp8 = getattr(args, "vllm_fp8_weights", None)
     quantized = "4-bit" if quantization_config is not None else "FP8" if fp8 is not None else None
+    if (architecture := vision_architecture(model)) and (problem := _shared_vision_problem(architecture, quantized)):
+        return problem
     if (experts := _num_experts(model)) and (problem := _shared_experts_problem(model, experts, runtime, quantized)):
         return problem
     if args.vllm_tensor_parallel_size != 1:
@@ -483,10 +507,37 @@ def _checkpoint_config(model: str) -> dict | None:
         return None
 
 
-def _is_vision_language(model: str) -> bool:
-    """Whether the checkpoint `model` is a vision-language model: its config has a `vision_config`
-    (`_checkpoint_config`; `False` when it cannot be read here)."""
-    return "vision_config" in (_checkpoint_config(model) or {})
+#: Vision-language architectures whose transformers model is built of views of vLLM's tensors, the vision tower's
+#: included: verified against transformers and vLLM's outputs on image prompts (tests/test_vision_vllm.py).
+SHARED_VISION_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+
+
+def vision_architecture(model: Any) -> str | None:
+    """The architecture of `model` when it is a vision-language model (its config has a `vision_config`), else `None`.
+
+    `model` is a checkpoint (its `config.json`, `_checkpoint_config`: `None` when it cannot be read here) or an
+    instance (its class).
+    """
+    if not isinstance(model, str):
+        return type(model).__name__ if getattr(getattr(model, "config", None), "vision_config", None) else None
+    config = _checkpoint_config(model) or {}
+    if "vision_config" not in config:
+        return None
+    return (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+
+
+def _shared_vision_problem(architecture: str, quantized: str | None) -> tuple[str, str] | None:
+    """Why the weights of the vision-language `architecture` cannot be views of vLLM's, as `(reason, remedy)`, or
+    `None` when they can."""
+    if architecture not in SHARED_VISION_ARCHITECTURES:
+        return (f"the shared engine's views of vLLM's tensors are verified for the vision-language architectures "
+                f"{list(SHARED_VISION_ARCHITECTURES)} and this checkpoint is {architecture}",
+                "vllm_shared_weights=False (TRL's own engine, a second copy of the weights)")  # fmt: skip
+    if quantized is not None:
+        return (f"{quantized} shared weights are not verified for vision-language models (bf16/fp32 ones are)",
+                "bf16 shared weights (no quantization_config, vllm_fp8_weights=None), or vllm_shared_weights=False "
+                "(TRL's own engine)")  # fmt: skip
+    return None
 
 
 def _refuse_moe_weight_sync_on_cpu(args: Any, model: Any, runtime: VLLMRuntime) -> None:

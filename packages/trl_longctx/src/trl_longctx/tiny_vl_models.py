@@ -8,10 +8,15 @@ needed; the model is a transformers architecture instantiated from a config with
 The Qwen-VL processors also require a video processor, and every transformers video processor requires torchvision.
 `build_tiny_vl_processor` therefore builds an images-only subclass of the family's processor (`image_processor` and
 `tokenizer` only): text and images are processed exactly as the family's processor does, videos are refused by
-transformers (the processor has no `video_processor`).
+transformers (the processor has no `video_processor`). `save_tiny_vl_checkpoint` saves a model with the family's full
+processor configuration (a video processor's included), as a checkpoint of the hub has it: what vLLM loads, and
+what `AutoProcessor` loads where torchvision is installed.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 # The special tokens of the Qwen-VL chat format that the processors and models use.
@@ -38,6 +43,9 @@ CHAT_TEMPLATE = (
 # resized to between 1 and 16 merged tokens (multiples of `patch * merge` pixels a side).
 PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 MERGE_SIZE, TEMPORAL_PATCH_SIZE, MAX_TOKENS_PER_IMAGE = 2, 2, 16
+# The family's processor and video processor classes, as a hub checkpoint's configuration names them.
+PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+VIDEO_PROCESSOR_CLASS = {"qwen2_5_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor"}
 
 
 def build_vl_tokenizer():
@@ -158,6 +166,40 @@ def build_tiny_vl_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def save_tiny_vl_checkpoint(folder, family: str = "qwen2_5_vl", **model_kwargs) -> Path:
+    """Save `build_tiny_vl_model(family, ...)` with its processor as a checkpoint folder that vLLM serves.
+
+    The processor's configuration names the family's processor class (not the images-only subclass) and a video
+    processor configuration is written beside it (`video_preprocessor_config.json`, the image sizes of
+    `build_tiny_vl_processor`), so vLLM and `AutoProcessor` (both need torchvision for it) load the family's full
+    processor; no torchvision is needed to write it.
+
+    Args:
+        folder: Where to save (created if missing).
+        family: `"qwen2_5_vl"` or `"qwen3_vl"`.
+        **model_kwargs: Passed to `build_tiny_vl_model` (sizes, `seed`).
+
+    Returns:
+        The folder, as a `Path`.
+    """
+    folder = Path(folder)
+    processor = build_tiny_vl_processor(family)
+    build_tiny_vl_model(family, processor.tokenizer, **model_kwargs).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        if (path := folder / name).exists() and "processor_class" in (config := json.loads(path.read_text())):
+            path.write_text(json.dumps({**config, "processor_class": PROCESSOR_CLASS[family]}, indent=2))
+    image = processor.image_processor
+    video = {
+        "video_processor_type": VIDEO_PROCESSOR_CLASS[family],
+        **{key: getattr(image, key) for key in ("patch_size", "merge_size", "temporal_patch_size", "image_mean",
+                                                "image_std")},
+        "size": dict(image.size),
+    }  # fmt: skip
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    return folder
 
 
 def _checked(family: str) -> str:

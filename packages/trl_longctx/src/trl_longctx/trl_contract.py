@@ -423,6 +423,16 @@ TRL_HOOKS: tuple[Hook, ...] = (
         sets=("llm", "_llm_weights_sleeping"),
     ),
     Hook(
+        VLLM_GENERATION, "generate", "reached",
+        ("self", "prompts", "images", "num_generations", "profiler"),
+        reason="image_prompts: TRL's rollout hands its engine's generate expanded image-token runs with the images; "
+        "the trainer wraps the engine's generate to collapse them to one token per image, as vLLM expands",
+        upstream="trl/generation/vllm_generation.py (v1.16.0)",
+        on_change="Review image_prompts.one_token_per_image: the prompts TRL builds for vLLM and how it calls it.",
+        source_sha256={"1.16.0": "50190d860bb1870bd877f77bb060d1fe09645d60d2225d81e78030b2ec824e64"},
+        calls=("llm.generate",),
+    ),
+    Hook(
         VLLM_GENERATION, "sync_weights", "override",
         ("self",),
         reason="shared weights need no sync; the adapter goes to vLLM as an in-memory LoRA request",

@@ -21,19 +21,24 @@ from trl.trainer.utils import ensure_master_addr_port
 
 from vllm_standby import StandbyLLM, lora_request
 
+from .image_prompts import one_token_per_image
+
 logger = logging.getLogger(__name__)
 
 
 class AdapterStandbyLLM(StandbyLLM):
-    """A `StandbyLLM` that applies its current LoRA adapter (`self.adapter`) to every `generate` call and returns token
-    ids without text where nothing needs the text (`token_ids_only`)."""
+    """A `StandbyLLM` that applies its current LoRA adapter (`self.adapter`) to every `generate` call, returns token
+    ids without text where nothing needs the text (`token_ids_only`), and gives vLLM image prompts with one
+    placeholder token per image (`one_token_per_image`)."""
 
     adapter = None
 
     def generate(self, prompts: Any, sampling_params: Any = None, *args: Any, lora_request: Any = None, **kwargs: Any):
+        image_token_id = getattr(self.llm_engine.model_config.hf_config, "image_token_id", None)
         return super().generate(
-            prompts, token_ids_only(sampling_params), *args, lora_request=lora_request or self.adapter, **kwargs
-        )
+            one_token_per_image(prompts, image_token_id), token_ids_only(sampling_params), *args,
+            lora_request=lora_request or self.adapter, **kwargs,
+        )  # fmt: skip
 
 
 def token_ids_only(sampling_params: Any) -> Any:
@@ -155,8 +160,24 @@ def build_shared_engine(
         trust_remote_code=args.trust_remote_code,
         **quantization,
         **kv_cache,
-        **({"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1} if enable_lora else {}),
+        **(_lora_kwargs(config, lora_rank) if enable_lora else {}),
     )
+
+
+def _lora_kwargs(config, lora_rank: int) -> dict[str, Any]:
+    """vLLM's LoRA settings for the in-memory adapter: one adapter of the trainer's rank; for a vision-language model
+    also the adapter's weights on the vision tower and its connector (`enable_tower_connector_lora`, where this vLLM
+    has it), which vLLM otherwise leaves out of its rollouts without a word (vllm_standby's adapter loader refuses
+    such an adapter then)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(lora_rank), "max_loras": 1}
+    vision = getattr(config, "vision_config", None) is not None
+    if vision and "enable_tower_connector_lora" in {f.name for f in dataclasses.fields(EngineArgs)}:
+        kwargs["enable_tower_connector_lora"] = True
+    return kwargs
 
 
 def rollout_kv_cache_kwargs(config, args, max_num_seqs: int, dtype_bytes: int) -> dict[str, int]:

@@ -56,7 +56,27 @@ def in_memory_adapter_loader(original: Any, *, mapper: str, validators: tuple[st
         lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
         for validator in validators:
             getattr(self._adapter_manager, validator)(lora)
+        _refuse_unapplied_tower_weights(self._adapter_manager, lora)
         return lora
 
     _load_adapter.__vllm_standby__ = True
     return _load_adapter
+
+
+def _refuse_unapplied_tower_weights(manager: Any, lora: Any) -> None:
+    """Raise where the adapter has weights on a multimodal model's vision tower or connector that the engine would not
+    apply (vLLM applies them only when built with ``enable_tower_connector_lora=True`` on a model that supports it,
+    and otherwise generates without them, silently)."""
+    model = manager.model
+    if not hasattr(model, "get_mm_mapping") or getattr(manager, "supports_tower_connector_lora", False):
+        return
+    mapping = model.get_mm_mapping()
+    prefixes = tuple(p for p in (*(mapping.tower_model or ()), *(mapping.connector or ())) if p)
+    unapplied = sorted(name for name in lora.loras if name.startswith(prefixes))
+    if unapplied:
+        raise ValueError(
+            f"The in-memory LoRA adapter has weights on the vision tower or connector ({unapplied[:3]}, "
+            f"{len(unapplied)} modules), which this engine would not apply: build it with "
+            "enable_tower_connector_lora=True (vLLM releases that have it, for models that support it), keep the "
+            "adapter off the tower (target the language model's modules only), or merge the adapter into the weights."
+        )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,7 +45,9 @@ def _hf_parts(module_name: str, packed: dict, layout: ExpertLayout | None) -> tu
     # With enable_lora, vLLM wraps layers: `qkv_proj.base_layer.weight` holds the base weight.
     hf_name = hf_module_name(module_name, layout)
     packed_name = hf_name.rpartition(".")[2]
-    return hf_name, hf_name[: -len(packed_name)], packed.get(packed_name)
+    parts = packed.get(packed_name)
+    # A module packed from one checkpoint module of its own name (a vision tower's `qkv`) is not cut.
+    return hf_name, hf_name[: -len(packed_name)], None if parts == [packed_name] else parts
 
 
 def _split_packed(
@@ -99,14 +103,48 @@ def _split_packed(
     return views
 
 
-def _materialize_meta_buffers(model: torch.nn.Module, config: Any, device: torch.device) -> None:
-    # Rotary embeddings compute their buffers in __init__; re-create those modules on the real device.
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device(device):
-                setattr(parent, child, type(module)(config=config))
+def _checkpoint_names(views: dict[str, Any], vllm_model: torch.nn.Module, hf_names: set[str]) -> dict[str, Any]:
+    """``views`` keyed by the transformers model's names: vLLM's prefix renames undone.
+
+    A model whose vLLM module tree differs from the checkpoint's (a vision-language model: ``language_model.model.``
+    for the checkpoint's ``model.language_model.``, ``visual.`` for ``model.visual.``) declares the renames as
+    ``hf_to_vllm_mapper.orig_to_new_prefix``. Several checkpoint prefixes may map to one vLLM prefix (older and newer
+    checkpoint layouts); the one naming a parameter of the transformers model wins. A name no rename turns into one
+    of ``hf_names`` is kept as it is (and reported missing by the caller if the transformers model needs it).
+    """
+    mapper = getattr(vllm_model, "hf_to_vllm_mapper", None)
+    renames = sorted(
+        ((new, orig) for orig, new in (getattr(mapper, "orig_to_new_prefix", None) or {}).items() if new is not None),
+        key=lambda pair: -len(pair[0]),
+    )
+    if not renames:
+        return views
+    renamed = {}
+    for name, view in views.items():
+        candidates = [orig + name[len(new) :] for new, orig in renames if name.startswith(new)]
+        renamed[next((c for c in candidates if c in hf_names), name)] = view
+    return renamed
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device and their buffers where they are computed.
+
+    The parameters are replaced by views of vLLM's tensors, so they need no memory; buffers (rotary frequencies of
+    the decoder and of a vision tower) are computed by each module's own ``__init__`` from arguments only it knows.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 @torch.no_grad()
@@ -130,7 +168,9 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
         llm: A ``vllm.LLM`` (or :class:`vllm_standby.StandbyLLM`) running in this process, tensor parallel 1,
             unquantized, bitsandbytes 4-bit or online FP8, created with the vllm_standby patches live (so CPU weights
             stay plain).
-        model_cls: transformers class to build; default ``AutoModelForCausalLM`` from vLLM's HF config.
+        model_cls: transformers class to build; default from vLLM's HF config: ``AutoModelForImageTextToText`` for a
+            vision-language model (its config has a ``vision_config``: the vision tower's weights are views too),
+            else ``AutoModelForCausalLM``.
         fp8_matmul: The FP8 layers' matmul (``vllm_standby.fp8_linear.MATMULS``): ``"auto"`` (dequantized per
             matmul, ``vllm_standby.fp8_linear.AUTO_REASON``), ``"scaled_mm"`` or ``"dequantize"``.
 
@@ -153,17 +193,20 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
     vllm_model = _vllm_model(llm)
     config = llm.llm_engine.model_config.hf_config
     dtype = llm.llm_engine.model_config.dtype
+    device = next(vllm_model.parameters()).device
+    if model_cls is None:
+        vision = getattr(config, "vision_config", None) is not None
+        model_cls = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    with _parameters_on_meta():
+        hf = model_cls.from_config(config, dtype=dtype)
     views = _split_packed(dict(vllm_model.named_parameters(remove_duplicate=False)), vllm_model, config.model_type)
+    views = _checkpoint_names(views, vllm_model, {name for name, _ in hf.named_parameters(remove_duplicate=False)})
     experts = sorted(name.removesuffix(".gate_up_proj") for name in views if name.endswith("experts.gate_up_proj"))
     if experts:
         unverified = verify_first_expert(views, experts[0], llm.llm_engine.model_config.model)
         if unverified is not None:
             logger.warning("Shared MoE experts: the first expert's layout was not compared with the checkpoint: %s.",
                            unverified)  # fmt: skip
-    device = next(vllm_model.parameters()).device
-    model_cls = model_cls or transformers.AutoModelForCausalLM
-    with torch.device("meta"):
-        hf = model_cls.from_config(config, dtype=dtype)
     missing, quantized = [], 0
     for name, param in list(hf.named_parameters(remove_duplicate=True)):
         view = views.get(name)
@@ -203,5 +246,8 @@ def shared_hf_model(llm: Any, model_cls: Any = None, *, fp8_matmul: str = "auto"
     if quantized:
         # What transformers' bitsandbytes quantizer sets: PEFT then wraps these layers with its 4-bit LoRA layers.
         hf.is_loaded_in_4bit = True
-    _materialize_meta_buffers(hf, config, device)
+    for module in hf.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
     return hf.eval()

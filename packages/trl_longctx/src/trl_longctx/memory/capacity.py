@@ -13,9 +13,10 @@ weights, the rollout with the trainer holding only its resident state. So each h
   the GPU has after vLLM's weights (one copy, shared with the trainer), vLLM's other memory (`VLLM_OTHER_GIB`), the
   CUDA context and the trainer's LoRA parameters with their AdamW states.
 
-Modeled for LoRA on dense text models, where the weights are shared; QLoRA (vLLM's side of 4-bit weights), full
-fine-tuning (vLLM keeps its own copy), Mixture-of-Experts and vision-language models (TRL's engine keeps its own
-copy) get the training limit and a reason instead of a rollout limit.
+Modeled for LoRA and QLoRA on text models, where the weights are shared; full fine-tuning (vLLM keeps its own copy),
+4-bit Mixture-of-Experts models (TRL's engine keeps its own copy) and vision-language models (their weights are shared
+in bf16, but vLLM's vision encoder memory, its encoder cache and activations per image, is not modeled; 4-bit ones keep
+TRL's engine) get the training limit and a reason instead of a rollout limit.
 """
 
 from __future__ import annotations
@@ -61,12 +62,16 @@ class StepCapacity:
 def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
     """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA or QLoRA on a dense
     model)."""
-    # The rollout plan keeps TRL's engine for these checkpoints (vLLM quantizes fused experts in its own layout; vision
-    # towers are not shared). bf16 experts are shared (sliding-window layers' KV is counted at full length).
+    # The rollout plan keeps TRL's engine for 4-bit MoE checkpoints (vLLM quantizes fused experts in its own layout)
+    # and 4-bit vision-language ones (not verified). bf16 experts are shared (sliding-window layers' KV is counted at
+    # full length), and so are bf16 vision-language weights, the vision tower's included.
     if shape.num_experts and mode == "qlora":
         return "4-bit Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
+    if shape.vision is not None and mode == "qlora":
+        return "4-bit vision-language models keep TRL's engine, a second copy of the weights"
     if shape.vision is not None:
-        return "vision-language models keep TRL's engine, a second copy of the weights"
+        return ("vLLM's vision encoder memory (its encoder cache and activations per image) is not modeled; the "
+                "weights are shared")  # fmt: skip
     if mode == "full":  # shared weights need LoRA: full fine-tuning would train vLLM's weights in place
         return "full fine-tuning keeps vLLM's own copy of the weights beside the trainer's"
     return None
