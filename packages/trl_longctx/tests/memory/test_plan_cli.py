@@ -232,7 +232,8 @@ def test_moe_plans_share_bf16_experts_and_keep_trls_engine_for_4bit(capsys):
 
 def test_vision_flags_plan_the_tower(capsys):
     """qwen3-vl-8b with images: a trained tower's saved tensors are a row; its weights are counted; the vLLM side
-    says TRL's engine keeps a second copy; bad combinations name the flag."""
+    says TRL's engine keeps a second copy of 4-bit weights, and that bf16 ones are shared; bad combinations name the
+    flag."""
     from trl_longctx.memory.presets import PRESETS
 
     flags = ["--model", "qwen3-vl-8b", "--gpu", "24GB", "--mode", "qlora", "--prompt-length", "8192",
@@ -242,8 +243,12 @@ def test_vision_flags_plan_the_tower(capsys):
     plan_main([*flags, "--vision-patches", "4096"])
     frozen = capsys.readouterr().out
     assert "| vision tower saved tensors |" in trained and "vision tower saved tensors" not in frozen
-    assert "vLLM side: not modeled (vision-language models keep TRL's engine" in frozen
-    assert "rollout not modeled (vision-language models keep TRL's engine" in frozen
+    assert "vLLM side: not modeled (4-bit vision-language models keep TRL's engine" in frozen
+    assert "rollout not modeled (4-bit vision-language models keep TRL's engine" in frozen
+    # LoRA on bf16 weights: shared with vLLM, the tower's included; the vision encoder's memory in vLLM is not modeled.
+    plan_main([*flags[:5], "lora", *flags[6:], "--vision-patches", "4096"])
+    shared = capsys.readouterr().out
+    assert "vLLM side: not modeled (vLLM's vision encoder memory" in shared and "that copy" not in shared
     assert 0.5e9 < PRESETS["qwen3-vl-8b"].vision.params < 0.6e9  # Qwen3-VL-8B's tower: 0.58B
     assert PRESETS["qwen3-vl-8b"].total_params() - PRESETS["qwen3-8b"].total_params() == (
         PRESETS["qwen3-vl-8b"].vision.params

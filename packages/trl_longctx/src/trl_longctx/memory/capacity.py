@@ -35,7 +35,7 @@ from .planner import (
 from .rollout_kv import VLLM_OTHER_GIB, kv_bytes_per_token, rollout_kv_tokens, vllm_weight_bytes
 from .shapes import GIB, ModelShape
 
-__all__ = ["StepCapacity", "rollout_capacity_problem", "step_capacity"]
+__all__ = ["StepCapacity", "rollout_capacity_problem", "shares_weights_with_vllm", "step_capacity"]
 
 # The search stops here: a per-device batch beyond it is not a GRPO setting anyone runs.
 MOST_SEQUENCES = 4096
@@ -57,6 +57,12 @@ class StepCapacity:
     training_bound: str
     rollout: int | None
     rollout_note: str | None = None
+
+
+def shares_weights_with_vllm(shape: ModelShape, mode: str) -> bool:
+    """Whether the rollout plan shares the trainer's weights with the colocated engine for `shape` in `mode` (else
+    TRL's engine or vLLM keeps a second copy): not for full fine-tuning, nor for 4-bit MoE or vision-language models."""
+    return mode != "full" and not (mode == "qlora" and (shape.num_experts or shape.vision is not None))
 
 
 def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .capacity import rollout_capacity_problem, step_capacity
+from .capacity import rollout_capacity_problem, shares_weights_with_vllm, step_capacity
 from .machine import GPUS_GIB, HOST_RESERVE_GIB, cuda_gpu, gpu_presets_matching, host_memory_gib, pinnable_host_gib
 from .planner import (
     GIB,
@@ -293,6 +293,8 @@ def _capacity_lines(shape: ModelShape, setup: TrainSetup, gpus: dict[str, float]
 def _rollout_line(shape: ModelShape, sequences: int, prompt: int, completion: int, mode: str, gpus: dict) -> str:
     """The colocated vLLM side (shared weights, KV standby): the rollout's KV cache and the utilization it needs."""
     if (problem := rollout_capacity_problem(shape, mode)) is not None:
+        if shares_weights_with_vllm(shape, mode):
+            return f"vLLM side: not modeled ({problem})."
         return (
             f"vLLM side: not modeled ({problem}). While the trainer trains, that copy (in bf16 "
             f"{vllm_weight_bytes(shape) / GIB:.2f} GiB; less where vLLM keeps a quantized checkpoint's weights) stays "
