@@ -13,10 +13,11 @@ weights, the rollout with the trainer holding only its resident state. So each h
   the GPU has after vLLM's weights (one copy, shared with the trainer), vLLM's other memory (`VLLM_OTHER_GIB`), the
   CUDA context and the trainer's LoRA parameters with their AdamW states.
 
-Modeled for LoRA and QLoRA on text models, where the weights are shared; full fine-tuning (vLLM keeps its own copy),
-4-bit Mixture-of-Experts models (TRL's engine keeps its own copy) and vision-language models (their weights are shared
-in bf16, but vLLM's vision encoder memory, its encoder cache and activations per image, is not modeled; 4-bit ones keep
-TRL's engine) get the training limit and a reason instead of a rollout limit.
+Modeled where the weights are shared: LoRA and QLoRA on text models, LoRA on Mixture-of-Experts and vision-language
+models (the vision tower's weights counted; vLLM's encoder cache and the tower's activations while it encodes a
+rollout's images are bounded by vLLM's batched-token budget and left to `VLLM_OTHER_GIB`). Full fine-tuning (vLLM
+keeps its own copy) and 4-bit Mixture-of-Experts or vision-language models (TRL's engine keeps its own copy) get the
+training limit and a reason instead of a rollout limit.
 """
 
 from __future__ import annotations
@@ -75,9 +76,6 @@ def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
         return "4-bit Mixture-of-Experts models keep TRL's engine, a second copy of the weights"
     if shape.vision is not None and mode == "qlora":
         return "4-bit vision-language models keep TRL's engine, a second copy of the weights"
-    if shape.vision is not None:
-        return ("vLLM's vision encoder memory (its encoder cache and activations per image) is not modeled; the "
-                "weights are shared")  # fmt: skip
     if mode == "full":  # shared weights need LoRA: full fine-tuning would train vLLM's weights in place
         return "full fine-tuning keeps vLLM's own copy of the weights beside the trainer's"
     return None
