@@ -8,7 +8,8 @@ Tiny random Qwen2.5-VL and Qwen3-VL checkpoints (`trl_longctx.tiny_vl_models.sav
 - a PEFT LoRA adapter on every linear layer, vision tower included, reaches vLLM in memory (`lora_request`) and vLLM
   serves the adapted model's log-probs; an engine that would leave the tower's adapter weights out refuses them;
 - a LoRA GRPO run on images (`count_squares`) with vLLM colocated, weights shared and the KV cache released between
-  rollouts: vLLM gets the images, samples from the trainer's policy, and every adapter trains.
+  rollouts, the adapter handed over in memory or merged into the shared weights for each rollout: vLLM gets the
+  images, samples from the trainer's policy, and every adapter trains; with TRL's own engine too, one step.
 
 vLLM processes images with torchvision, which does not import beside the CPU torch wheel: these tests run in the
 `vision_vllm` cell of `tools/ci/test_matrix.sh` (its environment: `ensure_vision_vllm_env` in `tools/ci/envs.sh`) and
@@ -219,7 +220,8 @@ def recorded_sampling_gaps(monkeypatch) -> list[float]:
     return gaps
 
 
-def test_grpo_run_on_images_with_shared_vllm_weights(tmp_path, in_process_engine, monkeypatch):
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter-request", "merged"])
+def test_grpo_run_on_images_with_shared_vllm_weights(merge, tmp_path, in_process_engine, monkeypatch):
     from trl_longctx.vision_language import ImageInputs
     from trl_longctx.vllm_shared import AdapterStandbyLLM
     from vllm_standby import _worker, kv_cache_nbytes
@@ -239,9 +241,10 @@ def test_grpo_run_on_images_with_shared_vllm_weights(tmp_path, in_process_engine
     monkeypatch.setattr(AdapterStandbyLLM, "generate", recording_generate)
     monkeypatch.setattr(ImageInputs, "batch", recording_batch)
     gaps = recorded_sampling_gaps(monkeypatch)
-    trainer = count_squares_trainer(tmp_path, max_steps=2, vllm_shared_weights=True)
+    trainer = count_squares_trainer(tmp_path, max_steps=2, vllm_shared_weights=True, vllm_merge_adapter=merge)
     plan = trainer.rollout_plan
-    assert (plan.shared_weights, plan.kv_standby, plan.adapter_transport) == (True, "trainer", "lora-request")
+    transport = "merged" if merge else "lora-request"
+    assert (plan.shared_weights, plan.kv_standby, plan.adapter_transport) == (True, "trainer", transport)
     llm = trainer.vllm_generation.llm
     vllm_model = llm.collective_rpc(_worker.model_of)[0]
     base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
@@ -249,6 +252,7 @@ def test_grpo_run_on_images_with_shared_vllm_weights(tmp_path, in_process_engine
     assert kv_cache_nbytes(llm) == 0  # released until the first rollout
     trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any(".visual." in n for n in trainable)
+    base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
 
     trainer.train()
     assert _storage_ptrs(p for n, p in trainer.model.named_parameters() if "lora_" not in n) <= _storage_ptrs(
@@ -257,8 +261,14 @@ def test_grpo_run_on_images_with_shared_vllm_weights(tmp_path, in_process_engine
     # vLLM got every prompt's image, and the fused log-prob pass ran on the images.
     assert requests and all("image" in r.get("multi_modal_data", {}) for r in requests)
     assert passes
-    # vLLM sampled from the trainer's policy: the adapter of the last update, vision tower included, in memory.
-    assert llm.adapter is not None and llm.adapter.lora_int_id >= 2
+    if merge:
+        # vLLM decoded the adapter merged into the shared weights, the tower's included, restored bit for bit after.
+        assert llm.adapter is None and trainer._adapter_merger.host_bytes > 0
+        after = dict(trainer.model.named_parameters())
+        assert all(torch.equal(after[n], w) for n, w in base_before.items())
+    else:
+        # vLLM sampled from the adapter of the last update, vision tower included, handed over in memory.
+        assert llm.adapter is not None and llm.adapter.lora_int_id >= 2
     logs = [h for h in trainer.state.log_history if "reward" in h]
     assert len(logs) == 2
     # Every completion token's log-prob as vLLM sampled it equals the trainer's: the same prompt (the image's run of
