@@ -17,6 +17,7 @@ skip elsewhere.
 """
 
 import gc
+import os
 
 import pytest
 
@@ -289,3 +290,31 @@ def test_trls_own_engine_gets_one_token_per_image(tmp_path, in_process_engine, m
     assert getattr(trainer.vllm_generation.llm.generate, "__one_token_per_image__", False)
     trainer.train()
     assert len(gaps) == 1 and gaps[0] < TOLERANCES["trl_engine_sampled_gap"], gaps
+
+
+def test_recipe_run_prepares_and_runs_the_vision_recipe(tmp_path, repo_root):
+    """`tools/bench/recipe_run.py` on the vision recipe, as the GPU run will use it, with a tiny Qwen3-VL on the CPU:
+    the checkpoint folder (processor and video processor configuration included), one step through `longctx-grpo
+    train` with vLLM colocated on shared weights, and the report."""
+    import json
+    import subprocess
+    import sys
+
+    script, work = str(repo_root / "tools" / "bench" / "recipe_run.py"), str(tmp_path / "work")
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV} | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    cpu = ["use_cpu=true", "bf16=false", "dtype=float32", "prompt_words=10", "max_completion_length=4",
+           "vllm_max_model_length=256", "num_prompts=4"]  # fmt: skip
+    recipe = str(repo_root / "configs" / "grpo" / "qwen3_vl_8b_lora_h200.yaml")
+    steps = [
+        ["prepare", recipe, "--work", work, "--tiny", "--steps", "1", *(a for s in cpu for a in ("--set", s))],
+        ["launch", "--work", work],
+        ["poll", "--work", work, "--wait", "300"],
+        ["report", "--work", work, "--out", str(tmp_path / "report.json")],
+    ]
+    for step in steps:
+        done = subprocess.run([sys.executable, script, *step], env=env, capture_output=True, text=True, timeout=420)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "work" / "model" / "video_preprocessor_config.json").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["exit"]["rc"] == 0 and len(report["rollouts"]) == 1  # one KV restore-release around the rollout
+    assert any("weights shared with the trainer" in line for line in report["plan_lines"]), report["plan_lines"]

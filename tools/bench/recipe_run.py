@@ -11,7 +11,9 @@ run is started in its own process session and polled by later calls on the same 
 
 `prepare` writes a checkpoint folder of the recipe's architecture (a preset of the memory planner, as the model's
 published config.json has it, with the YaRN scaling of its model card beyond 40,960 tokens; or `--tiny` for a CPU dry
-run) and a word-level tokenizer over the whole vocabulary; random bf16 weights are saved only where vLLM must read
+run) and a word-level tokenizer over the whole vocabulary (a vision recipe, `task: count_squares`: Qwen3-VL-8B's
+config, the tokenizer with the Qwen-VL vision tokens and the family's processor, `_vl_model_dir`; `--tiny`: a two-layer
+Qwen3-VL); random bf16 weights are saved only where vLLM must read
 them (4-bit recipes, quantized at load; `--weights save`), else vLLM's dummy loader draws them and the trainer's
 weights are views of vLLM's. Then `run.yaml`: the recipe with only these keys changed: `model_name_or_path` (that folder), `output_dir`, `max_steps`, and
 `generation_kwargs: {ignore_eos: true}` so that every completion has the recipe's full length (random weights would
@@ -83,23 +85,72 @@ def _tiny_config():
     return config
 
 
-def _word_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over `vocab_size` ids: `<pad>`=0, `<eos>`=1, `<unk>`=2, the built-in task's words
-    (filler words, its instruction and letters, so that its prompts are distinct tokens), then `t<i>` up to the size."""
+def _word_tokenizer(path: Path | None, vocab_size: int, vision: bool = False):
+    """A word-level tokenizer over `vocab_size` ids: `<pad>`=0, `<eos>`=1, `<unk>`=2, the built-in tasks' words
+    (filler words, their instructions and letters, so that their prompts are distinct tokens), with `vision` the
+    Qwen-VL chat and vision special tokens (`tokenizer.image_token` etc., as the Qwen-VL processors read them), then
+    `t<i>` up to the size. Saved in `path` unless `None`; returned."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from trl_longctx.tasks import FILLER_WORDS, LETTERS
+    from trl_longctx.tasks import COUNT_SQUARES_QUESTION, FILLER_WORDS, LETTERS
+    from trl_longctx.tiny_vl_models import CHAT_TOKENS, VISION_TOKENS
 
-    words = ["<pad>", "<eos>", "<unk>", *FILLER_WORDS, "copy:", *LETTERS]
-    vocab = {word: i for i, word in enumerate(words)}
+    specials = [*CHAT_TOKENS, *VISION_TOKENS.values()] if vision else []
+    words = ["<pad>", "<eos>", "<unk>", *FILLER_WORDS, "copy:", *LETTERS, *COUNT_SQUARES_QUESTION.split(), *specials]
+    vocab = {word: i for i, word in enumerate(dict.fromkeys(words))}
     # Special tokens must not be substrings of word tokens (added tokens are matched first, anywhere in the text).
-    vocab.update({f"t{i}": i for i in range(len(words), vocab_size)})
+    vocab.update({f"t{i}": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
-    ).save_pretrained(path)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left",
+        **({"extra_special_tokens": dict(VISION_TOKENS)} if vision else {}),
+    )  # fmt: skip
+    if specials:
+        fast.add_special_tokens({"additional_special_tokens": specials})
+    if path is not None:
+        fast.save_pretrained(path)
+    return fast
+
+
+def _vl_model_dir(path: Path, context: int, weights: bool, tiny: bool) -> None:
+    """A Qwen3-VL checkpoint folder for a vision recipe: Qwen3-VL-8B's config (`vision_step.vl_config`; `tiny`: the
+    two-layer one of `trl_longctx.tiny_vl_models`, saved with weights), the word-level tokenizer with the vision
+    tokens, the family's processor with Qwen3-VL's published image sizes (65,536 to 16,777,216 pixels), random bf16
+    weights if asked."""
+    import torch
+
+    from trl_longctx.tiny_vl_models import (
+        VISION_TOKENS,
+        build_tiny_vl_processor,
+        save_tiny_vl_checkpoint,
+        save_vl_processor,
+    )
+
+    if tiny:
+        save_tiny_vl_checkpoint(path, "qwen3_vl")
+        (path / "done").write_text("")
+        return
+    from transformers import Qwen3VLForConditionalGeneration
+    from vision_step import vl_config
+
+    config = vl_config(context)
+    tokenizer = _word_tokenizer(None, config.text_config.vocab_size, vision=True)
+    for name, token in VISION_TOKENS.items():
+        setattr(config, f"{name}_id", tokenizer.convert_tokens_to_ids(token))
+    config.text_config.pad_token_id, config.text_config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config.architectures = ["Qwen3VLForConditionalGeneration"]  # vLLM picks the generative runner from it
+    config.dtype = "bfloat16"
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    save_vl_processor(path, "qwen3_vl", build_tiny_vl_processor("qwen3_vl", tokenizer, pixels=(65536, 16777216)))
+    if weights:
+        torch.manual_seed(0)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(path)
+    (path / "done").write_text("")
 
 
 def _model_dir(path: Path, config, weights: bool) -> None:
@@ -128,14 +179,18 @@ def _parse_value(text: str):
 def cmd_prepare(args) -> None:
     import yaml
 
+    from trl_longctx.tasks import TASKS
+
     work = Path(args.work)
     model = work / "model"
     recipe = yaml.safe_load(Path(args.recipe).read_text())
     context = recipe["vllm_max_model_length"]
-    if not (model / "done").exists():
-        config = _tiny_config() if args.tiny else _published_like_config(args.preset, context)
-        # vLLM quantizes a 4-bit recipe's checkpoint at load: that needs the weights on disk.
-        _model_dir(model, config, weights=args.weights == "save" or recipe.get("load_in_4bit", False))
+    # vLLM quantizes a 4-bit recipe's checkpoint at load: that needs the weights on disk.
+    weights = args.weights == "save" or recipe.get("load_in_4bit", False)
+    if not (model / "done").exists() and TASKS[recipe.get("task", "copy_letter")].vision:
+        _vl_model_dir(model, context, weights, args.tiny)
+    elif not (model / "done").exists():
+        _model_dir(model, _tiny_config() if args.tiny else _published_like_config(args.preset, context), weights)
     overrides = {
         "model_name_or_path": str(model),
         "output_dir": str(work / "run"),

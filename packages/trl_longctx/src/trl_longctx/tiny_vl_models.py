@@ -60,11 +60,15 @@ def build_vl_tokenizer():
     return build_char_tokenizer(CHAT_TOKENS + list(VISION_TOKENS.values()), VISION_TOKENS)
 
 
-def build_tiny_vl_processor(family: str = "qwen2_5_vl"):
+def build_tiny_vl_processor(family: str = "qwen2_5_vl", tokenizer=None, pixels: tuple[int, int] | None = None):
     """The family's processor (images only) over `build_vl_tokenizer()` and its PIL image processor.
 
     Args:
         family: `"qwen2_5_vl"` or `"qwen3_vl"`.
+        tokenizer: Another tokenizer with the Qwen-VL chat and vision special tokens (`tokenizer.image_token` etc.);
+            default `build_vl_tokenizer()`.
+        pixels: `(min_pixels, max_pixels)` an image is resized to lie between; default 1 to `MAX_TOKENS_PER_IMAGE`
+            merged tokens.
 
     Returns:
         A `ProcessorMixin` (a subclass of `Qwen2_5_VLProcessor` / `Qwen3VLProcessor` without a video processor)
@@ -77,15 +81,16 @@ def build_tiny_vl_processor(family: str = "qwen2_5_vl"):
 
     processor_class = _images_only(_processor_class(family))
     factor = PATCH_SIZE[family] * MERGE_SIZE
+    min_pixels, max_pixels = pixels or (factor * factor, factor * factor * MAX_TOKENS_PER_IMAGE)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE[family],
         merge_size=MERGE_SIZE,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
-        min_pixels=factor * factor,
-        max_pixels=factor * factor * MAX_TOKENS_PER_IMAGE,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
     )
     return processor_class(
-        image_processor=image_processor, tokenizer=build_vl_tokenizer(), chat_template=CHAT_TEMPLATE
+        image_processor=image_processor, tokenizer=tokenizer or build_vl_tokenizer(), chat_template=CHAT_TEMPLATE
     )
 
 
@@ -171,10 +176,8 @@ def build_tiny_vl_model(
 def save_tiny_vl_checkpoint(folder, family: str = "qwen2_5_vl", **model_kwargs) -> Path:
     """Save `build_tiny_vl_model(family, ...)` with its processor as a checkpoint folder that vLLM serves.
 
-    The processor's configuration names the family's processor class (not the images-only subclass) and a video
-    processor configuration is written beside it (`video_preprocessor_config.json`, the image sizes of
-    `build_tiny_vl_processor`), so vLLM and `AutoProcessor` (both need torchvision for it) load the family's full
-    processor; no torchvision is needed to write it.
+    The processor is `build_tiny_vl_processor(family)`'s, saved by `save_vl_processor` (the family's full processor
+    configuration: what vLLM and `AutoProcessor` load; both need torchvision for it, writing it does not).
 
     Args:
         folder: Where to save (created if missing).
@@ -187,10 +190,20 @@ def save_tiny_vl_checkpoint(folder, family: str = "qwen2_5_vl", **model_kwargs) 
     folder = Path(folder)
     processor = build_tiny_vl_processor(family)
     build_tiny_vl_model(family, processor.tokenizer, **model_kwargs).save_pretrained(folder)
+    save_vl_processor(folder, family, processor)
+    return folder
+
+
+def save_vl_processor(folder, family: str, processor) -> None:
+    """Save `processor` (images only, as `build_tiny_vl_processor` builds it, with any tokenizer and image sizes) as a
+    hub checkpoint has its processor: the configuration names the family's processor class (not the images-only
+    subclass) and a video processor configuration with the image processor's sizes lies beside it
+    (`video_preprocessor_config.json`), so that vLLM and `AutoProcessor` load the family's full processor."""
+    folder = Path(folder)
     processor.save_pretrained(folder)
     for name in ("processor_config.json", "tokenizer_config.json"):
         if (path := folder / name).exists() and "processor_class" in (config := json.loads(path.read_text())):
-            path.write_text(json.dumps({**config, "processor_class": PROCESSOR_CLASS[family]}, indent=2))
+            path.write_text(json.dumps({**config, "processor_class": PROCESSOR_CLASS[_checked(family)]}, indent=2))
     image = processor.image_processor
     video = {
         "video_processor_type": VIDEO_PROCESSOR_CLASS[family],
@@ -199,7 +212,6 @@ def save_tiny_vl_checkpoint(folder, family: str = "qwen2_5_vl", **model_kwargs) 
         "size": dict(image.size),
     }  # fmt: skip
     (folder / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
-    return folder
 
 
 def _checked(family: str) -> str:
