@@ -47,3 +47,24 @@ def test_bad_family_is_refused():
     for build in (build_tiny_vl_processor, lambda f: build_tiny_vl_model(f, build_vl_tokenizer())):
         with pytest.raises(ValueError, match=re.escape(f"family must be one of {list(FAMILIES)}, got 'llava'.")):
             build("llava")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_saved_checkpoint_names_the_familys_full_processor(family, tmp_path):
+    """`save_tiny_vl_checkpoint` writes what vLLM loads: the family's processor class (not the images-only subclass)
+    and a video processor configuration with the image processor's sizes (loading it needs torchvision, writing it
+    does not)."""
+    import json
+
+    from trl_longctx.tiny_vl_models import PROCESSOR_CLASS, VIDEO_PROCESSOR_CLASS, save_tiny_vl_checkpoint
+
+    folder = save_tiny_vl_checkpoint(tmp_path / "model", family)
+    assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == PROCESSOR_CLASS[family]
+    video = json.loads((folder / "video_preprocessor_config.json").read_text())
+    image = build_tiny_vl_processor(family).image_processor
+    assert video["video_processor_type"] == VIDEO_PROCESSOR_CLASS[family]
+    assert (video["patch_size"], video["merge_size"], video["size"]) == (
+        image.patch_size,
+        image.merge_size,
+        dict(image.size),
+    )
