@@ -21,7 +21,9 @@ def one_token_per_image(prompts: Any, image_token_id: int | None) -> Any:
     """`prompts` with each image's run of `image_token_id` tokens collapsed to one token (module docstring).
 
     Only token-id prompts with images change (copies; the caller's are not modified); prompts without images, text
-    prompts, and everything when `image_token_id` is `None` (a model without an image token) pass as they are.
+    prompts, and everything when `image_token_id` is `None` (a model without an image token) pass as they are. Two
+    images whose runs touch would become one token (vLLM then refuses the prompt, naming the count): the Qwen-VL chat
+    templates put every image between its own vision start and end tokens.
     """
     if image_token_id is None or not isinstance(prompts, list | tuple):
         return prompts

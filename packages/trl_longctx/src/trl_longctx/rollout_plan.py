@@ -532,11 +532,10 @@ def _shared_vision_problem(architecture: str, quantized: str | None) -> tuple[st
     if architecture not in SHARED_VISION_ARCHITECTURES:
         return (f"the shared engine's views of vLLM's tensors are verified for the vision-language architectures "
                 f"{list(SHARED_VISION_ARCHITECTURES)} and this checkpoint is {architecture}",
-                "vllm_shared_weights=False (TRL's own engine, a second copy of the weights)")  # fmt: skip
+                "a checkpoint of one of those architectures")  # fmt: skip
     if quantized is not None:
         return (f"{quantized} shared weights are not verified for vision-language models (bf16/fp32 ones are)",
-                "bf16 shared weights (no quantization_config, vllm_fp8_weights=None), or vllm_shared_weights=False "
-                "(TRL's own engine)")  # fmt: skip
+                "bf16 weights (no quantization_config, vllm_fp8_weights=None)")  # fmt: skip
     return None
 
 

@@ -67,8 +67,8 @@ def shares_weights_with_vllm(shape: ModelShape, mode: str) -> bool:
 
 
 def rollout_capacity_problem(shape: ModelShape, mode: str) -> str | None:
-    """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (LoRA or QLoRA on a dense
-    model)."""
+    """Why the rollout side of `mode` on `shape` is not modeled, or `None` when it is (where the weights are shared
+    with vLLM: `shares_weights_with_vllm`)."""
     # The rollout plan keeps TRL's engine for 4-bit MoE checkpoints (vLLM quantizes fused experts in its own layout)
     # and 4-bit vision-language ones (not verified). bf16 experts are shared (sliding-window layers' KV is counted at
     # full length), and so are bf16 vision-language weights, the vision tower's included.
