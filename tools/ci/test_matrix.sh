@@ -8,7 +8,7 @@
 # vision-language models on vLLM's CPU build, which need torchvision (`ensure_vision_vllm_env` in envs.sh says how);
 # elsewhere they skip.
 # MATRIX_DISPOSE_ENVS=1 (set by .ci/run) removes each cell's environment once its tests ran, so the matrix needs the
-# disk of its largest environment (about 4 GB, vLLM's CPU build) instead of all five together; locally they are kept
+# disk of its largest environment (about 7.5 GB, vision_vllm's, with the CUDA build of torch) instead of all six together; locally they are kept
 # and reused.
 source "$(dirname "$0")/envs.sh"
 set +e

@@ -5,10 +5,9 @@ TRL's colocated rollout (`VLLMGeneration.generate`) hands vLLM `{"prompt_token_i
 per merged patch). vLLM's multimodal processor (seen in the CPU build's 0.31 and 0.32) takes token ids unexpanded: it
 replaces the first image token of the prompt for each image by that image's run, without checking whether the run is
 there. The prompt it decodes from then carries the run's other tokens as extra text and shifted positions, and the
-rollout samples from another distribution than the trainer scores (on tiny Qwen2.5-VL: a log-prob gap of 0.02 per
-token instead of 1e-7), with no error. The trainer hands vLLM one token per image (`one_token_per_image`), which vLLM
-expands into the same run: for its own shared engine (`vllm_shared.AdapterStandbyLLM`) and for TRL's
-(`wrap_engine_generate`).
+rollout samples from another distribution than the trainer scores, with no error. The trainer hands vLLM one token per
+image (`one_token_per_image`), which vLLM expands into the same run: for its own shared engine
+(`vllm_shared.AdapterStandbyLLM`) and for TRL's (`wrap_engine_generate`).
 """
 
 from __future__ import annotations

@@ -508,7 +508,8 @@ def _checkpoint_config(model: str) -> dict | None:
 
 
 #: Vision-language architectures whose transformers model is built of views of vLLM's tensors, the vision tower's
-#: included: verified against transformers and vLLM's outputs on image prompts (tests/test_vision_vllm.py).
+#: included: verified against a transformers model loaded from the checkpoint and against vLLM's log-probs on image
+#: prompts, with and without the adapter.
 SHARED_VISION_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 
 
