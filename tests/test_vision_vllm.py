@@ -47,9 +47,9 @@ pytestmark = pytest.mark.slow
 # The shared model against a transformers model loaded from the same checkpoint: the same tensors through the same
 # eager ops, so equal bit for bit. vLLM's fp32 CPU kernels against eager transformers on the same weights (seen:
 # 5e-7 to 1e-6). The rollouts' sampled log-probs against the trainer's, per completion token, with the shared engine
-# (seen: 5e-7) and with TRL's own (seen: 1.1e-3; text models on TRL's engine show the same, 2.8e-3 to 4.3e-3 in
-# tests/test_grpo_vllm_standby.py); when vLLM decoded from the image's run of tokens expanded twice: 0.03 to 0.04 on
-# either.
+# (seen: 5e-7) and with TRL's own (seen: 1.1e-3: TRL builds its engine without a dtype and vLLM runs this float32
+# checkpoint in bf16; text models on TRL's engine show the same); when vLLM decoded from the image's run of tokens
+# expanded twice: 0.03 to 0.04 on either.
 TOLERANCES = {
     "shared": {"atol": 0.0, "rtol": 0.0},
     "served": {"atol": 1e-5, "rtol": 0.0},
