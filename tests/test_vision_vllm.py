@@ -159,8 +159,9 @@ def test_shared_vision_language_weights_and_in_memory_adapter(family, tmp_path, 
 def test_engine_without_tower_lora_refuses_tower_adapter_weights(tmp_path, in_process_engine):
     """vLLM built without `enable_tower_connector_lora` would serve the adapter without its vision tower weights; the
     in-memory adapter loader refuses it instead, naming the setting (the engine is not used after: the refusal ends the
-    run). An adapter on the language model only is served."""
+    run). An adapter on the language model only is served as PEFT computes it."""
     import peft
+    import transformers
 
     from trl_longctx.tiny_vl_models import save_tiny_vl_checkpoint
     from vllm_standby import lora_request, shared_hf_model
@@ -171,7 +172,11 @@ def test_engine_without_tower_lora_refuses_tower_adapter_weights(tmp_path, in_pr
     language = peft.get_peft_model(
         shared, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
     )
-    _served_logps(llm, _image(), lora_request(language))
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    ids, served = _served_logps(llm, _image(), lora_request(language))
+    torch.testing.assert_close(
+        served, _token_logps(_logits(language, processor, _image()), ids), **TOLERANCES["served"]
+    )
     language.unload()
     tower = peft.get_peft_model(shared, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     with pytest.raises(ValueError, match="vision tower or connector .* enable_tower_connector_lora=True"):
