@@ -13,6 +13,12 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+def storage_ptrs(tensors) -> set[int]:
+    """The data pointers of the storages `tensors` live in: a set of vLLM's is a superset of the trainer's where the
+    trainer's weights are views of vLLM's (one copy in memory)."""
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
 def colocated_grpo_trainer(tmp_path: Path, monkeypatch, peft_config=None, **overrides):
     """A `LongContextGRPOTrainer` on a tiny Qwen3 with vLLM's CPU build colocated in this process (3 short steps)."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

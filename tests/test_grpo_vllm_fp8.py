@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import colocated_grpo_trainer
+from conftest import colocated_grpo_trainer, storage_ptrs
 
 pytest.importorskip("vllm")
 
@@ -23,10 +23,6 @@ pytestmark = pytest.mark.slow
 # the trainer multiplies the bf16 input by the dequantized weight, so the bound is looser than an exact match (seen:
 # 0.007-0.011 per token), and far below what misplaced weights or scales give (whole units).
 FP8_MEAN_LOGP_GAP = 0.05
-
-
-def _storage_ptrs(tensors):
-    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 def test_fp8_on_the_cpu_is_refused_before_anything_loads(tmp_path, monkeypatch):
@@ -65,7 +61,7 @@ def test_lora_grpo_on_shared_fp8_weights(tmp_path, monkeypatch):
     assert all(layer.matmul == "dequantize" for layer in layers)
     fp8_tensors = [t for layer in layers for t in (layer.weight, layer.weight_scale)]
     # One copy: every FP8 weight and scale the trainer holds lives in a storage of vLLM's.
-    assert _storage_ptrs(fp8_tensors) <= _storage_ptrs(vllm_params)
+    assert storage_ptrs(fp8_tensors) <= storage_ptrs(vllm_params)
     before = [t.detach().clone() for t in fp8_tensors]
 
     trainer.train()
@@ -74,7 +70,7 @@ def test_lora_grpo_on_shared_fp8_weights(tmp_path, monkeypatch):
     gaps = [h["sampling/sampling_logp_difference/mean"] for h in logs]
     assert all(0 < gap < FP8_MEAN_LOGP_GAP for gap in gaps), gaps
     assert all(torch.equal(t, b) for t, b in zip(fp8_tensors, before, strict=True))  # the FP8 base never moved
-    assert _storage_ptrs(fp8_tensors) <= _storage_ptrs(vllm_params)
+    assert storage_ptrs(fp8_tensors) <= storage_ptrs(vllm_params)
     lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # the adapter trained
     assert llm.adapter is not None and llm.adapter.lora_int_id >= 3  # and reached vLLM at each update

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import DISTRIBUTED_ENV  # noqa: E402
+from conftest import DISTRIBUTED_ENV, storage_ptrs  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 from vllm_standby import _worker, kv_cache_nbytes  # noqa: E402
@@ -22,10 +22,6 @@ from vllm_standby import _worker, kv_cache_nbytes  # noqa: E402
 pytestmark = pytest.mark.slow
 
 PLAN_LOGGER = "trl_longctx.longctx_grpo_trainer"
-
-
-def _storage_ptrs(tensors):
-    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 class KVCacheProbe(TrainerCallback):
@@ -95,7 +91,7 @@ def test_trl_sleep_mode_config_trains_with_shared_weights_and_kv_standby(tmp_pat
     llm = trainer.vllm_generation.llm
     vllm_weights = llm.collective_rpc(_worker.model_of)[0].parameters()
     base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
-    assert _storage_ptrs(base) <= _storage_ptrs(vllm_weights)
+    assert storage_ptrs(base) <= storage_ptrs(vllm_weights)
     probe = KVCacheProbe(llm)
     trainer.add_callback(probe)
     trainer.train()
@@ -141,5 +137,5 @@ def test_configs_that_cannot_share_warn_with_the_setting(tmp_path, monkeypatch, 
     assert len(warnings) == 1 and remedy in warnings[0]
     llm = trainer.vllm_generation.llm
     base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
-    assert not _storage_ptrs(base) & _storage_ptrs(llm.collective_rpc(_worker.model_of)[0].parameters())
+    assert not storage_ptrs(base) & storage_ptrs(llm.collective_rpc(_worker.model_of)[0].parameters())
     assert kv_cache_nbytes(llm) == 0  # released until the first rollout

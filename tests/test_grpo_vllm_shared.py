@@ -5,11 +5,9 @@ import torch
 
 pytest.importorskip("vllm")
 
+from conftest import storage_ptrs  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-
-def _storage_ptrs(tensors):
-    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter-request", "merged"])
@@ -55,7 +53,7 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
     base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
     assert base and not any(p.requires_grad for p in base)
     # One copy in memory: every frozen base weight of the trainer lives in a storage of vLLM's weights.
-    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
+    assert storage_ptrs(base) <= storage_ptrs(vllm_model.parameters())
     assert kv_cache_nbytes(llm) == 0
     # The KV cache holds the rollout's 8 sequences of 64 tokens, each rounded up to 256 tokens: K and V of every
     # layer, float32 (the tiny model's dtype).
@@ -68,8 +66,8 @@ def test_lora_grpo_with_shared_weights(tmp_path, monkeypatch, merge):
 
     trainer.train()
     # Still one copy after Accelerate prepared the model for training.
-    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
-    assert _storage_ptrs(p for n, p in trainer.model.named_parameters() if "lora_" not in n) <= _storage_ptrs(
+    assert storage_ptrs(base) <= storage_ptrs(vllm_model.parameters())
+    assert storage_ptrs(p for n, p in trainer.model.named_parameters() if "lora_" not in n) <= storage_ptrs(
         vllm_model.parameters()
     )
     logs = [h for h in trainer.state.log_history if "reward" in h]
@@ -221,10 +219,10 @@ def test_qlora_grpo_with_shared_4bit_weights(tmp_path, monkeypatch):
     assert trainer.model.is_loaded_in_4bit and not trainer.vllm_generation.merge_adapter
     four_bit = [p for n, p in trainer.model.named_parameters() if p.dtype == torch.uint8]
     assert len(four_bit) == 7 * trainer.model.config.num_hidden_layers  # q, k, v, o, gate, up, down
-    assert _storage_ptrs(four_bit) <= _storage_ptrs(vllm_model.parameters())
+    assert storage_ptrs(four_bit) <= storage_ptrs(vllm_model.parameters())
     trainer.train()
     base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
-    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
+    assert storage_ptrs(base) <= storage_ptrs(vllm_model.parameters())
     logs = [h for h in trainer.state.log_history if "reward" in h]
     assert len(logs) == 3 and llm.adapter is not None and llm.adapter.lora_int_id >= 3
     # bf16 on both sides: vLLM's 4-bit GEMM and bitsandbytes' dequantize + matmul round differently.

@@ -40,7 +40,7 @@ if (_problem := _torchvision_problem()) is not None:
     )
 
 import torch  # noqa: E402
-from conftest import DISTRIBUTED_ENV  # noqa: E402
+from conftest import DISTRIBUTED_ENV, storage_ptrs  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -107,10 +107,6 @@ def _token_logps(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return logits[:-1].log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def _storage_ptrs(tensors):
-    return {t.untyped_storage().data_ptr() for t in tensors}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_vision_language_weights_and_in_memory_adapter(family, tmp_path, in_process_engine):
     import peft
@@ -127,7 +123,7 @@ def test_shared_vision_language_weights_and_in_memory_adapter(family, tmp_path, 
 
     # One copy: every weight of the transformers model, the vision tower's included, lives in vLLM's storages; the
     # tower's MLP halves are row views of vLLM's packed gate_up_proj (Qwen2.5-VL; Qwen3-VL's tower MLP is unpacked).
-    assert _storage_ptrs(shared.parameters()) <= _storage_ptrs(vllm_model.parameters())
+    assert storage_ptrs(shared.parameters()) <= storage_ptrs(vllm_model.parameters())
     assert any(n.startswith("model.visual.blocks.") for n, _ in shared.named_parameters())
     vllm_block, hf_block = vllm_model.visual.blocks[0], shared.model.visual.blocks[0]
     if family == "qwen2_5_vl":
@@ -259,14 +255,14 @@ def test_grpo_run_on_images_with_shared_vllm_weights(family, merge, tmp_path, in
     llm = trainer.vllm_generation.llm
     vllm_model = llm.collective_rpc(_worker.model_of)[0]
     base = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
-    assert _storage_ptrs(base) <= _storage_ptrs(vllm_model.parameters())
+    assert storage_ptrs(base) <= storage_ptrs(vllm_model.parameters())
     assert kv_cache_nbytes(llm) == 0  # released until the first rollout
     trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert any(".visual." in n for n in trainable)
     base_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
 
     trainer.train()
-    assert _storage_ptrs(p for n, p in trainer.model.named_parameters() if "lora_" not in n) <= _storage_ptrs(
+    assert storage_ptrs(p for n, p in trainer.model.named_parameters() if "lora_" not in n) <= storage_ptrs(
         vllm_model.parameters()
     )
     # vLLM got every prompt's image, and the fused log-prob pass ran on the images.
