@@ -146,26 +146,29 @@ def _vl_model_dir(path: Path, context: int, weights: bool, tiny: bool) -> None:
     config.save_pretrained(path)
     save_vl_processor(path, "qwen3_vl", build_tiny_vl_processor("qwen3_vl", tokenizer, pixels=(65536, 16777216)))
     if weights:
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(path)
+        _save_random_weights(path, lambda: Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16))
     (path / "done").write_text("")
 
 
-def _model_dir(path: Path, config, weights: bool) -> None:
-    """Config, tokenizer and, with `weights`, random bf16 weights (built on the GPU when there is one) in `path`."""
+def _save_random_weights(path: Path, build) -> None:
+    """The model `build()` returns, with random weights (seed 0, built on the GPU when there is one), saved in `path`."""
     import torch
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = build()
+    model.save_pretrained(path)
+
+
+def _model_dir(path: Path, config, weights: bool) -> None:
+    """Config, tokenizer and, with `weights`, random weights in the config's dtype (`_save_random_weights`) in `path`."""
     from transformers import AutoModelForCausalLM
 
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
     _word_tokenizer(path, config.vocab_size)
     if weights:
-        torch.manual_seed(0)
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
-        model.save_pretrained(path)
+        _save_random_weights(path, lambda: AutoModelForCausalLM.from_config(config, dtype=config.dtype))
     (path / "done").write_text("")
 
 
