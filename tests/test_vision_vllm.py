@@ -25,15 +25,9 @@ pytest.importorskip("vllm")
 pytest.importorskip("PIL")
 
 
-def _torchvision_problem() -> str | None:
-    try:
-        import torchvision  # noqa: F401
-    except Exception as error:  # a torchvision built for another torch raises RuntimeError, not ImportError
-        return f"{type(error).__name__}: {error}"
-    return None
+from trl_longctx.rollout_plan import torchvision_problem  # noqa: E402
 
-
-if (_problem := _torchvision_problem()) is not None:
+if (_problem := torchvision_problem()) is not None:
     pytest.skip(
         f"vLLM needs torchvision for vision-language models ({_problem}); the vision_vllm matrix cell runs these",
         allow_module_level=True,

@@ -110,14 +110,14 @@ class VLLMRuntime:
             bitsandbytes_in_vllm(),
             fp8_in_vllm(),
             capability,
-            _torchvision_problem(),
+            torchvision_problem(),
         )
 
     def describe(self) -> str:
         return f"vLLM {self.version} ({self.platform})"
 
 
-def _torchvision_problem() -> str | None:
+def torchvision_problem() -> str | None:
     """Why torchvision does not import here (`"ImportError: ..."`), or `None` when it does. A torchvision built for
     another torch fails with a `RuntimeError` (an operator it registers does not exist), not only an `ImportError`."""
     try:
