@@ -128,6 +128,13 @@ def cap_device_memory(device: torch.device, gib: float) -> float:
     return gib * GIB
 
 
+def step_status(**values: float | None) -> str:
+    """A timed step's row status: `"ok"`, or `"non-finite (name=value, ...)"` naming the values (mean log-prob, aux
+    loss, ...) that are NaN or infinite, so that a step which ran but computed garbage is never counted as trained."""
+    bad = [f"{name}={value}" for name, value in values.items() if value is not None and not math.isfinite(value)]
+    return f"non-finite ({', '.join(bad)})" if bad else "ok"
+
+
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 

@@ -41,7 +41,8 @@ PROVIDERS = ("trl", "ours", "ours-no-offload")
 
 def quantize_decoder_linears(model) -> int:
     """Replace every linear layer of the decoder layers (a vision-language model's language decoder) by a bitsandbytes
-    NF4 `Linear4bit` (double quantization, bf16 compute), quantizing the random bf16 weights in place on the GPU, as
+    NF4 `Linear4bit` (double quantization, bf16 compute; the bias kept in bf16), quantizing the random bf16 weights in
+    place on the GPU, as
     `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)` loads a
     checkpoint. Embeddings, norms, the lm_head, a vision tower and fused MoE expert weights (not `nn.Linear`) stay
     bf16. Returns the number of layers quantized."""
@@ -59,6 +60,8 @@ def quantize_decoder_linears(model) -> int:
                 quantized.weight = bnb.nn.Params4bit(
                     child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
                 ).to(child.weight.device)
+                if child.bias is not None:  # built on meta above: without this the layer adds uninitialized memory
+                    quantized.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, quantized)
                 count += 1
         torch.cuda.empty_cache()

@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     is_oom,
     last_pass_sizes,
     markdown_table,
+    step_status,
     timed_steps,
 )
 from grpo_step import quantize_decoder_linears  # noqa: E402
@@ -275,7 +276,8 @@ def run(args) -> list[dict]:
                     if provider == "ours":
                         row["mini_batch"], row["mlp_tiles"] = sizes
                     predicted = predicted_gib(shape, provider, args, length, attention, sizes)
-                    rows.append({**row, "status": "ok", **timing, "predicted_GiB": predicted, "mean_logp": mean_logp,
+                    status = step_status(mean_logp=mean_logp, aux_loss=aux_loss)
+                    rows.append({**row, "status": status, **timing, "predicted_GiB": predicted, "mean_logp": mean_logp,
                                  "aux_loss": aux_loss})  # fmt: skip
                 del step, ids
                 if device.type == "cuda":

