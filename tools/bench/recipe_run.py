@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 GIB = 2**30
-SAMPLE_FIELDS = ("t", "gpu_used_gib", "torch_allocated_gib", "rss_gib", "rollout_tokens")
+SAMPLE_FIELDS = ("t", "gpu_used_gib", "torch_allocated_gib", "torch_reserved_gib", "rss_gib", "rollout_tokens")
 
 
 # ---------------------------------------------------------------- prepare
@@ -270,8 +270,10 @@ def cmd_launch(args) -> None:
 
 
 class _Sampler(threading.Thread):
-    """Every `period` seconds: GPU memory in use on the device, torch's allocated bytes, resident host memory and the
-    tokens generated so far by the vLLM requests running (0 outside rollouts), appended to `samples.csv`."""
+    """Every `period` seconds: GPU memory in use on the device, torch's allocated and reserved bytes (what its caching
+    allocator holds: allocated plus cached blocks; the difference to the device figure is the CUDA context and memory
+    allocated outside torch), resident host memory and the tokens generated so far by the vLLM requests running (0
+    outside rollouts), appended to `samples.csv`."""
 
     def __init__(self, path: Path, period: float = 1.0):
         super().__init__(daemon=True)
@@ -296,12 +298,13 @@ class _Sampler(threading.Thread):
             writer = csv.writer(f)
             writer.writerow(SAMPLE_FIELDS)
             while True:
-                gpu = alloc = 0.0
+                gpu = alloc = reserved = 0.0
                 if torch.cuda.is_available() and torch.cuda.is_initialized():
                     free, total = torch.cuda.mem_get_info()
                     gpu, alloc = (total - free) / GIB, torch.cuda.memory_allocated() / GIB
-                row = (f"{time.time():.1f}", f"{gpu:.3f}", f"{alloc:.3f}", f"{process.memory_info().rss / GIB:.3f}",
-                       self.rollout_tokens())  # fmt: skip
+                    reserved = torch.cuda.memory_reserved() / GIB
+                row = (f"{time.time():.1f}", f"{gpu:.3f}", f"{alloc:.3f}", f"{reserved:.3f}",
+                       f"{process.memory_info().rss / GIB:.3f}", self.rollout_tokens())  # fmt: skip
                 writer.writerow(row)
                 f.flush()
                 time.sleep(self.period)
@@ -440,6 +443,7 @@ def cmd_report(args) -> None:
         "ballast": ballast,  # the device-level figures include what it held: subtract "held_gib"
         "gpu_used_peak_less_ballast_gib": max((s["gpu_used_gib"] - held for s in samples), default=None),
         "torch_allocated_peak_gib": max((s["torch_allocated_gib"] for s in samples), default=None),
+        "torch_reserved_peak_gib": max((s.get("torch_reserved_gib", 0.0) for s in samples), default=None),
         "rss_peak_gib": max((s["rss_gib"] for s in samples), default=None),
         "metrics": metrics,
         "plan_lines": [msg for _, name, msg in events if "rollout plan" in msg.lower() or "planner" in msg.lower()],

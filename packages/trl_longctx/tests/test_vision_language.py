@@ -180,6 +180,44 @@ def test_the_planner_counts_image_tokens_and_the_vision_tower(targets, trained, 
     assert (options["vision_patches"], options["vision_trained"]) == (32, trained)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_patches_counts_the_rows_the_processor_writes(family):
+    """The patches a sequence's images feed the tower, from its token ids alone: the rows of its `pixel_values`."""
+    processor = build_tiny_vl_processor(family)
+    input_ids, _, _, multimodal = image_batch(processor)
+    config = build_tiny_vl_model(family, processor.tokenizer).config
+    rows = ImageInputs(multimodal, input_ids.size(0)).patches_per_sequence()
+    assert [vision_language.image_patches(config, ids.tolist()) for ids in input_ids] == rows == [16, 28, 32]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_step_host_buffers_are_reserved_for_images(family, tmp_path, monkeypatch, caplog):
+    """After the rollout the trainer pins the host buffers of the step's offloaded checkpoints in the background,
+    planned with the images' patches as the step plans them: the step allocates none itself. Buffers at their exact
+    sizes (no 2 MiB rounding), so the reserved ones serve the step only if they were sized right."""
+    from trl_longctx.memory import offload_checkpoints
+
+    trainer = make_trainer(
+        family, tmp_path, peft_config=LoraConfig(r=4, target_modules="all-linear"), max_steps=1, use_vllm=False,
+        offload_checkpoints=True, reward_funcs=[count_squares_reward, varied_chat_reward],
+    )  # fmt: skip
+    trainer.logprob_pass.free_bytes = lambda: 64 * 2**30  # plan on CPU, as on CUDA
+    reserved_with = []
+    sizes = logprob_pass.LogProbPass.host_buffer_sizes
+    monkeypatch.setattr(logprob_pass.LogProbPass, "host_buffer_sizes",
+                        lambda *a, **k: reserved_with.append(k["vision"]) or sizes(*a, **k))  # fmt: skip
+    monkeypatch.setattr(offload_checkpoints, "_BUFFER_GRANULARITY", 1)
+    with caplog.at_level("INFO", logger="trl_longctx.longctx_grpo_trainer"):
+        trainer.train()
+    offloader = trainer.logprob_pass.offloader
+    layers = trainer.model.get_base_model().config.get_text_config().num_hidden_layers
+    # count_squares draws 56 x 56 images: 4 x 4 patches of 14 pixels; the tower is adapted ("all-linear").
+    assert reserved_with == [logprob_pass.VisionLoad(16, True)]
+    assert offloader.offloaded_count > 0 and offloader.pool_allocations == 0
+    reserved = f"step 1: host buffers of offloaded checkpoints: {layers - 1} reserved in the background"
+    assert any(m.startswith(reserved) for m in caplog.messages), caplog.messages
+
+
 def test_image_inputs_are_trls_slices():
     # The rows TRL 1.16's loop gives sequences start:end (its own arithmetic, restated), including a sequence
     # without an image.

@@ -210,16 +210,17 @@ class LogProbPass:
         completion: int,
         element_bytes: int,
         optimizer_states_allocated: bool = False,
+        vision: VisionLoad = _NO_IMAGES,
     ) -> list[int]:
         """The host buffers a training pass over `sequences` sequences of `length` tokens (`completion` scored) offloads
-        into, alive at once (`sizes` decides the sequences per decoder pass): one per offloaded decoder layer and
-        decoder pass, `pass sequences x length x hidden size x element_bytes` bytes each (`element_bytes`: of the
-        decoder's hidden states). Empty when nothing is offloaded."""
+        into, alive at once (`sizes` decides the sequences per decoder pass, `vision` the images it plans for): one per
+        offloaded layer of the (language) decoder and decoder pass, `pass sequences x length x hidden size x
+        element_bytes` bytes each (`element_bytes`: of the decoder's hidden states). Empty when nothing is offloaded."""
         if not self.offload:
             return []
         text = text_config(config)
         layers = text.num_hidden_layers - (1 if self.offloader.keep_last_on_device else 0)
-        mini_batch = self.sizes(config, vocab_size, sequences, length, completion, optimizer_states_allocated)
+        mini_batch = self.sizes(config, vocab_size, sequences, length, completion, optimizer_states_allocated, vision)
         passes = [end - start for start, end in mini_batch_bounds(sequences, mini_batch.grpo_mini_batch)]
         return [n * length * text.hidden_size * element_bytes for n in passes for _ in range(layers)]
 

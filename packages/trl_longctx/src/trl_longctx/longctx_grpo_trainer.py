@@ -21,6 +21,7 @@ from .kernel_warm_up import start_kernel_warm_up
 from .logprob_pass import LogProbPass, resolved_backend
 from .longctx_grpo_config import LongContextGRPOConfig
 from .memory.offload_checkpoints import ReleaseBuffersCallback, describe_growth, describe_reservation
+from .memory.shapes import VisionLoad
 from .model_heads import decoder_and_lm_head, logit_transform_from_config, plain_lm_head_weights
 from .moe_aux import RouterAuxLoss, RouterAuxLossUnsupported, router_aux_loss
 from .quantized_experts import unquantized_experts_notice
@@ -29,7 +30,7 @@ from .rollout_standby import kv_cache_for_rollout
 from .sequence_parallel import SequenceParallelPass, refuse_before_load, sequence_parallel_pass
 from .training_layout import describe_layout, layout_problem
 from .trl_contract import check_trl_contract
-from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, vision_parts
+from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, image_patches, vision_parts
 
 logger = logging.getLogger(__name__)
 
@@ -199,17 +200,25 @@ class LongContextGRPOTrainer(GRPOTrainer):
         generated = super()._generate(prompts)
         if self.model.training:
             prompt_ids, completion_ids = generated[0], generated[1]
-            self.reserve_host_buffers(max(map(len, prompt_ids)), max(map(len, completion_ids), default=0))
+            config = self.accelerator.unwrap_model(self.model).config
+            patches = 0
+            if getattr(config, "vision_config", None) is not None and hasattr(config, "image_token_id"):
+                patches = max(image_patches(config, [*p, *c]) for p, c in zip(prompt_ids, completion_ids, strict=True))
+            self.reserve_host_buffers(
+                max(map(len, prompt_ids)), max(map(len, completion_ids), default=0), patches=patches
+            )
         return generated
 
-    def reserve_host_buffers(self, prompt_length: int, completion_length: int) -> list[int]:
+    def reserve_host_buffers(self, prompt_length: int, completion_length: int, patches: int = 0) -> list[int]:
         """Start pinning, in the background, the host buffers that a training step over `per_device_train_batch_size`
-        sequences of these lengths (TRL pads to them, to `pad_to_multiple_of`) offloads into and the pool lacks.
+        sequences of these lengths (TRL pads to them, to `pad_to_multiple_of`) offloads into and the pool lacks;
+        `patches`: a vision-language model's image patches per sequence (the most of any), which the step's plan of
+        sequences per pass counts.
 
         Nothing is reserved where the step's sizes are not planned here: without offloaded checkpoints, under
-        `sequence_parallel_size > 1` (each rank offloads its slices), for vision-language models (their vision
-        tower's layers offload too), and where the pass goes to TRL's path (an adapter on the lm_head, a router aux
-        loss we do not compute).
+        `sequence_parallel_size > 1` (each rank offloads its slices), for vision-language models the fused pass does
+        not serve, and where the pass goes to TRL's path (an adapter on the lm_head, a router aux loss we do not
+        compute).
 
         Returns:
             The bytes of the buffers a step needs (`LogProbPass.host_buffer_sizes`); empty when nothing is reserved.
@@ -217,8 +226,12 @@ class LongContextGRPOTrainer(GRPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not self.logprob_pass.offload or self.sequence_parallel is not None:
             return []
+        vision = VisionLoad()
         if getattr(unwrapped.config, "vision_config", None) is not None:
-            return []
+            try:
+                vision = VisionLoad(patches, vision_parts(unwrapped, {}).vision_trained)
+            except VisionLanguageUnsupported:
+                return []
         if plain_lm_head_weights(decoder_and_lm_head(unwrapped)[1]) is None or (
             self.aux_loss_enabled and isinstance(_router_aux_loss_or_reason(unwrapped), str)
         ):
@@ -228,7 +241,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         sizes = self.logprob_pass.host_buffer_sizes(
             unwrapped.config, unwrapped.config.get_text_config().vocab_size, self.args.per_device_train_batch_size,
             prompt + completion, completion, unwrapped.get_input_embeddings().weight.element_size(),
-            optimizer_states_allocated=self.state.global_step > 0,
+            optimizer_states_allocated=self.state.global_step > 0, vision=vision,
         )  # fmt: skip
         if sizes:
             self.logprob_pass.offloader.reserve(sizes)

@@ -23,14 +23,21 @@ then runs TRL's path for that pass and logs why.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SERVED_ARCHITECTURES", "ImageInputs", "VisionLanguageParts", "VisionLanguageUnsupported", "vision_parts"]
+__all__ = [
+    "SERVED_ARCHITECTURES",
+    "ImageInputs",
+    "VisionLanguageParts",
+    "VisionLanguageUnsupported",
+    "image_patches",
+    "vision_parts",
+]
 
 # Verified against TRL's path (tests/test_vision_language.py): logps, entropies and LoRA gradients.
 SERVED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
@@ -96,6 +103,20 @@ def vision_parts(model: nn.Module, multimodal: Mapping[str, Any]) -> VisionLangu
         )
     backbone = base.base_model
     return VisionLanguageParts(name, backbone, base.get_decoder(), backbone.visual)
+
+
+def image_patches(config: Any, token_ids: Sequence[int]) -> int:
+    """The patches the images of one sequence feed the vision tower, counted from its token ids before the images are
+    processed (the rows its `pixel_values` will have): each image token of a Qwen-VL sequence stands for
+    `spatial_merge_size ** 2` patches (`image_grid_thw`'s product over the merge), and the processor writes one image
+    token per merged patch.
+
+    Args:
+        config: The model's config (`image_token_id`, `vision_config.spatial_merge_size`).
+        token_ids: The sequence's ids with each image's run of image tokens, as the processor writes them.
+    """
+    merge = config.vision_config.spatial_merge_size
+    return sum(1 for t in token_ids if t == config.image_token_id) * merge * merge
 
 
 class ImageInputs:
