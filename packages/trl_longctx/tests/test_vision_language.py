@@ -188,6 +188,9 @@ def test_image_patches_counts_the_rows_the_processor_writes(family):
     config = build_tiny_vl_model(family, processor.tokenizer).config
     rows = ImageInputs(multimodal, input_ids.size(0)).patches_per_sequence()
     assert [vision_language.image_patches(config, ids.tolist()) for ids in input_ids] == rows == [16, 28, 32]
+    assert vision_language.most_image_patches(config, input_ids.tolist()) == 32
+    text_config = config.get_text_config()
+    assert vision_language.most_image_patches(text_config, input_ids.tolist()) == 0  # no vision_config: a text model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

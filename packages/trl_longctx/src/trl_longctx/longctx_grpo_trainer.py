@@ -30,7 +30,13 @@ from .rollout_standby import kv_cache_for_rollout
 from .sequence_parallel import SequenceParallelPass, refuse_before_load, sequence_parallel_pass
 from .training_layout import describe_layout, layout_problem
 from .trl_contract import check_trl_contract
-from .vision_language import ImageInputs, VisionLanguageParts, VisionLanguageUnsupported, image_patches, vision_parts
+from .vision_language import (
+    ImageInputs,
+    VisionLanguageParts,
+    VisionLanguageUnsupported,
+    most_image_patches,
+    vision_parts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +207,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if self.model.training:
             prompt_ids, completion_ids = generated[0], generated[1]
             config = self.accelerator.unwrap_model(self.model).config
-            patches = 0
-            if getattr(config, "vision_config", None) is not None and hasattr(config, "image_token_id"):
-                patches = max(image_patches(config, [*p, *c]) for p, c in zip(prompt_ids, completion_ids, strict=True))
+            patches = most_image_patches(config, [[*p, *c] for p, c in zip(prompt_ids, completion_ids, strict=True)])
             self.reserve_host_buffers(
                 max(map(len, prompt_ids)), max(map(len, completion_ids), default=0), patches=patches
             )

@@ -36,6 +36,7 @@ __all__ = [
     "VisionLanguageParts",
     "VisionLanguageUnsupported",
     "image_patches",
+    "most_image_patches",
     "vision_parts",
 ]
 
@@ -117,6 +118,14 @@ def image_patches(config: Any, token_ids: Sequence[int]) -> int:
     """
     merge = config.vision_config.spatial_merge_size
     return sum(1 for t in token_ids if t == config.image_token_id) * merge * merge
+
+
+def most_image_patches(config: Any, sequences: Sequence[Sequence[int]]) -> int:
+    """The most patches any of `sequences` (token ids) feeds the vision tower (`image_patches`); 0 for a config
+    without image tokens (a text model)."""
+    if getattr(config, "vision_config", None) is None or not hasattr(config, "image_token_id"):
+        return 0
+    return max((image_patches(config, ids) for ids in sequences), default=0)
 
 
 class ImageInputs:
