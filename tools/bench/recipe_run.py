@@ -14,8 +14,10 @@ published config.json has it, with the YaRN scaling of its model card beyond 40,
 run) and a word-level tokenizer over the whole vocabulary (a vision recipe, `task: count_squares`: Qwen3-VL-8B's
 config, the tokenizer with the Qwen-VL vision tokens and the family's processor, `_vl_model_dir`; `--tiny`: a two-layer
 Qwen3-VL); random bf16 weights are saved only where vLLM must read
-them (4-bit recipes, quantized at load; `--weights save`), else vLLM's dummy loader draws them and the trainer's
-weights are views of vLLM's. Then `run.yaml`: the recipe with only these keys changed: `model_name_or_path` (that folder), `output_dir`, `max_steps`, and
+them (4-bit recipes, quantized at load; `--weights save`), else vLLM's dummy loader draws them, the training process
+redraws them as transformers initializes a model (`redraw_like_transformers`: a next-token distribution that is not
+flat, so that the run's sampled-vs-trained log-prob gap means something), and the trainer's weights are views of
+vLLM's. Then `run.yaml`: the recipe with only these keys changed: `model_name_or_path` (that folder), `output_dir`, `max_steps`, and
 `generation_kwargs: {ignore_eos: true}` so that every completion has the recipe's full length (random weights would
 stop at a random EOS), plus any `--set key=value`.
 
@@ -310,6 +312,45 @@ class _Sampler(threading.Thread):
                 time.sleep(self.period)
 
 
+def redraw_like_transformers(model, std: float = 0.02, seed: int = 0) -> int:
+    """Redraw a model's random weights as transformers initializes a model (`initializer_range` 0.02): parameters of
+    two or more dimensions from N(0, `std`), one-dimensional ones 1 where they belong to a norm (by name), else 0.
+
+    vLLM's dummy loader draws every parameter from U(-1e-3, 1e-3), the norms' included: hidden states and logits come
+    out near 0 and the next-token distribution flat (entropy ln V), on which any two implementations agree to 1e-6,
+    so a run's sampled-vs-trained log-prob gap would mean nothing. Quantized layers (any parameter not bf16/fp16/fp32:
+    FP8 weights beside their float scales, say) are left as loaded, all their parameters. Returns how many parameters
+    were redrawn."""
+    import torch
+
+    floats = (torch.bfloat16, torch.float16, torch.float32)
+    params = list(model.named_parameters())
+    quantized = {name.rpartition(".")[0] for name, param in params if param.dtype not in floats}
+    redrawn = 0
+    generator = None
+    with torch.no_grad():
+        for name, param in params:
+            if name.rpartition(".")[0] in quantized:
+                continue
+            if param.dim() >= 2:
+                if generator is None or generator.device != param.device:
+                    generator = torch.Generator(param.device).manual_seed(seed)
+                param.normal_(0.0, std, generator=generator)
+            else:
+                module, _, leaf = name.rpartition(".")
+                param.fill_(1.0 if leaf == "weight" and _NORM.search(module.rsplit(".", 1)[-1].lower()) else 0.0)
+            redrawn += 1
+    return redrawn
+
+
+_NORM = re.compile(r"norm|^ln(_|\d|$)")  # RMSNorm / LayerNorm modules: `input_layernorm`, `q_norm`, `norm1`, `ln_q`
+
+
+def _redraw_worker_model(worker) -> int:
+    """`redraw_like_transformers` on a vLLM worker's model (`LLM.collective_rpc`)."""
+    return redraw_like_transformers(worker.model_runner.get_model())
+
+
 def cmd_train(args) -> None:
     """The detached training process: logging, the sampler, then `longctx-grpo train run.yaml`."""
     import logging
@@ -328,6 +369,11 @@ def cmd_train(args) -> None:
         if dummy:  # no weights in the checkpoint folder: vLLM draws random ones (as `load_format="dummy"` does)
             k["load_format"] = "dummy"
         original_init(self, *a, **k)
+        if dummy:
+            (redrawn,) = self.collective_rpc(_redraw_worker_model)
+            logging.getLogger("trl_longctx").info(
+                "recipe_run: %d dummy parameters redrawn as transformers' init", redrawn
+            )
         sampler.engines.append(self)
 
     vllm.LLM.__init__ = recording_init
