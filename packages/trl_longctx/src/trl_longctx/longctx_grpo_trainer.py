@@ -207,7 +207,7 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if self.model.training:
             prompt_ids, completion_ids = generated[0], generated[1]
             config = self.accelerator.unwrap_model(self.model).config
-            patches = most_image_patches(config, [[*p, *c] for p, c in zip(prompt_ids, completion_ids, strict=True)])
+            patches = most_image_patches(config, ([*p, *c] for p, c in zip(prompt_ids, completion_ids, strict=True)))
             self.reserve_host_buffers(
                 max(map(len, prompt_ids)), max(map(len, completion_ids), default=0), patches=patches
             )

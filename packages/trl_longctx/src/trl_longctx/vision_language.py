@@ -23,7 +23,7 @@ then runs TRL's path for that pass and logs why.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,9 +120,9 @@ def image_patches(config: Any, token_ids: Sequence[int]) -> int:
     return sum(1 for t in token_ids if t == config.image_token_id) * merge * merge
 
 
-def most_image_patches(config: Any, sequences: Sequence[Sequence[int]]) -> int:
+def most_image_patches(config: Any, sequences: Iterable[Sequence[int]]) -> int:
     """The most patches any of `sequences` (token ids) feeds the vision tower (`image_patches`); 0 for a config
-    without image tokens (a text model)."""
+    without image tokens (a text model), whose `sequences` are then not read."""
     if getattr(config, "vision_config", None) is None or not hasattr(config, "image_token_id"):
         return 0
     return max((image_patches(config, ids) for ids in sequences), default=0)
