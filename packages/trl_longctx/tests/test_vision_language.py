@@ -221,6 +221,30 @@ def test_first_step_host_buffers_are_reserved_for_images(family, tmp_path, monke
     assert any(m.startswith(reserved) for m in caplog.messages), caplog.messages
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_sampled_image_token_is_refused_naming_the_setting(family, tmp_path):
+    """A completion holding the image token (the policy sampled it; vLLM does not suppress it) is refused before
+    either log-prob path runs, naming the sequence, its counts and vLLM's `logit_bias` setting, instead of the model's
+    bare "Image features and image tokens do not match"."""
+    trainer = make_trainer(family, tmp_path)
+    input_ids, attention_mask, keep, multimodal = image_batch(trainer.processing_class)
+    token = trainer.model.get_base_model().config.image_token_id
+    sampled = input_ids.clone()
+    sampled[1, -2] = token  # sequence 1's images: 24 + 4 patches, 7 image tokens after the 2 x 2 merge
+    expected = (
+        rf"Step 1: 1 of 3 sequences have another number of image tokens \(id {token}\) than their images give "
+        rf"features \(sequence 1: 8 image tokens, 7 features\).*generation_kwargs=\{{'logit_bias': \{{{token}: -100\}}\}}"
+    )
+    with pytest.raises(ValueError, match=expected):
+        LongContextGRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, sampled, attention_mask, keep, **multimodal
+        )
+    logps, _, _ = LongContextGRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, input_ids, attention_mask, keep, **multimodal
+    )
+    assert torch.isfinite(logps).all()
+
+
 def test_image_inputs_are_trls_slices():
     # The rows TRL 1.16's loop gives sequences start:end (its own arithmetic, restated), including a sequence
     # without an image.

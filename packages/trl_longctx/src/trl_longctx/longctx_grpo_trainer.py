@@ -35,6 +35,7 @@ from .vision_language import (
     VisionLanguageParts,
     VisionLanguageUnsupported,
     most_image_patches,
+    refuse_image_token_mismatch,
     vision_parts,
 )
 
@@ -399,6 +400,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
             return logps, entropies, None
         aux_loss = _router_aux_loss_or_reason(unwrapped) if compute_aux_loss else None
         images = {k: v for k, v in multimodal.items() if v is not None}
+        if images:  # on either path the model would fail on it with a bare count
+            refuse_image_token_mismatch(unwrapped.config, input_ids, images, self.state.global_step + 1)
         vision = _vision_parts_or_reason(unwrapped, images) if images else None
         if isinstance(aux_loss, str) or head is None or isinstance(vision, str):
             # Adapters on the lm_head, images we do not serve and MoE models whose aux loss we cannot reproduce stay on

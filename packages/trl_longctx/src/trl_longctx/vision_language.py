@@ -37,6 +37,7 @@ __all__ = [
     "VisionLanguageUnsupported",
     "image_patches",
     "most_image_patches",
+    "refuse_image_token_mismatch",
     "vision_parts",
 ]
 
@@ -126,6 +127,42 @@ def most_image_patches(config: Any, sequences: Iterable[Sequence[int]]) -> int:
     if getattr(config, "vision_config", None) is None or not hasattr(config, "image_token_id"):
         return 0
     return max((image_patches(config, ids) for ids in sequences), default=0)
+
+
+def refuse_image_token_mismatch(
+    config: Any, input_ids: torch.Tensor, multimodal: Mapping[str, Any], step: int
+) -> None:
+    """Raise where a sequence of the batch has another number of image tokens than its images give features, before
+    the model fails on it with a bare count ("Image features and image tokens do not match").
+
+    The usual cause: the policy sampled the image token into a completion. TRL keeps that token out of transformers'
+    generate (`suppress_tokens`) but not out of vLLM's sampling, and then counts every image token of a sequence as a
+    slot for an image feature. Only for configs whose image tokens stand for `spatial_merge_size ** 2` patches each
+    (`image_patches`); others are left to the model.
+
+    Raises:
+        ValueError: Naming the step, the sequences, their token and feature counts, and the setting that keeps the
+            token out of vLLM's sampling.
+    """
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
+    token = getattr(config, "image_token_id", None)
+    if merge is None or token is None or "image_grid_thw" not in multimodal or "num_images" not in multimodal:
+        return
+    per_image = (multimodal["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+    counts = list(multimodal["num_images"])
+    bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    features = [sum(per_image[bounds[i] : bounds[i + 1]]) for i in range(len(counts))]
+    tokens = (input_ids == token).sum(-1).tolist()
+    wrong = [(i, t, f) for i, (t, f) in enumerate(zip(tokens, features, strict=True)) if t != f]
+    if wrong:
+        shown = ", ".join(f"sequence {i}: {t} image tokens, {f} features" for i, t, f in wrong[:4])
+        raise ValueError(
+            f"Step {step}: {len(wrong)} of {len(tokens)} sequences have another number of image tokens (id {token}) "
+            f"than their images give features ({shown}). Where a sequence has more, the policy sampled the image "
+            "token into its completion, which TRL then counts as a slot for an image. Keep it out of vLLM's "
+            f"sampling with generation_kwargs={{'logit_bias': {{{token}: -100}}}} (transformers' generate has it "
+            "suppressed already)."
+        )
 
 
 class ImageInputs:
