@@ -148,8 +148,10 @@ def refuse_image_token_mismatch(
     token = getattr(config, "image_token_id", None)
     if merge is None or token is None or "image_grid_thw" not in multimodal or "num_images" not in multimodal:
         return
-    per_image = (multimodal["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
     counts = list(multimodal["num_images"])
+    if len(counts) != input_ids.size(0):  # `ImageInputs` refuses such counts, naming them
+        return
+    per_image = (multimodal["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
     bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
     features = [sum(per_image[bounds[i] : bounds[i + 1]]) for i in range(len(counts))]
     tokens = (input_ids == token).sum(-1).tolist()
