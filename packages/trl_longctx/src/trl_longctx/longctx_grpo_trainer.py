@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import time
 
@@ -208,7 +209,8 @@ class LongContextGRPOTrainer(GRPOTrainer):
         if self.model.training:
             prompt_ids, completion_ids = generated[0], generated[1]
             config = self.accelerator.unwrap_model(self.model).config
-            patches = most_image_patches(config, ([*p, *c] for p, c in zip(prompt_ids, completion_ids, strict=True)))
+            sequences = (itertools.chain(p, c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+            patches = most_image_patches(config, sequences)
             self.reserve_host_buffers(
                 max(map(len, prompt_ids)), max(map(len, completion_ids), default=0), patches=patches
             )

@@ -23,7 +23,7 @@ then runs TRL's path for that pass and logs why.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ def vision_parts(model: nn.Module, multimodal: Mapping[str, Any]) -> VisionLangu
     return VisionLanguageParts(name, backbone, base.get_decoder(), backbone.visual)
 
 
-def image_patches(config: Any, token_ids: Sequence[int]) -> int:
+def image_patches(config: Any, token_ids: Iterable[int]) -> int:
     """The patches the images of one sequence feed the vision tower, counted from its token ids before the images are
     processed (the rows its `pixel_values` will have): each image token of a Qwen-VL sequence stands for
     `spatial_merge_size ** 2` patches (`image_grid_thw`'s product over the merge), and the processor writes one image
@@ -121,7 +121,7 @@ def image_patches(config: Any, token_ids: Sequence[int]) -> int:
     return sum(1 for t in token_ids if t == config.image_token_id) * merge * merge
 
 
-def most_image_patches(config: Any, sequences: Iterable[Sequence[int]]) -> int:
+def most_image_patches(config: Any, sequences: Iterable[Iterable[int]]) -> int:
     """The most patches any of `sequences` (token ids) feeds the vision tower (`image_patches`); 0 for a config
     without image tokens (a text model), whose `sequences` are then not read."""
     if getattr(config, "vision_config", None) is None or not hasattr(config, "image_token_id"):
@@ -148,12 +148,10 @@ def refuse_image_token_mismatch(
     token = getattr(config, "image_token_id", None)
     if merge is None or token is None or "image_grid_thw" not in multimodal or "num_images" not in multimodal:
         return
-    counts = list(multimodal["num_images"])
-    if len(counts) != input_ids.size(0):  # `ImageInputs` refuses such counts, naming them
+    counts, grid = list(multimodal["num_images"]), multimodal["image_grid_thw"]
+    if len(counts) != input_ids.size(0) or sum(counts) != grid.size(0):  # `ImageInputs` refuses these, naming them
         return
-    per_image = (multimodal["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
-    bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
-    features = [sum(per_image[bounds[i] : bounds[i + 1]]) for i in range(len(counts))]
+    features = [int(patches.sum()) // (merge * merge) for patches in grid.prod(-1).split(counts)]
     tokens = (input_ids == token).sum(-1).tolist()
     wrong = [(i, t, f) for i, (t, f) in enumerate(zip(tokens, features, strict=True)) if t != f]
     if wrong:
